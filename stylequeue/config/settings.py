@@ -1,0 +1,175 @@
+"""The one settings object: environment (`STYLEQUEUE_*`) over an optional TOML file over defaults.
+
+Only `cli.py`, the Celery app factory and `Client()` call `load_settings`; everything else is handed
+the `Settings` (or the values) it needs.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict
+
+from stylequeue.errors import ConfigError
+
+ENV_PREFIX = "STYLEQUEUE_"
+CONFIG_ENV = "STYLEQUEUE_CONFIG"
+
+_DEVICE_RE = re.compile(r"^(cpu|gpu:\d+)$")
+
+
+def _split_commas(value: Any) -> Any:
+    if isinstance(value, str):
+        return [part.strip() for part in value.split(",") if part.strip()]
+    return value
+
+
+class Settings(BaseSettings):
+    """Every setting of SPEC section 2; field `x` is env `STYLEQUEUE_X` and TOML key `x`."""
+
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="forbid", validate_default=True)
+
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    broker_url: str | None = None
+    storage_url: str = "file://./stylequeue-data"
+    s3_endpoint_url: str | None = None
+    s3_addressing_style: Literal["auto", "path", "virtual"] = "auto"
+    s3_region: str | None = None
+    s3_public_endpoint_url: str | None = None
+    styles: Path | None = None
+    device: str = "cpu"
+    runtime: Literal["auto", "openvino", "paddle-inference", "onnxruntime", "dygraph"] = "auto"
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    max_batch: int = Field(8, ge=1, le=1024)
+    max_wait_ms: float = Field(10, ge=0)
+    output_url_ttl_s: int = Field(3600, ge=1, le=604800)
+    job_ttl_s: int = Field(604800, ge=1)
+    job_timeout_s: float = Field(300, gt=0)
+    key_prefix: str = "sq:"
+    visibility_timeout_s: int = Field(600, ge=1)
+    webhook_secret: SecretStr | None = None
+    input_roots: Annotated[list[Path] | None, NoDecode] = None
+    allow_private_networks: bool = False
+    max_input_bytes: int = Field(26214400, ge=1)
+    max_input_pixels: int = Field(50000000, ge=1)
+    # Not in SPEC's table: where exported models and runtime choices are cached.
+    cache_dir: Path = Path(os.path.expanduser("~/.cache/stylequeue"))
+
+    @field_validator("input_roots", mode="before")
+    @classmethod
+    def _roots_from_commas(cls, value: Any) -> Any:
+        return _split_commas(value)
+
+    @field_validator("device")
+    @classmethod
+    def _check_device(cls, value: str) -> str:
+        if not _DEVICE_RE.match(value):
+            raise ValueError("must be 'cpu' or 'gpu:N' (N a GPU index, e.g. gpu:0)")
+        return value
+
+    @field_validator("redis_url")
+    @classmethod
+    def _check_redis_url(cls, value: str) -> str:
+        if not value.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError("must start with redis://, rediss:// or unix://")
+        return value
+
+    @field_validator("storage_url")
+    @classmethod
+    def _check_storage_url(cls, value: str) -> str:
+        if not value.startswith(("file://", "s3://")):
+            raise ValueError("must be a file:// or s3:// URI")
+        return value.rstrip("/")
+
+    @field_validator("webhook_secret")
+    @classmethod
+    def _check_secret(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and not value.get_secret_value():
+            return None
+        return value
+
+    @model_validator(mode="after")
+    def _default_input_roots(self) -> Settings:
+        if self.input_roots is None and self.storage_url.startswith("file://"):
+            self.input_roots = [file_uri_path(self.storage_url)]
+        return self
+
+    @property
+    def effective_broker_url(self) -> str:
+        return self.broker_url or self.redis_url
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # `load_settings` passes the TOML file's values as init kwargs; environment wins over them.
+        return (env_settings, init_settings)
+
+
+def file_uri_path(uri: str) -> Path:
+    """`file:///abs/dir` or `file://./rel/dir` -> an absolute Path."""
+    rest = uri[len("file://") :]
+    return Path(os.path.abspath(os.path.expanduser(rest or ".")))
+
+
+def _read_config_file(path: Path) -> dict[str, Any]:
+    try:
+        data = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} not found (named by --config or {CONFIG_ENV})") from None
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
+    known = set(Settings.model_fields)
+    for key in data:
+        if key not in known:
+            raise ConfigError(
+                f"config file {path}: unknown key {key!r}; keys are the STYLEQUEUE_* names in lower "
+                f"case without the prefix, e.g. redis_url"
+            )
+    base = path.parent
+    for key in ("styles", "cache_dir"):
+        if isinstance(data.get(key), str) and not os.path.isabs(os.path.expanduser(data[key])):
+            data[key] = str(base / data[key])
+    return data
+
+
+def _describe(error: dict[str, Any], from_file: Path | None, env: dict[str, str]) -> str:
+    field = str(error["loc"][0]) if error["loc"] else "?"
+    env_name = ENV_PREFIX + field.upper()
+    source = env_name if env_name in env or from_file is None else f"{field} in {from_file}"
+    value = error.get("input")
+    message = str(error["msg"]).removeprefix("Value error, ")
+    if error["type"] == "extra_forbidden":
+        return f"unknown setting {field!r}"
+    return f"invalid {source}={value!r}: {message}"
+
+
+def load_settings(config_file: str | Path | None = None, **overrides: Any) -> Settings:
+    """Build the Settings: `overrides` > environment > TOML file (`config_file` or $STYLEQUEUE_CONFIG).
+
+    Raises ConfigError with one line naming the variable and what it accepts.
+    """
+    path_str = config_file or os.environ.get(CONFIG_ENV)
+    path = Path(path_str) if path_str else None
+    file_values = _read_config_file(path) if path else {}
+    try:
+        settings = Settings(**file_values)
+        if overrides:
+            merged = settings.model_dump() | {k: v for k, v in overrides.items() if v is not None}
+            roots_explicit = "input_roots" in file_values or ENV_PREFIX + "INPUT_ROOTS" in os.environ
+            if "input_roots" not in overrides and not roots_explicit:
+                merged["input_roots"] = None  # re-derive from the (possibly overridden) storage root
+            settings = Settings.model_validate(merged)
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc.errors()[0], path, dict(os.environ))) from None
+    return settings

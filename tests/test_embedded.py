@@ -1,0 +1,25 @@
+"""The embedded Redis that demo, serve and the suite start is a real, answering server."""
+
+import redis
+
+from stylequeue.embedded import EmbeddedRedis
+
+
+def test_redis_fixture_is_real_and_private(redis_url: str) -> None:
+    client = redis.Redis.from_url(redis_url)
+    assert client.ping()
+    info = client.info("server")
+    assert int(info["tcp_port"]) != 6379
+    client.set("k", "v")
+    assert client.get("k") == b"v"
+
+
+def test_embedded_redis_persists_with_aof(tmp_path) -> None:
+    server = EmbeddedRedis(data_dir=tmp_path, persist=True).start()
+    try:
+        client = redis.Redis.from_url(server.url)
+        assert client.config_get("appendonly")["appendonly"] == "yes"
+        assert client.config_get("maxmemory-policy")["maxmemory-policy"] == "noeviction"
+    finally:
+        server.stop()
+    assert server.process is None
