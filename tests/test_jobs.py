@@ -10,6 +10,7 @@ import fakeredis
 import pytest
 import redis
 
+from stylequeue.embedded import free_port
 from stylequeue.errors import InvalidTransition, JobNotFound, RedisUnavailable
 from stylequeue.jobs import (
     PUBLIC_FIELDS,
@@ -21,7 +22,6 @@ from stylequeue.jobs import (
     RedisJobStore,
     new_job_id,
 )
-from stylequeue.embedded import free_port
 
 
 @pytest.fixture(params=["fakeredis", "real"])
