@@ -1,0 +1,165 @@
+"""Dynamic batching: one class, two knobs (`max_batch`, `max_wait_ms`), futures out.
+
+Callers hand in one image array at a time and get a Future of their own output; they never see a
+batch. One inference thread per batcher (per loaded model) groups waiting items of the same shape,
+interactive items first, and runs them. If a batch raises, its items are run one by one, so a
+poison image fails alone.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+
+import numpy as np
+
+log = logging.getLogger("stylequeue.worker.batching")
+
+INTERACTIVE, BULK = 0, 1
+
+
+@dataclass(order=True)
+class _Item:
+    priority: int
+    seq: int
+    array: np.ndarray = field(compare=False)
+    future: Future[np.ndarray] = field(compare=False)
+    enqueued: float = field(compare=False, default_factory=time.monotonic)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.array.shape)
+
+
+@dataclass
+class BatchStats:
+    """What the batcher did, for metrics and benchmarks."""
+
+    batches: int = 0
+    items: int = 0
+    sizes: list[int] = field(default_factory=list)
+
+    def record(self, size: int) -> None:
+        self.batches += 1
+        self.items += size
+        if len(self.sizes) < 100000:
+            self.sizes.append(size)
+
+
+class DynamicBatcher:
+    """Groups single images into batches for `run_batch(float32 [N,3,H,W]) -> same shape`.
+
+    Args:
+        run_batch: the model; called from this batcher's one inference thread only.
+        max_batch: largest batch formed.
+        max_wait_ms: how long the first waiting item may wait for batch-mates before running anyway.
+        on_batch: optional callback(size, seconds) after every batch (metrics).
+    """
+
+    def __init__(self, run_batch: Callable[[np.ndarray], np.ndarray], *, max_batch: int = 8,
+                 max_wait_ms: float = 10.0, name: str = "batcher",
+                 on_batch: Callable[[int, float], None] | None = None) -> None:
+        if max_batch < 1:
+            raise ValueError("max_batch must be >= 1")
+        self.run_batch = run_batch
+        self.max_batch = max_batch
+        self.max_wait_s = max_wait_ms / 1000.0
+        self.on_batch = on_batch
+        self.stats = BatchStats()
+        self._items: list[_Item] = []
+        self._seq = itertools.count()
+        self._cond = threading.Condition()
+        self._closed = False
+        self._thread = threading.Thread(target=self._loop, name=f"infer-{name}", daemon=True)
+        self._thread.start()
+
+    def submit(self, array: np.ndarray, *, priority: int = BULK) -> Future[np.ndarray]:
+        """Queue one image, float32 [3,H,W]; the future resolves to its output [3,H,W]."""
+        future: Future[np.ndarray] = Future()
+        with self._cond:
+            if self._closed:
+                raise RuntimeError("batcher is closed")
+            self._items.append(_Item(priority, next(self._seq), array, future))
+            self._cond.notify()
+        return future
+
+    def pending(self) -> int:
+        with self._cond:
+            return len(self._items)
+
+    def close(self, timeout: float | None = 30) -> None:
+        """Stop after the items already queued have run."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+        self._thread.join(timeout)
+
+    # --- the inference thread --------------------------------------------------------------------
+
+    def _take_batch(self) -> list[_Item] | None:
+        with self._cond:
+            while not self._items:
+                if self._closed:
+                    return None
+                self._cond.wait()
+            head = min(self._items)  # interactive first, then oldest
+            deadline = head.enqueued + self.max_wait_s
+            while True:
+                mates = [i for i in self._items if i.shape == head.shape]
+                if len(mates) >= self.max_batch or self._closed:
+                    break
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                self._cond.wait(left)
+                if min(self._items) is not head:  # an interactive item arrived: serve it first
+                    head = min(self._items)
+                    deadline = min(deadline, head.enqueued + self.max_wait_s)
+            mates.sort()
+            batch = mates[: self.max_batch]
+            chosen = {id(i) for i in batch}
+            self._items = [i for i in self._items if id(i) not in chosen]
+            return batch
+
+    def _loop(self) -> None:
+        while True:
+            batch = self._take_batch()
+            if batch is None:
+                return
+            live = [item for item in batch if item.future.set_running_or_notify_cancel()]
+            if live:
+                self._run(live)
+
+    def _run(self, batch: list[_Item]) -> None:
+        started = time.perf_counter()
+        try:
+            outputs = self.run_batch(np.stack([item.array for item in batch]))
+            if outputs.shape[0] != len(batch):
+                raise RuntimeError(f"model returned {outputs.shape[0]} outputs for a batch of {len(batch)}")
+        except Exception as exc:
+            if len(batch) == 1:
+                batch[0].future.set_exception(exc)
+                return
+            log.warning("batch of %d failed (%s); running its items one by one", len(batch), exc)
+            for item in batch:
+                self._run_single(item)
+            return
+        self.stats.record(len(batch))
+        if self.on_batch:
+            self.on_batch(len(batch), time.perf_counter() - started)
+        for item, output in zip(batch, outputs, strict=True):
+            item.future.set_result(output)
+
+    def _run_single(self, item: _Item) -> None:
+        try:
+            output = self.run_batch(item.array[None])[0]
+        except Exception as exc:
+            item.future.set_exception(exc)
+        else:
+            self.stats.record(1)
+            item.future.set_result(output)

@@ -1,0 +1,52 @@
+"""What travels over the broker: queue names, task names, and the functions that send them.
+
+Producers and workers both import this module; it must stay light (Celery's app only, no worker).
+A message carries job ids only: the job itself lives in the job store.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from celery import Celery
+
+INTERACTIVE_QUEUE = "stylequeue.interactive"
+BULK_QUEUE = "stylequeue.bulk"
+CALLBACK_QUEUE = "stylequeue.callbacks"
+
+# One task name per queue, so `celery inspect` and Flower read like the architecture.
+INTERACTIVE_TASK = "stylequeue.interactive"
+BULK_TASK = "stylequeue.bulk"
+CALLBACK_TASK = "stylequeue.callback"
+
+# Bulk jobs travel several to a message: Celery's per-message cost (~1.8 ms, PERF.md) is paid per chunk.
+BULK_CHUNK_SIZE = 32
+
+
+def send_job(app: Celery, job_id: str, priority: str) -> None:
+    """One job: interactive jobs one per message, a bulk job as a chunk of one."""
+    if priority == "bulk":
+        send_chunk(app, [job_id])
+    else:
+        app.send_task(INTERACTIVE_TASK, args=[job_id], queue=INTERACTIVE_QUEUE)
+
+
+def send_chunk(app: Celery, job_ids: Sequence[str]) -> None:
+    app.send_task(BULK_TASK, args=[list(job_ids)], queue=BULK_QUEUE)
+
+
+def send_chunks(app: Celery, job_ids: Sequence[str], chunk_size: int = BULK_CHUNK_SIZE) -> int:
+    """Send bulk jobs `chunk_size` to a message over one broker connection; returns messages sent."""
+    sent = 0
+    with app.producer_or_acquire() as producer:
+        for start in range(0, len(job_ids), chunk_size):
+            app.send_task(BULK_TASK, args=[list(job_ids[start:start + chunk_size])], queue=BULK_QUEUE,
+                          producer=producer)
+            sent += 1
+    return sent
+
+
+def send_callback(app: Celery, job_id: str) -> None:
+    app.send_task(CALLBACK_TASK, args=[job_id], queue=CALLBACK_QUEUE)

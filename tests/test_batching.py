@@ -1,0 +1,115 @@
+"""The dynamic batcher on its own: grouping, waiting, priorities, poison isolation."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from stylequeue.worker.batching import BULK, INTERACTIVE, DynamicBatcher
+
+
+class RecordingModel:
+    """Doubles its input; remembers batch sizes and order of first items; can be made to fail."""
+
+    def __init__(self, delay: float = 0.0, poison: float | None = None) -> None:
+        self.delay = delay
+        self.poison = poison
+        self.batches: list[list[float]] = []
+        self.gate = threading.Event()
+        self.gate.set()
+
+    def __call__(self, batch: np.ndarray) -> np.ndarray:
+        self.gate.wait()
+        self.batches.append([float(x[0, 0, 0]) for x in batch])
+        if self.poison is not None and np.any(batch[:, 0, 0, 0] == self.poison):
+            raise ValueError("poison")
+        time.sleep(self.delay)
+        return batch * 2
+
+
+def img(value: float, size: int = 8) -> np.ndarray:
+    return np.full((3, size, size), value, dtype=np.float32)
+
+
+def test_each_caller_gets_its_own_result() -> None:
+    batcher = DynamicBatcher(RecordingModel(), max_batch=4, max_wait_ms=5)
+    futures = [batcher.submit(img(i)) for i in range(10)]
+    for i, future in enumerate(futures):
+        assert future.result(5)[0, 0, 0] == 2 * i
+    batcher.close()
+
+
+def test_items_arriving_together_form_batches() -> None:
+    model = RecordingModel()
+    model.gate.clear()
+    batcher = DynamicBatcher(model, max_batch=4, max_wait_ms=50)
+    futures = [batcher.submit(img(i)) for i in range(9)]
+    model.gate.set()
+    for f in futures:
+        f.result(5)
+    sizes = [len(b) for b in model.batches]
+    assert sum(sizes) == 9 and max(sizes) == 4 and len(sizes) <= 4
+    assert batcher.stats.items == 9
+    batcher.close()
+
+
+def test_a_lone_item_runs_after_max_wait() -> None:
+    batcher = DynamicBatcher(RecordingModel(), max_batch=8, max_wait_ms=20)
+    started = time.monotonic()
+    assert batcher.submit(img(1)).result(5)[0, 0, 0] == 2
+    assert time.monotonic() - started < 2
+    batcher.close()
+
+
+def test_only_same_shapes_share_a_batch() -> None:
+    model = RecordingModel()
+    model.gate.clear()
+    batcher = DynamicBatcher(model, max_batch=8, max_wait_ms=30)
+    small = [batcher.submit(img(i, 8)) for i in range(3)]
+    large = [batcher.submit(img(10 + i, 16)) for i in range(3)]
+    model.gate.set()
+    assert [f.result(5).shape for f in small] == [(3, 8, 8)] * 3
+    assert [f.result(5).shape for f in large] == [(3, 16, 16)] * 3
+    assert sorted(len(b) for b in model.batches) == [3, 3]
+    batcher.close()
+
+
+def test_interactive_items_jump_the_queue() -> None:
+    model = RecordingModel(delay=0.01)
+    model.gate.clear()
+    batcher = DynamicBatcher(model, max_batch=2, max_wait_ms=1)
+    bulk = [batcher.submit(img(i), priority=BULK) for i in range(10)]
+    urgent = batcher.submit(img(99), priority=INTERACTIVE)
+    model.gate.set()
+    urgent.result(5)
+    for f in bulk:
+        f.result(5)
+    first_batch_with_urgent = next(i for i, b in enumerate(model.batches) if 99.0 in b)
+    assert first_batch_with_urgent <= 1  # at most the batch already taken before it arrived
+    batcher.close()
+
+
+def test_poison_image_fails_alone() -> None:
+    model = RecordingModel(poison=3.0)
+    model.gate.clear()
+    batcher = DynamicBatcher(model, max_batch=8, max_wait_ms=50)
+    futures = {i: batcher.submit(img(i)) for i in range(6)}
+    model.gate.set()
+    with pytest.raises(ValueError, match="poison"):
+        futures[3].result(5)
+    for i, f in futures.items():
+        if i != 3:
+            assert f.result(5)[0, 0, 0] == 2 * i
+    batcher.close()
+
+
+def test_close_drains_queued_items() -> None:
+    batcher = DynamicBatcher(RecordingModel(delay=0.01), max_batch=2, max_wait_ms=1)
+    futures = [batcher.submit(img(i)) for i in range(5)]
+    batcher.close()
+    assert all(f.done() and not f.exception() for f in futures)
+    with pytest.raises(RuntimeError):
+        batcher.submit(img(1))
