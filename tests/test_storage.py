@@ -1,0 +1,392 @@
+"""Storage by URI against real things: a moto S3 server, temp directories, a local HTTP server."""
+
+from __future__ import annotations
+
+import http.server
+import os
+import threading
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+import pytest
+
+from stylequeue.config.settings import Settings
+from stylequeue.embedded import free_port
+from stylequeue.errors import InputForbidden, InputNotFound, InputTooLarge, StorageError
+from stylequeue.pipeline import netguard
+from stylequeue.pipeline.storage import Storage, check_input_uri, check_output_uri, join_uri
+
+PHOTO = bytes(range(256)) * 8  # 2 KiB
+
+
+def s3_storage(endpoint: str, **overrides: Any) -> Storage:
+    return Storage(Settings(s3_endpoint_url=endpoint, s3_addressing_style="path", storage_url="s3://out",
+                            **overrides))
+
+
+# --- s3:// ---------------------------------------------------------------------------------------
+
+
+def test_s3_write_then_read_keeps_bytes_and_content_type(s3_endpoint: str, s3_bucket: str) -> None:
+    storage = s3_storage(s3_endpoint)
+    storage.write(f"s3://{s3_bucket}/out/ink/j_1.png", PHOTO, "image/png")
+    assert storage.read(f"s3://{s3_bucket}/out/ink/j_1.png") == PHOTO
+    head = storage.s3_client().head_object(Bucket=s3_bucket, Key="out/ink/j_1.png")
+    assert head["ContentType"] == "image/png"
+    assert storage.exists(f"s3://{s3_bucket}/out/ink/j_1.png")
+    storage.delete(f"s3://{s3_bucket}/out/ink/j_1.png")
+    assert not storage.exists(f"s3://{s3_bucket}/out/ink/j_1.png")
+
+
+def test_s3_uploads_carry_no_checksum_headers_that_compatible_stores_reject(
+        s3_endpoint: str, s3_bucket: str) -> None:
+    storage = s3_storage(s3_endpoint)
+    sent: list[dict[str, str]] = []
+    storage.s3_client().meta.events.register(
+        "before-send.s3.PutObject", lambda request, **_: sent.append(dict(request.headers)))
+    storage.write(f"s3://{s3_bucket}/a.jpg", PHOTO, "image/jpeg")
+    names = {name.lower() for name in sent[0]}
+    assert not any(name.startswith(("x-amz-checksum", "x-amz-sdk-checksum")) for name in names), names
+
+
+@pytest.mark.parametrize("where", ["missing key", "missing bucket"])
+def test_s3_missing_object_is_input_not_found(s3_endpoint: str, s3_bucket: str, where: str) -> None:
+    uri = f"s3://{s3_bucket}/nope.jpg" if where == "missing key" else f"s3://no-such-bucket-{free_port()}/a.jpg"
+    with pytest.raises(InputNotFound):
+        s3_storage(s3_endpoint).read(uri)
+
+
+def test_s3_oversized_object_is_input_too_large(s3_endpoint: str, s3_bucket: str) -> None:
+    storage = s3_storage(s3_endpoint, max_input_bytes=1000)
+    storage.write(f"s3://{s3_bucket}/big.jpg", PHOTO, "image/jpeg")
+    with pytest.raises(InputTooLarge, match="2048 bytes"):
+        storage.read(f"s3://{s3_bucket}/big.jpg")
+
+
+def test_presigned_url_fetches_the_object_over_http(s3_endpoint: str, s3_bucket: str) -> None:
+    storage = s3_storage(s3_endpoint)
+    storage.write(f"s3://{s3_bucket}/p.jpg", PHOTO, "image/jpeg")
+    url = storage.presign(f"s3://{s3_bucket}/p.jpg", 600)
+    assert url is not None and "X-Amz-Expires=600" in url
+    with urllib.request.urlopen(url, timeout=10) as answer:
+        assert answer.read() == PHOTO
+    assert storage.presign("file:///tmp/x.jpg", 600) is None
+
+
+def test_presign_names_the_public_endpoint(s3_endpoint: str, s3_bucket: str) -> None:
+    port = urlsplit(s3_endpoint).port
+    storage = s3_storage(s3_endpoint, s3_public_endpoint_url=f"http://localhost:{port}")
+    storage.write(f"s3://{s3_bucket}/p.jpg", PHOTO, "image/jpeg")
+    url = storage.presign(f"s3://{s3_bucket}/p.jpg", 60)
+    assert url is not None and urlsplit(url).netloc == f"localhost:{port}"
+    with urllib.request.urlopen(url, timeout=10) as answer:
+        assert answer.read() == PHOTO
+    # SigV4 signs the Host: the same request signed in the same second for the internal host differs.
+    internal = s3_storage(s3_endpoint)
+    for _ in range(3):
+        public_query = parse_qs(urlsplit(storage.presign(f"s3://{s3_bucket}/p.jpg", 60) or "").query)
+        internal_query = parse_qs(urlsplit(internal.presign(f"s3://{s3_bucket}/p.jpg", 60) or "").query)
+        if public_query["X-Amz-Date"] == internal_query["X-Amz-Date"]:
+            assert public_query["X-Amz-Signature"] != internal_query["X-Amz-Signature"]
+            break
+    else:
+        pytest.fail("could not sign twice within one second")
+
+
+def test_s3_list_pages_through_every_key_under_a_prefix(s3_endpoint: str, s3_bucket: str) -> None:
+    storage = s3_storage(s3_endpoint)
+    keys = [f"in/{i:02d}.jpg" for i in range(7)]
+    for key in [*keys, "in2/x.jpg", "other/y.jpg"]:
+        storage.write(f"s3://{s3_bucket}/{key}", b"x", "image/jpeg")
+    calls: list[int] = []
+    storage.s3_client().meta.events.register("before-call.s3.ListObjectsV2", lambda **_: calls.append(1))
+    listed = list(storage.list(f"s3://{s3_bucket}/in/", page_size=3))
+    assert listed == [f"s3://{s3_bucket}/{key}" for key in keys]
+    assert len(calls) == 3
+
+
+def test_unreachable_endpoint_is_a_transient_storage_error() -> None:
+    storage = s3_storage(f"http://127.0.0.1:{free_port()}")
+    with pytest.raises(StorageError) as caught:
+        storage.read("s3://bucket/a.jpg")
+    assert caught.value.transient
+    with pytest.raises(StorageError) as caught:
+        storage.write("s3://bucket/a.jpg", b"x", "image/jpeg")
+    assert caught.value.transient
+
+
+def test_one_client_per_storage_even_under_concurrent_first_use(s3_endpoint: str) -> None:
+    storage = s3_storage(s3_endpoint)
+    seen: list[object] = []
+    threads = [threading.Thread(target=lambda: seen.append(storage.s3_client())) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len({id(client) for client in seen}) == 1
+    assert storage.s3_client().meta.config.max_pool_connections >= 32
+
+
+# --- file:// -------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def roots(tmp_path: Path) -> tuple[Path, Path]:
+    """(inputs root, outside dir) with inputs/a.jpg and outside/secret.txt."""
+    inside, outside = tmp_path / "inputs", tmp_path / "outside"
+    inside.mkdir()
+    outside.mkdir()
+    (inside / "a.jpg").write_bytes(PHOTO)
+    (outside / "secret.txt").write_text("secret")
+    return inside, outside
+
+
+def file_storage(inputs: Path, **overrides: Any) -> Storage:
+    return Storage(Settings(storage_url=f"file://{inputs.parent / 'data'}", input_roots=[str(inputs)], **overrides))
+
+
+def test_file_read_inside_the_roots(roots: tuple[Path, Path]) -> None:
+    inside, _ = roots
+    assert file_storage(inside).read(f"file://{inside}/a.jpg") == PHOTO
+
+
+def test_file_read_outside_the_roots_is_forbidden(roots: tuple[Path, Path]) -> None:
+    inside, outside = roots
+    storage = file_storage(inside)
+    with pytest.raises(InputForbidden):
+        storage.read(f"file://{outside}/secret.txt")
+    with pytest.raises(InputForbidden):
+        storage.read(f"file://{inside}/../outside/secret.txt")
+
+
+def test_symlink_escaping_the_root_is_forbidden(roots: tuple[Path, Path]) -> None:
+    inside, outside = roots
+    (inside / "link.txt").symlink_to(outside / "secret.txt")
+    (inside / "linkdir").symlink_to(outside)
+    (inside / "alias.jpg").symlink_to(inside / "a.jpg")
+    storage = file_storage(inside)
+    with pytest.raises(InputForbidden):
+        storage.read(f"file://{inside}/link.txt")
+    with pytest.raises(InputForbidden):
+        storage.read(f"file://{inside}/linkdir/secret.txt")
+    assert storage.read(f"file://{inside}/alias.jpg") == PHOTO  # a link that stays inside is fine
+
+
+def test_file_inputs_need_input_roots(roots: tuple[Path, Path]) -> None:
+    inside, _ = roots
+    storage = Storage(Settings(storage_url="s3://out"))
+    with pytest.raises(InputForbidden, match="STYLEQUEUE_INPUT_ROOTS"):
+        storage.read(f"file://{inside}/a.jpg")
+
+
+def test_missing_directory_and_oversized_files(roots: tuple[Path, Path]) -> None:
+    inside, _ = roots
+    storage = file_storage(inside, max_input_bytes=1000)
+    with pytest.raises(InputNotFound):
+        storage.read(f"file://{inside}/missing.jpg")
+    (inside / "sub").mkdir()
+    with pytest.raises(InputNotFound):
+        storage.read(f"file://{inside}/sub")
+    with pytest.raises(InputTooLarge):
+        storage.read(f"file://{inside}/a.jpg")
+
+
+def test_file_write_is_atomic_and_leaves_no_temp_files(roots: tuple[Path, Path]) -> None:
+    inside, _ = roots
+    storage = file_storage(inside)
+    data_dir = inside.parent / "data"
+    uri = join_uri(f"file://{data_dir}", "outputs", "ink", "j_1.png")
+    storage.write(uri, b"first", "image/png")
+    storage.write(uri, b"second", "image/png")
+    assert (data_dir / "outputs/ink/j_1.png").read_bytes() == b"second"
+    (data_dir / "outputs/ink/taken").mkdir()
+    with pytest.raises(StorageError):  # the rename onto a directory fails after the temp file was written
+        storage.write(join_uri(f"file://{data_dir}", "outputs/ink/taken"), b"x", "image/png")
+    assert sorted(os.listdir(data_dir / "outputs/ink")) == ["j_1.png", "taken"]
+    assert storage.exists(uri)
+    storage.delete(uri)
+    assert not storage.exists(uri)
+
+
+def test_file_write_outside_storage_and_input_roots_is_forbidden(roots: tuple[Path, Path]) -> None:
+    inside, outside = roots
+    storage = file_storage(inside)
+    (inside.parent / "data").mkdir()
+    (inside.parent / "data" / "escape").symlink_to(outside)
+    for uri in [f"file://{outside}/x.png", f"file://{inside.parent}/data/../outside/x.png",
+                f"file://{inside.parent}/data/escape/x.png"]:
+        with pytest.raises(InputForbidden):
+            storage.write(uri, b"x", "image/png")
+    assert sorted(os.listdir(outside)) == ["secret.txt"]
+    with pytest.raises(InputForbidden):
+        storage.write("https://example.com/x.png", b"x", "image/png")
+
+
+def test_file_list_walks_recursively(roots: tuple[Path, Path]) -> None:
+    inside, outside = roots
+    (inside / "b" / "c").mkdir(parents=True)
+    (inside / "b" / "c" / "d.jpg").write_bytes(b"d")
+    (inside / "b" / "e.jpg").write_bytes(b"e")
+    (inside / "escape.jpg").symlink_to(outside / "secret.txt")
+    storage = file_storage(inside)
+    assert list(storage.list(f"file://{inside}")) == [
+        f"file://{inside}/a.jpg", f"file://{inside}/b/e.jpg", f"file://{inside}/b/c/d.jpg"]
+    assert list(storage.list(f"file://{inside}/b/")) == [f"file://{inside}/b/e.jpg", f"file://{inside}/b/c/d.jpg"]
+    assert all(storage.read(uri) for uri in storage.list(f"file://{inside}"))
+
+
+# --- http(s):// ----------------------------------------------------------------------------------
+
+
+class _Files(http.server.BaseHTTPRequestHandler):
+    """/photo.jpg, redirects (/hop/N, /loop, /to?u=...), /huge (no length), /lying (declares 1 GB), /status/N."""
+
+    def do_GET(self) -> None:
+        path, _, query = self.path.partition("?")
+        if path == "/photo.jpg":
+            self._answer(200, PHOTO)
+        elif path.startswith("/hop/"):
+            left = int(path.rsplit("/", 1)[1])
+            self._answer(302, location="/photo.jpg" if left == 0 else f"/hop/{left - 1}")
+        elif path == "/loop":
+            self._answer(301, location="/loop")
+        elif path == "/to":
+            self._answer(307, location=query.removeprefix("u="))
+        elif path == "/huge":
+            self.send_response(200)
+            self.end_headers()  # HTTP/1.0, no Content-Length: the body ends when the connection closes
+            for _ in range(64):
+                self.wfile.write(b"x" * 1024)
+        elif path == "/lying":
+            self.send_response(200)
+            self.send_header("Content-Length", str(10**9))
+            self.end_headers()
+            self.wfile.write(b"x" * 10)
+        else:
+            self._answer(int(path.rsplit("/", 1)[1]), b"status")
+
+    def _answer(self, status: int, body: bytes = b"", location: str | None = None) -> None:
+        self.send_response(status)
+        if location:
+            self.send_header("Location", location)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.fixture(scope="module")
+def web() -> Iterator[str]:
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Files)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+def http_storage(**overrides: Any) -> Storage:
+    return Storage(Settings(storage_url="s3://out", **({"allow_private_networks": True} | overrides)))
+
+
+def test_http_read_and_redirect_chain(web: str) -> None:
+    storage = http_storage()
+    assert storage.read(f"{web}/photo.jpg") == PHOTO
+    assert storage.read(f"{web}/hop/4") == PHOTO  # 5 redirects: the most that are followed
+    with pytest.raises(InputForbidden, match="redirects"):
+        storage.read(f"{web}/hop/5")
+    with pytest.raises(InputForbidden, match="redirects"):
+        storage.read(f"{web}/loop")
+
+
+@pytest.mark.parametrize("target", ["http://169.254.169.254/latest/meta-data/", "http://10.0.0.1/x.jpg",
+                                    "http://[::1]:1/x.jpg", "file:///etc/passwd"])
+def test_redirect_to_a_forbidden_address_is_refused(web: str, target: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    real = netguard.refusal
+    # Production policy, except that the test server's own address is let through.
+    monkeypatch.setattr(netguard, "refusal", lambda address, *, allow_private: (
+        None if str(address) == "127.0.0.1" else real(address, allow_private=allow_private)))
+    storage = http_storage(allow_private_networks=False)
+    assert storage.read(f"{web}/photo.jpg") == PHOTO
+    with pytest.raises(InputForbidden):
+        storage.read(f"{web}/to?u={target}")
+
+
+def test_http_body_over_the_cap_is_input_too_large(web: str) -> None:
+    storage = http_storage(max_input_bytes=10_000)
+    with pytest.raises(InputTooLarge):
+        storage.read(f"{web}/huge")
+    with pytest.raises(InputTooLarge):
+        storage.read(f"{web}/lying")
+
+
+def test_http_status_codes_map_to_job_errors(web: str) -> None:
+    storage = http_storage()
+    with pytest.raises(InputNotFound):
+        storage.read(f"{web}/status/404")
+    with pytest.raises(InputForbidden):
+        storage.read(f"{web}/status/403")
+    for status in (500, 503, 429):
+        with pytest.raises(StorageError) as caught:
+            storage.read(f"{web}/status/{status}")
+        assert caught.value.transient
+
+
+def test_http_private_addresses_refused_without_the_setting(web: str) -> None:
+    with pytest.raises(InputForbidden, match="loopback"):
+        http_storage(allow_private_networks=False).read(f"{web}/photo.jpg")
+
+
+def test_http_connection_refused_is_transient() -> None:
+    with pytest.raises(StorageError) as caught:
+        http_storage().read(f"http://127.0.0.1:{free_port()}/a.jpg")
+    assert caught.value.transient
+
+
+def test_other_schemes_are_forbidden() -> None:
+    for uri in ["ftp://example.com/a.jpg", "data:image/png;base64,AAAA", "/etc/passwd", "gs://bucket/a.jpg"]:
+        with pytest.raises(InputForbidden):
+            http_storage().read(uri)
+
+
+# --- URI checks without I/O ----------------------------------------------------------------------
+
+
+def test_check_input_uri(tmp_path: Path) -> None:
+    settings = Settings(storage_url=f"file://{tmp_path}/data", input_roots=[str(tmp_path / "in")])
+    check_input_uri(f"file://{tmp_path}/in/a.jpg", settings)
+    check_input_uri("s3://photos/a b.jpg", settings)
+    check_input_uri("https://example.com/a.jpg", settings)
+    for uri in [f"file://{tmp_path}/in/../etc/passwd", f"file://{tmp_path}/data/a.jpg", "s3://photos",
+                "s3:///a.jpg", "ftp://example.com/a.jpg", "no-scheme.jpg", "http://127.0.0.1/a.jpg",
+                "http://localhost:8080/a.jpg", "http://[::ffff:10.0.0.1]/a.jpg", "s3://photos/a\n.jpg"]:
+        with pytest.raises(InputForbidden):
+            check_input_uri(uri, settings)
+    check_input_uri("http://127.0.0.1/a.jpg", Settings(storage_url="s3://out", allow_private_networks=True))
+    with pytest.raises(InputForbidden, match="STYLEQUEUE_INPUT_ROOTS"):
+        check_input_uri(f"file://{tmp_path}/in/a.jpg", Settings(storage_url="s3://out"))
+
+
+def test_check_output_uri(tmp_path: Path) -> None:
+    settings = Settings(storage_url=f"file://{tmp_path}/data")
+    check_output_uri(f"file://{tmp_path}/data/outputs/x.png", settings)
+    check_output_uri("s3://out/ink/x.png", settings)
+    for uri in [f"file://{tmp_path}/elsewhere/x.png", "https://example.com/x.png", "s3://out"]:
+        with pytest.raises(InputForbidden):
+            check_output_uri(uri, settings)
+
+
+@pytest.mark.parametrize(("prefix", "parts", "joined"), [
+    ("s3://out/results/", ("ink", "j_1.jpg"), "s3://out/results/ink/j_1.jpg"),
+    ("s3://out", ("/outputs/", "ink/j_1.jpg"), "s3://out/outputs/ink/j_1.jpg"),
+    ("file:///", ("data", "a.png"), "file:///data/a.png"),
+    ("file://./stylequeue-data", ("outputs",), "file://./stylequeue-data/outputs"),
+    ("s3://out/x/", (), "s3://out/x"),
+])
+def test_join_uri(prefix: str, parts: tuple[str, ...], joined: str) -> None:
+    assert join_uri(prefix, *parts) == joined
