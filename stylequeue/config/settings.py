@@ -57,8 +57,10 @@ class Settings(BaseSettings):
     allow_private_networks: bool = False
     max_input_bytes: int = Field(26214400, ge=1)
     max_input_pixels: int = Field(50000000, ge=1)
-    # Not in SPEC's table: where exported models and runtime choices are cached.
+    # Not in SPEC's table: where exported models and runtime choices are cached, and how long a
+    # worker's claim on a running job lasts without renewal (a killed worker's jobs return after it).
     cache_dir: Path = Path(os.path.expanduser("~/.cache/stylequeue"))
+    lease_s: float = Field(30, ge=1, le=3600)
 
     @field_validator("input_roots", mode="before")
     @classmethod

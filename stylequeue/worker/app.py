@@ -27,9 +27,6 @@ from stylequeue.worker.messages import (
     INTERACTIVE_TASK,
 )
 
-# Queue order is priority order for a worker consuming several of them.
-JOB_QUEUES = (INTERACTIVE_QUEUE, BULK_QUEUE)
-
 
 def make_celery_app(settings: Settings, *, prefetch_multiplier: int = 1) -> Celery:
     """A Celery app for the broker in `settings`; tasks register when a worker imports worker.tasks."""

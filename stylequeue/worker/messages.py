@@ -15,6 +15,8 @@ if TYPE_CHECKING:
 INTERACTIVE_QUEUE = "stylequeue.interactive"
 BULK_QUEUE = "stylequeue.bulk"
 CALLBACK_QUEUE = "stylequeue.callbacks"
+# Queue order is priority order for a worker consuming several of them.
+JOB_QUEUES = (INTERACTIVE_QUEUE, BULK_QUEUE)
 
 # One task name per queue, so `celery inspect` and Flower read like the architecture.
 INTERACTIVE_TASK = "stylequeue.interactive"

@@ -1,0 +1,379 @@
+"""The `stylequeue` command (SPEC section 6).
+
+Exit codes: 0 ok; 1 a waited job failed or was cancelled; 2 usage/configuration; 3 job not found;
+4 Redis unreachable; 5 `wait` timed out. Several ids: each is handled, and the exit code is the first
+of 4, 3, 5, 1 that occurred. Errors are one line on stderr (a traceback only with --debug).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Annotated, Any, NoReturn
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from stylequeue.errors import (
+    ConfigError,
+    JobNotFound,
+    RedisUnavailable,
+    StyleQueueError,
+    WaitTimeout,
+)
+
+EXIT_OK, EXIT_JOB_FAILED, EXIT_USAGE, EXIT_NOT_FOUND, EXIT_REDIS, EXIT_TIMEOUT = 0, 1, 2, 3, 4, 5
+EXIT_PRECEDENCE = (EXIT_REDIS, EXIT_NOT_FOUND, EXIT_TIMEOUT, EXIT_JOB_FAILED)
+
+app = typer.Typer(
+    name="stylequeue",
+    help="Restyle photos with CycleGAN generators, asynchronously: Redis + Celery workers + object storage.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+    rich_markup_mode=None,
+)
+models_app = typer.Typer(help="Manage model weights.", no_args_is_help=True)
+app.add_typer(models_app, name="models")
+
+out = Console(highlight=False, soft_wrap=True)
+err = Console(stderr=True, highlight=False, soft_wrap=True)
+
+ConfigOpt = Annotated[Path | None, typer.Option(
+    "--config", help="Settings TOML file (keys = STYLEQUEUE_* names, lower case).", envvar="STYLEQUEUE_CONFIG")]
+DebugOpt = Annotated[bool, typer.Option("--debug", help="Show tracebacks.")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print the job record(s) as JSON (SPEC section 4).")]
+
+
+def exit_code_for(exc: BaseException) -> int:
+    if isinstance(exc, RedisUnavailable):
+        return EXIT_REDIS
+    if isinstance(exc, JobNotFound):
+        return EXIT_NOT_FOUND
+    if isinstance(exc, WaitTimeout):
+        return EXIT_TIMEOUT
+    return EXIT_USAGE
+
+
+def fail(exc: BaseException, debug: bool) -> NoReturn:
+    if debug:
+        err.print_exception()
+    err.print(f"error: {exc}", markup=False)
+    raise typer.Exit(exit_code_for(exc))
+
+
+def run(debug: bool, body: Callable[[], int | None]) -> None:
+    """Run a command body, turning stylequeue's errors into one line and an exit code."""
+    try:
+        code = body()
+    except typer.Exit:
+        raise
+    except (StyleQueueError, TimeoutError) as exc:
+        fail(exc, debug)
+    except KeyboardInterrupt:
+        err.print("interrupted")
+        raise typer.Exit(130) from None
+    raise typer.Exit(code or EXIT_OK)
+
+
+def first_exit(codes: Iterable[int]) -> int:
+    seen = set(codes)
+    return next((code for code in EXIT_PRECEDENCE if code in seen), EXIT_OK)
+
+
+def make_client(config: Path | None) -> Any:
+    from stylequeue.producer.client import Client
+
+    client = Client(config=config)
+    client.store.ping()  # fail fast (exit 4) before doing anything else
+    return client
+
+
+# --- output -------------------------------------------------------------------------------------
+
+_STATE_STYLE = {"queued": "yellow", "running": "cyan", "succeeded": "green", "failed": "red", "cancelled": "magenta"}
+
+
+def print_records(records: list[dict[str, Any]], as_json: bool, single: bool) -> None:
+    if as_json:
+        payload: Any = records[0] if single and len(records) == 1 else records
+        sys.stdout.write(json.dumps(payload, indent=2) + "\n")
+        return
+    table = Table(show_edge=False, pad_edge=False)
+    table.add_column("id", no_wrap=True, min_width=28)
+    for column in ("state", "style", "attempts"):
+        table.add_column(column, no_wrap=True)
+    table.add_column("output / error", overflow="fold")
+    for rec in records:
+        detail = rec["output_uri"] if rec["state"] != "failed" else f"{rec['error']['code']}: {rec['error']['message']}"
+        colour = _STATE_STYLE.get(rec["state"], "")
+        table.add_row(rec["id"], f"[{colour}]{rec['state']}[/]", rec["style"], str(rec["attempts"]), detail)
+    out.print(table)
+
+
+# --- job commands -------------------------------------------------------------------------------
+
+
+@app.command()
+def submit(
+    uris: Annotated[list[str], typer.Argument(help="Input images: s3://, file://, http(s)://", show_default=False)],
+    style: Annotated[str, typer.Option("--style", "-s", help="Registered style name.")],
+    output: Annotated[str | None, typer.Option(help="Output URI (one input) or prefix ending in / (several).")] = None,
+    callback: Annotated[str | None, typer.Option(help="Webhook URL called when the job finishes.")] = None,
+    priority: Annotated[str, typer.Option(help="interactive or bulk.")] = "interactive",
+    wait: Annotated[bool, typer.Option("--wait", help="Wait for the jobs to finish.")] = False,
+    timeout: Annotated[float, typer.Option(help="With --wait: seconds to wait.")] = 600,
+    as_json: JsonOpt = False,
+    config: ConfigOpt = None,
+    debug: DebugOpt = False,
+) -> None:
+    """Submit images for restyling; prints the job id(s)."""
+
+    def body() -> int:
+        client = make_client(config)
+        if output and len(uris) > 1 and not output.endswith("/"):
+            raise ConfigError("with several inputs, --output is a prefix and must end with '/'")
+        if len(uris) == 1:
+            jobs = [client.submit(uris[0], style=style, callback_url=callback, output_uri=output, priority=priority)]
+        else:
+            jobs = client.submit_many(uris, style, callback_url=callback, output_prefix=output, priority=priority)
+        codes = []
+        if wait:
+            jobs, codes = wait_all(client, [j.id for j in jobs], timeout)
+        records = [client.to_json(j) for j in jobs]
+        if as_json:
+            print_records(records, True, single=len(uris) == 1)
+        elif wait:
+            print_records(records, False, single=False)
+        else:
+            for job in jobs:
+                out.print(job.id)
+        return first_exit(codes)
+
+    run(debug, body)
+
+
+def wait_all(client: Any, ids: list[str], timeout: float | None) -> tuple[list[Any], list[int]]:
+    deadline = None if timeout is None else time.monotonic() + timeout
+    jobs, codes = [], []
+    for job_id in ids:
+        left = None if deadline is None else max(0.0, deadline - time.monotonic())
+        try:
+            job = client.wait(job_id, timeout=left)
+            if job.state != "succeeded":
+                codes.append(EXIT_JOB_FAILED)
+        except WaitTimeout as exc:
+            err.print(f"error: {exc}", markup=False)
+            job = client.get(job_id)
+            codes.append(EXIT_TIMEOUT)
+        except JobNotFound as exc:
+            err.print(f"error: {exc}", markup=False)
+            codes.append(EXIT_NOT_FOUND)
+            continue
+        jobs.append(job)
+    return jobs, codes
+
+
+@app.command()
+def status(
+    ids: Annotated[list[str], typer.Argument(help="Job ids.", show_default=False)],
+    as_json: JsonOpt = False,
+    config: ConfigOpt = None,
+    debug: DebugOpt = False,
+) -> None:
+    """Show jobs' current records."""
+
+    def body() -> int:
+        client = make_client(config)
+        records, codes = [], []
+        for job_id in ids:
+            try:
+                records.append(client.to_json(client.get(job_id)))
+            except JobNotFound as exc:
+                err.print(f"error: {exc}", markup=False)
+                codes.append(EXIT_NOT_FOUND)
+        if records:
+            print_records(records, as_json, single=len(ids) == 1)
+        return first_exit(codes)
+
+    run(debug, body)
+
+
+@app.command()
+def wait(
+    ids: Annotated[list[str], typer.Argument(help="Job ids.", show_default=False)],
+    timeout: Annotated[float, typer.Option(help="Seconds to wait for all of them.")] = 600,
+    as_json: JsonOpt = False,
+    config: ConfigOpt = None,
+    debug: DebugOpt = False,
+) -> None:
+    """Wait until jobs finish; exit 1 if one failed or was cancelled, 5 on timeout."""
+
+    def body() -> int:
+        client = make_client(config)
+        jobs, codes = wait_all(client, ids, timeout)
+        if jobs:
+            print_records([client.to_json(j) for j in jobs], as_json, single=len(ids) == 1)
+        return first_exit(codes)
+
+    run(debug, body)
+
+
+@app.command()
+def cancel(
+    ids: Annotated[list[str], typer.Argument(help="Job ids.", show_default=False)],
+    as_json: JsonOpt = False,
+    config: ConfigOpt = None,
+    debug: DebugOpt = False,
+) -> None:
+    """Cancel queued or running jobs (a finished job is left as it is)."""
+
+    def body() -> int:
+        client = make_client(config)
+        records, codes = [], []
+        for job_id in ids:
+            try:
+                records.append(client.to_json(client.cancel(job_id)))
+            except JobNotFound as exc:
+                err.print(f"error: {exc}", markup=False)
+                codes.append(EXIT_NOT_FOUND)
+        if records:
+            print_records(records, as_json, single=len(ids) == 1)
+        return first_exit(codes)
+
+    run(debug, body)
+
+
+@app.command()
+def styles(as_json: JsonOpt = False, config: ConfigOpt = None, debug: DebugOpt = False) -> None:
+    """List registered styles and the runtime each live worker chose for them."""
+
+    def body() -> int:
+        from stylequeue.config.settings import load_settings
+        from stylequeue.config.styles import StyleCatalog
+
+        settings = load_settings(config)
+        try:
+            entries = make_client(config).styles()
+        except RedisUnavailable:
+            # The registry is a file: list it even when no Redis answers (no worker info then).
+            entries = [spec.public_dict() | {"workers": {}} for _, spec in
+                       sorted(StyleCatalog(settings.styles).all().items())]
+        if as_json:
+            sys.stdout.write(json.dumps(entries, indent=2) + "\n")
+            return EXIT_OK
+        table = Table(show_edge=False, pad_edge=False)
+        for column in ("name", "model", "size", "output", "runtime (workers)", "description"):
+            table.add_column(column)
+        for entry in entries:
+            chosen = sorted({f"{i.get('runtime')}/{i.get('precision')}" for i in entry["workers"].values()})
+            table.add_row(entry["name"], entry.get("model") or "-", f"{entry['max_side']}px", entry["output"],
+                          ", ".join(chosen) or "-", entry["description"])
+        out.print(table)
+        return EXIT_OK
+
+    run(debug, body)
+
+
+# --- worker --------------------------------------------------------------------------------------
+
+
+def setup_logging(level: str) -> None:
+    import logging
+
+    logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+@app.command()
+def worker(
+    device: Annotated[str | None, typer.Option(help="cpu or gpu:N (default: STYLEQUEUE_DEVICE).")] = None,
+    gpus: Annotated[str | None, typer.Option(help="Supervise one worker process per GPU, e.g. 0,1.")] = None,
+    styles: Annotated[str | None, typer.Option(help="Styles to load before consuming, e.g. a,b (default all).")] = None,
+    max_batch: Annotated[int | None, typer.Option(help="Largest batch (STYLEQUEUE_MAX_BATCH).")] = None,
+    max_wait_ms: Annotated[float | None, typer.Option(help="Longest wait for batch-mates.")] = None,
+    concurrency: Annotated[int, typer.Option(help="Job threads for fetch/decode/encode/store (0 = auto).")] = 0,
+    metrics_port: Annotated[int | None, typer.Option(help="Serve Prometheus metrics on this port.")] = None,
+    no_callbacks: Annotated[bool, typer.Option("--no-callbacks", help="Do not deliver webhooks.")] = False,
+    callbacks_only: Annotated[bool, typer.Option("--callbacks-only", help="Deliver webhooks only; no model.")] = False,
+    hostname: Annotated[str | None, typer.Option(help="Celery node name (default stylequeue-DEVICE@HOST).")] = None,
+    loglevel: Annotated[str, typer.Option(help="Log level.")] = "info",
+    config: ConfigOpt = None,
+    debug: DebugOpt = False,
+) -> None:
+    """Run a worker: load models once, consume jobs in batches, store results, send callbacks."""
+
+    def body() -> int:
+        if gpus:
+            return supervise_gpus(gpus)
+        from stylequeue.config.settings import load_settings
+        from stylequeue.worker.devices import pin_device
+
+        settings = load_settings(config, device=device, max_batch=max_batch, max_wait_ms=max_wait_ms)
+        pin_device(settings.device)  # before anything imports Paddle
+        setup_logging(loglevel)
+        from stylequeue.worker import tasks
+        from stylequeue.worker.app import make_celery_app
+        from stylequeue.worker.service import WorkerOptions, WorkerService
+
+        options = WorkerOptions(
+            styles=[s.strip() for s in styles.split(",") if s.strip()] if styles else None,
+            threads=concurrency, models=not callbacks_only, callbacks=not no_callbacks,
+            metrics_port=metrics_port, lease_s=settings.lease_s,
+        )
+        celery_app = make_celery_app(settings)
+        # Build (and load models) before Celery starts, so a bad setup exits 2/4 in one line.
+        tasks.install(WorkerService(settings, options, celery_app).start())
+        node = hostname or f"stylequeue-{settings.device.replace(':', '')}-{options.worker_id}@%h"
+        celery_worker = celery_app.Worker(
+            hostname=node, pool_cls="threads", concurrency=8, queues=options.queues, loglevel=loglevel.upper(),
+            without_mingle=True, without_gossip=True, optimization="fair",
+        )
+        celery_worker.start()
+        return int(celery_worker.exitcode or 0)
+
+    run(debug, body)
+
+
+def without_options(argv: list[str], names: tuple[str, ...]) -> list[str]:
+    """argv minus `--name value` and `--name=value` for each name."""
+    kept, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg in names:
+            skip = True
+        elif not arg.startswith(tuple(f"{n}=" for n in names)):
+            kept.append(arg)
+    return kept
+
+
+def supervise_gpus(gpus: str) -> int:
+    """`--gpus 0,1`: one `stylequeue worker --device gpu:N` child per GPU, restarted if it crashes."""
+    from stylequeue.worker.devices import Supervisor
+
+    ids = [g.strip() for g in gpus.split(",") if g.strip()]
+    if not ids or not all(g.isdigit() for g in ids):
+        raise ConfigError(f"--gpus takes GPU indices separated by commas, e.g. 0,1; got {gpus!r}")
+    passthrough = without_options(sys.argv[2:], ("--gpus", "--device", "--hostname"))
+    children = {
+        f"gpu{g}": [sys.executable, "-m", "stylequeue", "worker", "--device", f"gpu:{g}",
+                    "--hostname", f"stylequeue-gpu{g}@%h", *passthrough]
+        for g in ids
+    }
+    setup_logging("info")
+    return Supervisor(children).run()
+
+
+def main() -> None:
+    try:
+        app()
+    except ConfigError as exc:  # raised while building settings outside a command body
+        err.print(f"error: {exc}", markup=False)
+        sys.exit(EXIT_USAGE)
+
+
+__all__ = ["app", "main"]

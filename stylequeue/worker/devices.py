@@ -1,0 +1,110 @@
+"""Device pinning and the per-GPU supervisor.
+
+A worker process serves one device. `--device gpu:N` must take effect before Paddle initialises
+CUDA, so it is set through CUDA_VISIBLE_DEVICES (the process then sees that card as gpu:0).
+`--gpus 0,1` starts one such process per GPU and restarts any that crash. The GPU paths cannot run
+on this project's CI machines; they follow Paddle's documented device selection and stay thin.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+log = logging.getLogger("stylequeue.worker.devices")
+
+
+def pin_device(device: str, *, cpu_threads: int | None = None) -> None:
+    """Make `device` this process's only device; call before anything imports Paddle."""
+    if device.startswith("gpu:"):
+        os.environ["CUDA_VISIBLE_DEVICES"] = device.split(":", 1)[1]
+        return
+    os.environ["CUDA_VISIBLE_DEVICES"] = ""
+    threads = str(cpu_threads or os.cpu_count() or 1)
+    # oneDNN/OpenMP read these at start-up: one inference thread per core, not per logical task thread.
+    os.environ.setdefault("OMP_NUM_THREADS", threads)
+    os.environ.setdefault("MKL_NUM_THREADS", threads)
+
+
+def visible_device(device: str) -> str:
+    """The device name inside a pinned process: the one GPU it sees is gpu:0."""
+    return "gpu:0" if device.startswith("gpu:") else "cpu"
+
+
+@dataclass
+class _Child:
+    name: str
+    argv: list[str]
+    process: subprocess.Popen[bytes] | None = None
+    restarts: int = 0
+    started_at: float = 0.0
+    backoff_s: float = 1.0
+    next_start: float = 0.0
+    last_code: int = 0
+
+
+class Supervisor:
+    """Runs one child process per argv, restarting crashed ones with backoff; SIGTERM/SIGINT stop all.
+
+    A child that exits 0 (a clean shutdown) or 2 (a configuration error, which a restart cannot fix)
+    is not restarted.
+    """
+
+    def __init__(self, children: dict[str, Sequence[str]], *, max_backoff_s: float = 60.0,
+                 popen: Callable[..., subprocess.Popen[bytes]] = subprocess.Popen) -> None:
+        self.children = [_Child(name, list(argv)) for name, argv in children.items()]
+        self.max_backoff_s = max_backoff_s
+        self.popen = popen
+        self._stopping = False
+
+    def _start(self, child: _Child) -> None:
+        child.process = self.popen(child.argv)
+        child.started_at = time.monotonic()
+        log.info("started %s (pid %d)", child.name, child.process.pid)
+
+    def stop(self, *_: object) -> None:
+        self._stopping = True
+        for child in self.children:
+            if child.process and child.process.poll() is None:
+                child.process.send_signal(signal.SIGTERM)
+
+    def run(self, *, install_signals: bool = True, poll_s: float = 0.5) -> int:
+        """Supervise until stopped or every child has ended for good; returns the worst exit code."""
+        if install_signals:
+            signal.signal(signal.SIGTERM, self.stop)
+            signal.signal(signal.SIGINT, self.stop)
+        for child in self.children:
+            self._start(child)
+        codes: dict[str, int] = {}
+        while len(codes) < len(self.children):
+            for child in self.children:
+                if child.name in codes:
+                    continue
+                if child.process is None:  # crashed, waiting for its restart
+                    if self._stopping:
+                        codes[child.name] = child.last_code
+                    elif time.monotonic() >= child.next_start:
+                        self._start(child)
+                    continue
+                code = child.process.poll()
+                if code is None:
+                    continue
+                if self._stopping or code in (0, 2):
+                    codes[child.name] = code
+                    continue
+                if time.monotonic() - child.started_at > 60:
+                    child.backoff_s = 1.0  # it ran a while: a fresh crash, not a crash loop
+                child.restarts += 1
+                child.last_code = code
+                log.warning("%s exited with %d; restarting in %.0f s (restart %d)", child.name, code,
+                            child.backoff_s, child.restarts)
+                child.process = None
+                child.next_start = time.monotonic() + child.backoff_s
+                child.backoff_s = min(child.backoff_s * 2, self.max_backoff_s)
+            time.sleep(poll_s)
+        return max(codes.values(), default=0)

@@ -1,0 +1,293 @@
+"""Where a job is run: claim, fetch and decode, infer (through the batcher), encode and store, finish.
+
+`JobExecutor` owns the in-process queue of claimed jobs (interactive before bulk) and the job threads
+that work through it. Errors become the job's error code here, in one place (`_fail`): permanent
+ones fail the job, transient ones send it back to `queued` to be retried after a short backoff.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+
+from stylequeue.config.styles import StyleSpec
+from stylequeue.errors import InternalError, JobError, JobTimeout, StyleQueueError
+from stylequeue.jobs import MAX_ATTEMPTS, RETRY_KEY, Job, JobState, RedisJobStore, parse_iso
+from stylequeue.pipeline.process import prepare, render
+from stylequeue.worker.batching import BULK, INTERACTIVE
+
+log = logging.getLogger("stylequeue.worker")
+
+# Seconds before attempt 2 and 3 of a job that failed transiently: seconds, never minutes.
+RETRY_BACKOFF_S = (2.0, 8.0)
+
+
+class Models(Protocol):
+    """What the executor needs of the worker's models: a spec and a batcher per style."""
+
+    def spec_and_model(self, style: str) -> tuple[StyleSpec, str]: ...
+
+    def infer(self, style: str, array: np.ndarray, priority: int) -> np.ndarray: ...
+
+
+@dataclass
+class _Running:
+    job_id: str
+    priority: int
+    attempts: int
+    claimed_at: float = field(default_factory=time.monotonic)
+    started: bool = False
+    abandoned: bool = False
+
+
+class JobExecutor:
+    """Runs claimed jobs on `threads` job threads.
+
+    Args:
+        store: the job store.
+        storage: object with read(uri)/write(uri, data, content_type)/delete(uri).
+        models: see `Models`.
+        worker_id: this worker's owner id in leases.
+        on_finished: called with each job that reached a terminal state (callbacks, metrics).
+        on_stage: called with (stage, seconds) for metrics.
+    """
+
+    def __init__(self, *, store: RedisJobStore, storage: Any, models: Models, worker_id: str, lease_s: float,
+                 max_input_pixels: int, job_timeout_s: float, threads: int = 8,
+                 on_finished: Callable[[Job], None] | None = None,
+                 on_stage: Callable[[str, float], None] | None = None) -> None:
+        self.store = store
+        self.storage = storage
+        self.models = models
+        self.worker_id = worker_id
+        self.lease_s = lease_s
+        self.max_input_pixels = max_input_pixels
+        self.job_timeout_s = job_timeout_s
+        self.on_finished = on_finished or (lambda job: None)
+        self.on_stage = on_stage or (lambda stage, seconds: None)
+        self._queue: queue.PriorityQueue[tuple[int, int, str | None]] = queue.PriorityQueue()
+        self._seq = itertools.count()
+        self._running: dict[str, _Running] = {}
+        self._lock = threading.Lock()
+        self._idle = threading.Condition(self._lock)
+        self._stopping = False
+        self._threads = [threading.Thread(target=self._work, name=f"job-{i}", daemon=True) for i in range(threads)]
+        for thread in self._threads:
+            thread.start()
+
+    # --- intake ---------------------------------------------------------------------------------
+
+    def accept(self, job_ids: Sequence[str], priority: int) -> int:
+        """Claim these jobs for this worker and queue them; returns how many were claimed.
+
+        Jobs already finished, cancelled, or running under someone else's live lease are skipped, so
+        a redelivered message is harmless.
+        """
+        claimed = 0
+        for job_id in job_ids:
+            if self._stopping:
+                break
+            with self._lock:
+                if job_id in self._running:
+                    continue
+            claim = self.store.claim(job_id, self.worker_id, lease_s=self.lease_s, max_attempts=MAX_ATTEMPTS)
+            if claim.outcome == "claimed":
+                with self._lock:
+                    self._running[job_id] = _Running(job_id, priority, claim.attempts)
+                self._queue.put((priority, next(self._seq), job_id))
+                claimed += 1
+            elif claim.outcome == "failed":
+                log.warning("job %s: failed, its worker was lost on the last attempt", job_id)
+                self._finished(job_id)
+            elif claim.outcome == "missing":
+                log.warning("job %s: no such job (expired or never created); message dropped", job_id)
+            else:
+                log.info("job %s: %s, message dropped", job_id, claim.outcome if claim.outcome == "busy"
+                         else f"already {claim.state}")
+        return claimed
+
+    def inflight(self) -> int:
+        with self._lock:
+            return len(self._running)
+
+    def running_ids(self) -> list[str]:
+        with self._lock:
+            return list(self._running)
+
+    def abandon(self, job_ids: Sequence[str]) -> None:
+        """Forget jobs this worker no longer owns (cancelled, or taken over); their results are dropped."""
+        with self._lock:
+            for job_id in job_ids:
+                if job_id in self._running:
+                    self._running[job_id].abandoned = True
+
+    def timed_out(self) -> list[str]:
+        """Ids of jobs whose current attempt has run longer than the job timeout."""
+        limit = time.monotonic() - self.job_timeout_s
+        with self._lock:
+            return [r.job_id for r in self._running.values() if r.claimed_at < limit and not r.abandoned]
+
+    def expire(self, job_id: str) -> None:
+        """End an attempt that ran past the job timeout (a transient `timeout`)."""
+        with self._lock:
+            running = self._running.get(job_id)
+            if running is None:
+                return
+            running.abandoned = True
+        self._fail(job_id, running.attempts, JobTimeout(f"attempt ran longer than {self.job_timeout_s:g} s"))
+
+    # --- shutdown -------------------------------------------------------------------------------
+
+    def stop(self, *, timeout: float = 60.0) -> list[str]:
+        """Finish jobs already started, give back jobs not started; returns the ids given back."""
+        self._stopping = True
+        given_back: list[tuple[str, int]] = []
+        while True:
+            try:
+                _, _, job_id = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if job_id is None:
+                continue
+            with self._lock:
+                running = self._running.pop(job_id, None)
+            if running is not None and not running.started:
+                given_back.append((job_id, running.attempts))
+        released = []
+        for job_id, attempts in given_back:
+            # Not a real attempt: it never started, so the count goes back down.
+            if self.store.transition(job_id, JobState.RUNNING, JobState.QUEUED, owner=self.worker_id,
+                                     attempts=attempts - 1):
+                released.append(job_id)
+        deadline = time.monotonic() + timeout
+        with self._idle:
+            while self._running and time.monotonic() < deadline:
+                self._idle.wait(0.2)
+        for _ in self._threads:
+            self._queue.put((99, next(self._seq), None))
+        return released
+
+    # --- the job threads ------------------------------------------------------------------------
+
+    def _work(self) -> None:
+        while True:
+            _, _, job_id = self._queue.get()
+            if job_id is None:
+                return
+            with self._lock:
+                running = self._running.get(job_id)
+                if running is None:
+                    continue
+                running.started = True
+            try:
+                self._run(running)
+            except Exception:  # the executor must survive anything a job does
+                log.exception("job %s: unexpected error", job_id)
+                self._fail(job_id, running.attempts, InternalError("unexpected worker error; see worker log"))
+            finally:
+                self._finished(job_id)
+
+    def _finished(self, job_id: str) -> None:
+        with self._idle:
+            self._running.pop(job_id, None)
+            self._idle.notify_all()
+
+    def _run(self, running: _Running) -> None:
+        job_id = running.job_id
+        job = self.store.get(job_id)
+        if job.state != JobState.RUNNING or job.owner != self.worker_id:
+            return
+        timings: dict[str, float] = {}
+        if job.started_at:
+            timings["queued"] = round(max(0.0, parse_iso(job.started_at) - parse_iso(job.created_at)) * 1000, 1)
+        try:
+            spec, model = self.models.spec_and_model(job.style)
+            started = time.perf_counter()
+            data = self.storage.read(job.input_uri)
+            prepared = prepare(data, spec, max_pixels=self.max_input_pixels)
+            timings["fetch"] = self._stage("fetch", started)
+
+            started = time.perf_counter()
+            priority = INTERACTIVE if job.priority == "interactive" else BULK
+            output = self.models.infer(job.style, prepared.array, priority)
+            timings["infer"] = self._stage("infer", started)
+
+            if self._is_abandoned(job_id):
+                return
+            started = time.perf_counter()
+            encoded = render(output, spec)
+            self.storage.write(job.output_uri, encoded, spec.content_type)
+            timings["store"] = self._stage("store", started)
+        except StyleQueueError as exc:
+            error = exc if isinstance(exc, JobError) else InternalError(str(exc))
+            log.info("job %s: attempt %d failed: %s: %s", job_id, running.attempts, error.code, error.message)
+            if not self._is_abandoned(job_id):
+                self._fail(job_id, running.attempts, error)
+            return
+        except Exception as exc:
+            log.exception("job %s: attempt %d failed", job_id, running.attempts)
+            if not self._is_abandoned(job_id):
+                self._fail(job_id, running.attempts, InternalError(f"{type(exc).__name__}: {exc}"))
+            return
+        done = self.store.transition(
+            job_id, JobState.RUNNING, JobState.SUCCEEDED, owner=self.worker_id,
+            width=prepared.width, height=prepared.height, model=model, timings_ms=timings,
+            output_bytes=len(encoded), error=None,
+        )
+        if done:
+            log.info("job %s: succeeded in %.0f ms -> %s", job_id, sum(timings.values()), job.output_uri)
+            self._notify(job_id)
+        else:
+            self._discard(job_id, job.output_uri)
+
+    def _stage(self, stage: str, started: float) -> float:
+        seconds = time.perf_counter() - started
+        self.on_stage(stage, seconds)
+        return round(seconds * 1000, 1)
+
+    def _is_abandoned(self, job_id: str) -> bool:
+        with self._lock:
+            running = self._running.get(job_id)
+            return running is None or running.abandoned
+
+    def _discard(self, job_id: str, output_uri: str) -> None:
+        """The job was cancelled (or taken over) while it ran: its result must not stay behind."""
+        try:
+            current = self.store.get(job_id)
+        except StyleQueueError:
+            return
+        if current.state == JobState.CANCELLED:
+            log.info("job %s: cancelled while running; result discarded", job_id)
+            try:
+                self.storage.delete(output_uri)
+            except StyleQueueError as exc:
+                log.warning("job %s: could not delete discarded output %s: %s", job_id, output_uri, exc)
+
+    def _fail(self, job_id: str, attempts: int, error: JobError) -> None:
+        """Map an attempt's error to the job's next state: a retry or a failure (the one place)."""
+        if error.transient and attempts < MAX_ATTEMPTS:
+            delay = RETRY_BACKOFF_S[min(attempts, len(RETRY_BACKOFF_S)) - 1]
+            moved = self.store.transition(job_id, JobState.RUNNING, JobState.QUEUED, owner=self.worker_id,
+                                          error=error.to_error(), schedule=(RETRY_KEY, time.time() + delay))
+            if moved:
+                log.info("job %s: transient %s; retry %d of %d in %.0f s", job_id, error.code, attempts + 1,
+                         MAX_ATTEMPTS, delay)
+            return
+        if self.store.transition(job_id, JobState.RUNNING, JobState.FAILED, owner=self.worker_id,
+                                 error=error.to_error()):
+            log.info("job %s: failed: %s: %s", job_id, error.code, error.message)
+            self._notify(job_id)
+
+    def _notify(self, job_id: str) -> None:
+        try:
+            self.on_finished(self.store.get(job_id))
+        except Exception:
+            log.exception("job %s: after-finish hook failed", job_id)

@@ -1,0 +1,103 @@
+"""Where a job is batched and run on the model: one DynamicBatcher per loaded style.
+
+Models load once per worker process (lazily for styles not preloaded, LRU-bounded by the model
+registry); each has one inference thread, so the device holds one copy of each model.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from stylequeue.config.styles import StyleSpec
+from stylequeue.errors import JobTimeout
+from stylequeue.worker.batching import DynamicBatcher
+
+if TYPE_CHECKING:
+    from stylequeue.models.registry import LoadedStyle, ModelRegistry
+
+log = logging.getLogger("stylequeue.worker")
+
+
+class InferencePool:
+    """Styles -> (loaded model, batcher).
+
+    Args:
+        registry: the model registry (loads, caches and evicts runtimes).
+        on_loaded: called with (style, LoadedStyle) after a style loads (publish its runtime choice).
+        on_batch: called with (style, size, seconds) after each batch (metrics).
+    """
+
+    def __init__(self, registry: ModelRegistry, *, max_batch: int, max_wait_ms: float, timeout_s: float,
+                 on_loaded: Callable[[str, LoadedStyle], None] | None = None,
+                 on_batch: Callable[[str, int, float], None] | None = None) -> None:
+        self.registry = registry
+        self.max_batch = max_batch
+        self.max_wait_ms = max_wait_ms
+        self.timeout_s = timeout_s
+        self.on_loaded = on_loaded
+        self.on_batch = on_batch
+        self._batchers: dict[str, tuple[LoadedStyle, DynamicBatcher]] = {}
+        self._lock = threading.Lock()
+
+    def _entry(self, style: str) -> tuple[LoadedStyle, DynamicBatcher]:
+        loaded = self.registry.get(style)  # raises UnknownStyle; loads at most once per style
+        with self._lock:
+            entry = self._batchers.get(style)
+            if entry is not None and entry[0] is loaded:
+                return entry
+            stale = entry[1] if entry else None
+            on_batch = self.on_batch
+            batcher = DynamicBatcher(
+                loaded.runtime.run, max_batch=self.max_batch, max_wait_ms=self.max_wait_ms, name=style,
+                on_batch=(lambda size, seconds: on_batch(style, size, seconds)) if on_batch else None,
+            )
+            self._batchers[style] = (loaded, batcher)
+        if stale is not None:
+            threading.Thread(target=stale.close, daemon=True).start()  # reloaded after eviction
+        if entry is None and self.on_loaded:
+            self.on_loaded(style, loaded)
+        return loaded, batcher
+
+    def warm(self, styles: Iterable[str]) -> dict[str, float]:
+        """Load (and, through auto-selection, warm up) styles before the worker consumes; returns ms each."""
+        took = {}
+        for style in styles:
+            started = time.perf_counter()
+            self._entry(style)
+            took[style] = (time.perf_counter() - started) * 1000
+            log.info("style %s ready in %.0f ms", style, took[style])
+        return took
+
+    def spec_and_model(self, style: str) -> tuple[StyleSpec, str]:
+        loaded, _ = self._entry(style)
+        return loaded.spec, loaded.model
+
+    def infer(self, style: str, array: np.ndarray, priority: int) -> np.ndarray:
+        _, batcher = self._entry(style)
+        future = batcher.submit(array, priority=priority)
+        try:
+            return future.result(timeout=self.timeout_s)
+        except TimeoutError:
+            future.cancel()
+            raise JobTimeout(f"inference did not finish within {self.timeout_s:g} s") from None
+
+    def loaded(self) -> dict[str, Any]:
+        with self._lock:
+            return {style: entry[0].info for style, entry in self._batchers.items()}
+
+    def batch_sizes(self) -> dict[str, list[int]]:
+        with self._lock:
+            return {style: list(entry[1].stats.sizes) for style, entry in self._batchers.items()}
+
+    def close(self) -> None:
+        with self._lock:
+            batchers = [entry[1] for entry in self._batchers.values()]
+            self._batchers.clear()
+        for batcher in batchers:
+            batcher.close()

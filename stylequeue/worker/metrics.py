@@ -1,0 +1,35 @@
+"""Prometheus metrics of one worker process, served on `--metrics-port`.
+
+jobs by final state and style, batch sizes, stage latencies, broker queue depths, model load time.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+_LATENCY_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+
+
+class WorkerMetrics:
+    """The worker's metrics in their own registry (several workers in one test process stay apart)."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.jobs = Counter("stylequeue_jobs_total", "Jobs that reached a final state", ["state", "style"],
+                            registry=self.registry)
+        self.batch_size = Histogram("stylequeue_batch_size", "Images per inference batch", ["style"],
+                                    buckets=(1, 2, 4, 8, 16, 32, 64, 128), registry=self.registry)
+        self.batch_seconds = Histogram("stylequeue_batch_seconds", "Inference time per batch", ["style"],
+                                       buckets=_LATENCY_BUCKETS, registry=self.registry)
+        self.stage_seconds = Histogram("stylequeue_stage_seconds", "Time per job stage", ["stage"],
+                                       buckets=_LATENCY_BUCKETS, registry=self.registry)
+        self.queue_depth = Gauge("stylequeue_queue_depth", "Messages waiting in a broker queue", ["queue"],
+                                 registry=self.registry)
+        self.inflight = Gauge("stylequeue_jobs_inflight", "Jobs this worker holds", registry=self.registry)
+        self.model_load_seconds = Gauge("stylequeue_model_load_seconds", "Time to load and warm a style",
+                                        ["style"], registry=self.registry)
+
+    def serve(self, port: int, addr: str = "0.0.0.0") -> Any:
+        return start_http_server(port, addr=addr, registry=self.registry)

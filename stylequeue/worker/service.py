@@ -1,0 +1,239 @@
+"""One worker process's machinery, wired from Settings: store, storage, models, executor, lease keeper.
+
+Celery tasks (worker/tasks.py) only hand job ids to `WorkerService.accept`; everything after that
+happens here and in the modules it wires. A message is acknowledged once its jobs are claimed (a
+lease in the job store protects them from then on), so the Celery pool is never tied up by a long
+job and an interactive message is always taken promptly. Backpressure: when this process holds more
+than `high_water` jobs it stops consuming `stylequeue.bulk` until it has worked down to half.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from stylequeue.config.settings import Settings
+from stylequeue.config.styles import StyleCatalog
+from stylequeue.errors import ConfigError, PaddleMissing
+from stylequeue.jobs import Job, RedisJobStore, iso_now
+from stylequeue.worker import messages
+from stylequeue.worker.batching import BULK, INTERACTIVE
+
+if TYPE_CHECKING:
+    from celery import Celery
+
+    from stylequeue.models.registry import LoadedStyle
+    from stylequeue.worker.execution import JobExecutor
+    from stylequeue.worker.inference import InferencePool
+    from stylequeue.worker.leases import LeaseKeeper
+    from stylequeue.worker.metrics import WorkerMetrics
+
+log = logging.getLogger("stylequeue.worker")
+
+
+@dataclass
+class WorkerOptions:
+    """What `stylequeue worker` flags choose; `celery -A stylequeue.worker.app worker` uses the defaults."""
+
+    styles: list[str] | None = None  # preload these; None = every registered style
+    threads: int = 0  # job threads (fetch/decode/encode/store); 0 = 2 * max_batch + 2
+    models: bool = True  # False: --callbacks-only
+    callbacks: bool = True  # False: --no-callbacks
+    metrics_port: int | None = None
+    lease_s: float = 30.0
+    worker_id: str = field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}")
+
+    @property
+    def queues(self) -> list[str]:
+        queues = list(messages.JOB_QUEUES) if self.models else []
+        return queues + ([messages.CALLBACK_QUEUE] if self.callbacks else [])
+
+
+def require_paddle() -> None:
+    import importlib.util
+
+    if importlib.util.find_spec("paddle") is None:
+        raise PaddleMissing()
+
+
+class WorkerService:
+    """Start with `start()`, feed with `accept()`, stop with `stop()`."""
+
+    def __init__(self, settings: Settings, options: WorkerOptions, app: Celery) -> None:
+        self.settings = settings
+        self.options = options
+        self.app = app
+        self.worker_id = options.worker_id
+        self.store = RedisJobStore.from_url(settings.redis_url, key_prefix=settings.key_prefix,
+                                            job_ttl_s=settings.job_ttl_s)
+        self.high_water = max(4 * settings.max_batch, 2 * messages.BULK_CHUNK_SIZE)
+        self.metrics: WorkerMetrics | None = None
+        self.pool: InferencePool | None = None
+        self.executor: JobExecutor | None = None
+        self.keeper: LeaseKeeper | None = None
+        self._storage: Any = None
+        self._consumer: Any = None
+        self._bulk_paused = False
+        self._flow_lock = threading.Lock()
+        self._started_at = time.time()
+
+    # --- lifecycle --------------------------------------------------------------------------------
+
+    def start(self) -> WorkerService:
+        from stylequeue.pipeline.storage import Storage
+        from stylequeue.worker.leases import LeaseKeeper
+        from stylequeue.worker.metrics import WorkerMetrics
+
+        self.store.ping()
+        self._check_redis()
+        if self.settings.webhook_secret is None and self.options.callbacks:
+            log.warning("STYLEQUEUE_WEBHOOK_SECRET is not set: callbacks will be sent unsigned")
+        self.metrics = WorkerMetrics()
+        if self.options.metrics_port:
+            self.metrics.serve(self.options.metrics_port)
+            log.info("metrics on :%d/metrics", self.options.metrics_port)
+        threads = self.options.threads or 2 * self.settings.max_batch + 2
+        self._storage = Storage(self.settings, max_pool_connections=max(32, threads + 4))
+        if self.options.models:
+            self._start_models(threads)
+        self.keeper = LeaseKeeper(
+            store=self.store, executor=self.executor, worker_id=self.worker_id, lease_s=self.options.lease_s,
+            send_job=lambda job_id, priority: messages.send_job(self.app, job_id, priority),
+            send_callback=lambda job_id: messages.send_callback(self.app, job_id),
+            heartbeat=self._heartbeat,
+        ).start()
+        return self
+
+    def _start_models(self, threads: int) -> None:
+        from stylequeue.worker.execution import JobExecutor
+        from stylequeue.worker.inference import InferencePool
+
+        require_paddle()
+        from stylequeue.models.registry import ModelRegistry
+
+        catalog = StyleCatalog(self.settings.styles)
+        styles = self.options.styles if self.options.styles is not None else sorted(catalog.all())
+        for name in styles:
+            catalog.get(name)  # an unknown --styles name is a configuration error, before anything loads
+        registry = ModelRegistry(catalog, runtime=self.settings.runtime, precision=self.settings.precision,
+                                 device=self.settings.device, cache_dir=self.settings.cache_dir,
+                                 max_loaded=max(4, len(styles)))
+        metrics = self.metrics
+        assert metrics is not None
+        self.pool = InferencePool(
+            registry, max_batch=self.settings.max_batch, max_wait_ms=self.settings.max_wait_ms,
+            timeout_s=self.settings.job_timeout_s, on_loaded=self._published,
+            on_batch=lambda style, size, seconds: (metrics.batch_size.labels(style).observe(size),
+                                                   metrics.batch_seconds.labels(style).observe(seconds)),
+        )
+        self.pool.warm(styles)
+        self.executor = JobExecutor(
+            store=self.store, storage=self._storage, models=self.pool, worker_id=self.worker_id,
+            lease_s=self.options.lease_s, max_input_pixels=self.settings.max_input_pixels,
+            job_timeout_s=self.settings.job_timeout_s, threads=threads, on_finished=self._on_finished,
+            on_stage=lambda stage, seconds: metrics.stage_seconds.labels(stage).observe(seconds),
+        )
+
+    def attach_consumer(self, consumer: Any) -> None:
+        """Called when Celery's consumer is ready: lets backpressure pause and resume the bulk queue."""
+        self._consumer = consumer
+
+    def stop(self) -> None:
+        """SIGTERM path: finish jobs already started, give back the rest, stop the threads."""
+        if self.executor is not None:
+            released = self.executor.stop(timeout=max(30.0, self.settings.job_timeout_s))
+            for job_id in released:
+                job = self.store.get(job_id)
+                messages.send_job(self.app, job_id, job.priority)
+            if released:
+                log.info("gave back %d jobs that had not started", len(released))
+        if self.keeper is not None:
+            self.keeper.stop()
+        if self.pool is not None:
+            self.pool.close()
+        try:
+            self.store.forget_worker(self.worker_id)
+        except Exception as exc:  # Redis may be gone at shutdown; nothing is lost by skipping this
+            log.debug("could not unregister worker: %s", exc)
+
+    # --- intake -----------------------------------------------------------------------------------
+
+    def accept(self, job_ids: list[str], priority: str) -> int:
+        if self.executor is None:
+            raise ConfigError("this worker serves callbacks only (--callbacks-only); it received a job message")
+        claimed = self.executor.accept(job_ids, INTERACTIVE if priority == "interactive" else BULK)
+        self._flow()
+        return claimed
+
+    def _flow(self) -> None:
+        """Pause the bulk queue above the high-water mark; resume below half of it."""
+        if self.executor is None or self._consumer is None:
+            return
+        inflight = self.executor.inflight()
+        with self._flow_lock:
+            if not self._bulk_paused and inflight >= self.high_water:
+                self._bulk_paused = True
+                self._consumer.hub.call_soon(self._consumer.cancel_task_queue, messages.BULK_QUEUE)
+            elif self._bulk_paused and inflight <= self.high_water // 2:
+                self._bulk_paused = False
+                self._consumer.hub.call_soon(self._consumer.add_task_queue, messages.BULK_QUEUE)
+
+    def deliver_callback(self, job_id: str) -> None:
+        from stylequeue.worker.callbacks import deliver_callback
+
+        secret = self.settings.webhook_secret.get_secret_value() if self.settings.webhook_secret else None
+        deliver_callback(self.store, job_id, secret=secret, allow_private=self.settings.allow_private_networks,
+                         render=self.public_record)
+
+    def public_record(self, job: Job) -> dict[str, Any]:
+        url = None
+        if job.state == "succeeded" and job.output_uri.startswith("s3://") and self._storage is not None:
+            url = self._storage.presign(job.output_uri, self.settings.output_url_ttl_s)
+        return job.to_dict(output_url=url)
+
+    # --- hooks --------------------------------------------------------------------------------------
+
+    def _on_finished(self, job: Job) -> None:
+        if self.metrics is not None:
+            self.metrics.jobs.labels(str(job.state), job.style).inc()
+        if job.callback_url:
+            from stylequeue.worker.callbacks import enqueue_callback
+
+            enqueue_callback(self.store, self.app, job.id)
+        self._flow()
+
+    def _published(self, style: str, loaded: LoadedStyle) -> None:
+        info = dict(loaded.info) | {"model": loaded.model, "load_ms": round(loaded.load_ms, 1),
+                                    "loaded_at": iso_now()}
+        self.store.publish_runtime(style, self.worker_id, info)
+        if self.metrics is not None:
+            self.metrics.model_load_seconds.labels(style).set(loaded.load_ms / 1000)
+        log.info("style %s: runtime %s/%s (%s)", style, info.get("runtime"), info.get("precision"), loaded.model)
+
+    def _heartbeat(self) -> dict[str, Any]:
+        self._flow()
+        inflight = self.executor.inflight() if self.executor else 0
+        if self.metrics is not None:
+            self.metrics.inflight.set(inflight)
+            for queue in (*messages.JOB_QUEUES, messages.CALLBACK_QUEUE):
+                self.metrics.queue_depth.labels(queue).set(self.store.redis.llen(queue))
+        return {"device": self.settings.device, "inflight": inflight, "started": self._started_at,
+                "styles": sorted(self.pool.loaded()) if self.pool else [], "bulk_paused": self._bulk_paused}
+
+    def _check_redis(self) -> None:
+        """The job store must keep what it is given (SPEC section 2): warn when it would not."""
+        try:
+            config = self.store.redis.config_get("appendonly") | self.store.redis.config_get("maxmemory-policy")
+            saves = self.store.redis.config_get("save").get("save", "")
+        except Exception:  # managed Redis often forbids CONFIG
+            return
+        if config.get("appendonly") != "yes" and not saves:
+            log.warning("Redis persists nothing (no AOF, no RDB saves): a Redis restart loses every job")
+        if config.get("maxmemory-policy", "noeviction") != "noeviction":
+            log.warning("Redis maxmemory-policy is %s: it may evict job records; use noeviction",
+                        config["maxmemory-policy"])
