@@ -128,7 +128,8 @@ def parse_retry_after(value: str | None, now: float | None = None) -> float | No
 def deliver(url: str, body: bytes, headers: Mapping[str, str], *, allow_private: bool,
             timeout_s: float = DEFAULT_TIMEOUT_S, ssl_context: ssl.SSLContext | None = None) -> DeliveryResult:
     """POST `body` (JSON) to `url` once, through the network guard, never following a redirect."""
-    sent = dict(headers) | {"Content-Type": "application/json"}
+    sent = {name: value for name, value in headers.items() if name.lower() != "content-type"}
+    sent["Content-Type"] = "application/json"
     try:
         with netguard.request("POST", url, allow_private=allow_private, headers=sent, body=body, max_redirects=0,
                               connect_timeout_s=min(5.0, timeout_s), read_timeout_s=timeout_s,

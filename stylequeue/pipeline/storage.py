@@ -23,6 +23,7 @@ import stat
 import tempfile
 import threading
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
 from stylequeue.config.settings import Settings, file_uri_path
@@ -48,6 +49,7 @@ _FORBIDDEN_CODES = frozenset({"AccessDenied", "AllAccessDisabled", "Forbidden", 
 _TRANSIENT_CODES = frozenset({"SlowDown", "Throttling", "ThrottlingException", "RequestTimeout",
                               "RequestTimeTooSkewed", "InternalError", "ServiceUnavailable"})
 _TEMP_SUFFIX = ".sqtmp"
+_MANAGED = "the storage root and STYLEQUEUE_INPUT_ROOTS"
 
 
 def _scheme(uri: str) -> tuple[str, str]:
@@ -102,11 +104,11 @@ def check_output_uri(uri: str, settings: Settings) -> None:
     if scheme == "file":
         roots = [os.path.abspath(root) for root in _writable_roots(settings)]
         if not _inside(os.path.normpath(file_uri_path(uri)), roots):
-            raise InputForbidden(f"{uri} is outside the storage root and STYLEQUEUE_INPUT_ROOTS")
+            raise InputForbidden(f"{uri} is outside {_MANAGED}")
     elif scheme == "s3":
         _s3_parts(rest, uri)
     else:
-        raise InputForbidden(f"URI scheme {scheme!r} is not allowed for outputs: use file:// or s3://")
+        raise InputForbidden(f"URI scheme {scheme!r} is not allowed for outputs: use {', '.join(OUTPUT_SCHEMES)}")
 
 
 def join_uri(prefix: str, *parts: str) -> str:
@@ -165,6 +167,19 @@ def _botocore_error(exc: Exception, uri: str) -> JobError:
     if isinstance(exc, ParamValidationError):
         return InputForbidden(f"{uri}: {exc}")
     return StorageError(f"{uri}: {type(exc).__name__}: {exc}", transient=True)
+
+
+@contextmanager
+def _s3_errors(uri: str, *, reading: bool) -> Iterator[None]:
+    """Turn botocore's exceptions inside the block into typed job errors."""
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    try:
+        yield
+    except ClientError as exc:
+        raise _client_error(exc, uri, reading=reading) from None
+    except BotoCoreError as exc:
+        raise _botocore_error(exc, uri) from None
 
 
 def _os_error(exc: OSError, uri: str) -> JobError:
@@ -287,21 +302,17 @@ class Storage:
         return data
 
     def _read_s3(self, uri: str, bucket: str, key: str) -> bytes:
-        from botocore.exceptions import BotoCoreError, ClientError
+        from botocore.exceptions import BotoCoreError
 
         cap = self.settings.max_input_bytes
-        try:
+        with _s3_errors(uri, reading=True):
             answer = self.s3_client().get_object(Bucket=bucket, Key=key)
-        except ClientError as exc:
-            raise _client_error(exc, uri, reading=True) from None
-        except BotoCoreError as exc:
-            raise _botocore_error(exc, uri) from None
         body = answer["Body"]
         try:
             length = answer.get("ContentLength")
             if length is not None and length > cap:
                 raise self._too_large(uri, length)
-            data = body.read(cap + 1)
+            data: bytes = body.read(cap + 1)
         except (BotoCoreError, OSError) as exc:
             raise StorageError(f"{uri}: reading the object failed: {exc}", transient=True) from None
         finally:
@@ -342,23 +353,15 @@ class Storage:
         """Whether an object or regular file is at `uri` (file:// under the storage root or input roots)."""
         scheme, rest = _check_common(uri)
         if scheme == "file":
-            real = _confine(str(file_uri_path(uri)), _writable_roots(self.settings), uri,
-                            "the storage root and STYLEQUEUE_INPUT_ROOTS")
-            return os.path.isfile(real)
+            return os.path.isfile(self._managed_path(uri))
         if scheme != "s3":
             raise InputForbidden(f"exists() takes file:// or s3:// URIs, not {scheme}://")
-        from botocore.exceptions import BotoCoreError, ClientError
-
         bucket, key = _s3_parts(rest, uri)
         try:
-            self.s3_client().head_object(Bucket=bucket, Key=key)
-        except ClientError as exc:
-            error = _client_error(exc, uri, reading=True)
-            if isinstance(error, InputNotFound):
-                return False
-            raise error from None
-        except BotoCoreError as exc:
-            raise _botocore_error(exc, uri) from None
+            with _s3_errors(uri, reading=True):
+                self.s3_client().head_object(Bucket=bucket, Key=key)
+        except InputNotFound:
+            return False
         return True
 
     def presign(self, uri: str, ttl_s: int) -> str | None:
@@ -381,30 +384,27 @@ class Storage:
             return
         if scheme != "s3":
             raise InputForbidden(f"cannot write to {scheme}:// URIs: outputs go to file:// or s3://")
-        from botocore.exceptions import BotoCoreError, ClientError
-
         bucket, key = _s3_parts(rest, uri)
-        try:
+        with _s3_errors(uri, reading=False):
             self.s3_client().put_object(Bucket=bucket, Key=key, Body=data, ContentType=content_type)
-        except ClientError as exc:
-            raise _client_error(exc, uri, reading=False) from None
-        except BotoCoreError as exc:
-            raise _botocore_error(exc, uri) from None
+
+    def _managed_path(self, uri: str) -> str:
+        """The real path of a file:// URI under the storage root or the input roots (else InputForbidden)."""
+        return _confine(str(file_uri_path(uri)), _writable_roots(self.settings), uri, _MANAGED)
 
     def _writable_path(self, uri: str) -> str:
         path = str(file_uri_path(uri))
         if uri.endswith("/") or not os.path.basename(path):
             raise InputForbidden(f"{uri} names a directory, not a file")
         roots = _writable_roots(self.settings)
-        where = "the storage root and STYLEQUEUE_INPUT_ROOTS"
-        _confine(path, roots, uri, where)
+        _confine(path, roots, uri, _MANAGED)
         parent = os.path.dirname(path)
         try:
             os.makedirs(parent, exist_ok=True)
         except OSError as exc:
             raise _os_error(exc, uri) from None
         # Checked again now that the directories exist: one of them may be a symlink.
-        return os.path.join(_confine(parent, roots, uri, where), os.path.basename(path))
+        return os.path.join(_confine(parent, roots, uri, _MANAGED), os.path.basename(path))
 
     def _write_file(self, uri: str, data: bytes) -> None:
         final = self._writable_path(uri)
@@ -433,10 +433,8 @@ class Storage:
         """Remove the object or file at `uri`; nothing happens when it does not exist."""
         scheme, rest = _check_common(uri)
         if scheme == "file":
-            real = _confine(str(file_uri_path(uri)), _writable_roots(self.settings), uri,
-                            "the storage root and STYLEQUEUE_INPUT_ROOTS")
             try:
-                os.unlink(real)
+                os.unlink(self._managed_path(uri))
             except FileNotFoundError:
                 pass
             except OSError as exc:
@@ -444,30 +442,18 @@ class Storage:
             return
         if scheme != "s3":
             raise InputForbidden(f"delete() takes file:// or s3:// URIs, not {scheme}://")
-        from botocore.exceptions import BotoCoreError, ClientError
-
         bucket, key = _s3_parts(rest, uri)
-        try:
+        with _s3_errors(uri, reading=False):
             self.s3_client().delete_object(Bucket=bucket, Key=key)
-        except ClientError as exc:
-            raise _client_error(exc, uri, reading=False) from None
-        except BotoCoreError as exc:
-            raise _botocore_error(exc, uri) from None
 
     # --- listing (last: the method name shadows the builtin inside the class body) -----------------
 
     def _list_s3(self, prefix_uri: str, rest: str, page_size: int) -> Iterator[str]:
-        from botocore.exceptions import BotoCoreError, ClientError
-
         bucket, prefix = _s3_parts(rest, prefix_uri, key_required=False)
         request: dict[str, Any] = {"Bucket": bucket, "Prefix": prefix, "MaxKeys": page_size}
         while True:
-            try:
+            with _s3_errors(prefix_uri, reading=True):
                 page = self.s3_client().list_objects_v2(**request)
-            except ClientError as exc:
-                raise _client_error(exc, prefix_uri, reading=True) from None
-            except BotoCoreError as exc:
-                raise _botocore_error(exc, prefix_uri) from None
             for entry in page.get("Contents", []):
                 if not entry["Key"].endswith("/"):  # "folder" placeholder objects are not files
                     yield f"s3://{bucket}/{entry['Key']}"
@@ -478,13 +464,12 @@ class Storage:
 
     def _list_files(self, prefix_uri: str) -> Iterator[str]:
         roots = _writable_roots(self.settings)
-        where = "the storage root and STYLEQUEUE_INPUT_ROOTS"
         prefix = str(file_uri_path(prefix_uri))
         if prefix_uri.endswith("/") or os.path.isdir(prefix):
-            top, name_prefix = _confine(prefix, roots, prefix_uri, where), ""
+            top, name_prefix = _confine(prefix, roots, prefix_uri, _MANAGED), ""
         else:
             # Like S3, a prefix that is not a directory matches names that start with it.
-            top = _confine(os.path.dirname(prefix), roots, prefix_uri, where)
+            top = _confine(os.path.dirname(prefix), roots, prefix_uri, _MANAGED)
             name_prefix = os.path.join(top, os.path.basename(prefix))
         real_roots = [os.path.realpath(root) for root in roots]
         for directory, subdirs, files in os.walk(top):
