@@ -41,7 +41,7 @@ NOT_PHOTOS = frozenset({
     "logo", "logo2", "microaneurysms", "page", "phantom", "retina", "text", "Minduka_Present_Blue_Pack",
     "motorcycle_right",  # the stereo twin of motorcycle_left: near-duplicate
 })
-DEFAULT_HOLDOUT = ("chelsea", "coffee", "rocket", "grace_hopper")
+DEFAULT_HOLDOUT = ("astronaut", "chelsea", "coffee", "rocket")
 SIDES = (512, 384, 256)
 MIN_SIDE = 200
 
@@ -72,7 +72,7 @@ def find_photos(folders: list[Path], holdout: set[str]) -> list[Path]:
 
 
 def build(out_dir: Path, photos: list[Path], sides: tuple[int, ...] = SIDES) -> int:
-    """Write trainA/NAME_SIDE.png and trainB/NAME_SIDE.png for every photo and side; returns the pair count."""
+    """Write trainA/NAME_SIDE.png and its painted twin trainB/NAME_SIDE.png; returns how many pairs."""
     (out_dir / "trainA").mkdir(parents=True, exist_ok=True)
     (out_dir / "trainB").mkdir(parents=True, exist_ok=True)
     count = 0
@@ -98,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     folders = args.scan or package_folders()
     if not folders:
-        parser.error("no sample-data folders found: install scikit-image/scikit-learn/matplotlib or pass --scan")
+        parser.error("no sample-data folders: install scikit-image, scikit-learn, matplotlib or pass --scan")
     holdout = set(args.holdout or DEFAULT_HOLDOUT)
     photos = find_photos(folders, holdout)
     if not photos:

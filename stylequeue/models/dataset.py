@@ -127,7 +127,8 @@ class UnpairedImages:
             if self.pairs is not None:
                 image_b = self._image(self.pairs[index_a])
                 if image_b.shape != image_a.shape:
-                    raise ValueError(f"paired images differ in size: {self.files_a[index_a]}, {self.pairs[index_a]}")
+                    pair = f"{self.files_a[index_a]}, {self.pairs[index_a]}"
+                    raise ValueError(f"paired images differ in size: {pair}")
             else:
                 image_b = self._image(self.files_b[int(rng.integers(len(self.files_b)))])
                 top, left, flip = self._random_patch(image_b, rng)

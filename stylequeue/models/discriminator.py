@@ -1,4 +1,4 @@
-"""CycleGAN's PatchGAN discriminator in `paddle.nn`, in PaddleGAN's `NLayerDiscriminator` layer order.
+"""CycleGAN's PatchGAN discriminator (PaddleGAN's `NLayerDiscriminator` layer order) and its pool of fakes.
 
 With `n_layers = 3` each output unit sees a 70x70 patch of the input (the "70x70 PatchGAN" of the
 CycleGAN paper). Layers, all 4x4 convolutions:
@@ -13,6 +13,8 @@ match PaddleGAN's `netD_A`/`netD_B`.
 """
 
 from __future__ import annotations
+
+import random
 
 import paddle
 from paddle import nn
@@ -56,3 +58,34 @@ class NLayerDiscriminator(nn.Layer):
 
     def forward(self, x: paddle.Tensor) -> paddle.Tensor:
         return self.model(x)
+
+
+class ImagePool:
+    """A history of generated images (Shrivastava et al. 2017), as CycleGAN feeds its discriminators.
+
+    Until `size` fakes are stored every new one is stored and passed on; afterwards, each new fake is
+    passed on half the time, and the other half it replaces a random stored one, which is passed on
+    instead, so a discriminator also judges older generator outputs. `size` 0 passes everything on.
+    """
+
+    def __init__(self, size: int, rng: random.Random) -> None:
+        self.size = size
+        self.rng = rng
+        self.images: list[paddle.Tensor] = []
+
+    def query(self, images: paddle.Tensor) -> paddle.Tensor:
+        if self.size == 0:
+            return images
+        out = []
+        for image in images.unbind(0):
+            image = image.unsqueeze(0)
+            if len(self.images) < self.size:
+                self.images.append(image)
+                out.append(image)
+            elif self.rng.random() < 0.5:
+                index = self.rng.randrange(self.size)
+                out.append(self.images[index])
+                self.images[index] = image
+            else:
+                out.append(image)
+        return paddle.concat(out, axis=0)

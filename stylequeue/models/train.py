@@ -7,29 +7,35 @@ weighted `lambda_cycle`, identity L1 weighted `lambda_identity * lambda_cycle`, 
 and then decays linearly (or along a cosine) to zero at `steps`.
 
 Checkpoints use PaddleGAN's layout (`netG_A`, `netG_B`, `netD_A`, `netD_B`, optimiser states `optimG`,
-`optimD`) plus `step`; optimiser entries are keyed by network and parameter key (`netG_A.model.1.weight
-_moment1_0`) rather than Paddle's process-global parameter names, so they restore in any process.
+`optimD`) plus `step` and the `recipe`. Optimiser entries are keyed by network and parameter key
+(`netG_A.model.1.weight_moment1_0`) instead of Paddle's process-global parameter names, so they restore
+in any process. Paddle is imported inside the functions: reading a recipe needs none.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import random
+import sys
 import time
 import tomllib
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, get_args, get_type_hints
 
 import yaml
 
-from stylequeue.errors import ConfigError
+from stylequeue.errors import ConfigError, PaddleMissing
 
 if TYPE_CHECKING:
     import paddle
     from rich.console import Console
+
+    from stylequeue.models.dataset import Batch
+    from stylequeue.models.discriminator import ImagePool
 
 NETS = ("netG_A", "netG_B", "netD_A", "netD_B")
 
@@ -39,11 +45,11 @@ class Recipe:
     """A validated training recipe; relative paths are resolved against the recipe file's folder."""
 
     name: str
-    data_dir: Path  # holds trainA/ and trainB/
-    output_dir: Path
+    data_dir: Path  # holds trainA/ and trainB/ (images found recursively)
+    output_dir: Path  # checkpoint.pdparams, NAME.pdparams, losses.csv
     steps: int
     crop_size: int = 128
-    load_size: int | None = None
+    load_size: int | None = None  # shorter side before cropping; None keeps each file's size
     flip: bool = True
     ngf: int = 64
     n_blocks: int = 9
@@ -51,12 +57,13 @@ class Recipe:
     n_layers: int = 3
     lambda_cycle: float = 10.0
     lambda_identity: float = 0.5
-    # Demo-only extra term: L1 from G_A(a) to its paired B image (and G_B(b) to A); 0 = pure CycleGAN.
+    # Only for data whose B images are A images transformed (the demo): L1 from G_A(a) to a's twin in
+    # trainB (same relative name) and from G_B(b) to b's twin. 0 = pure unpaired CycleGAN.
     lambda_paired_l1: float = 0.0
     pool_size: int = 50
     lr: float = 2e-4
     beta1: float = 0.5
-    decay_start: int | None = None  # default: steps // 2
+    decay_start: int | None = None  # None: steps // 2
     schedule: str = "linear"
     batch_size: int = 1
     seed: int = 0
@@ -65,24 +72,27 @@ class Recipe:
     amp: bool = False
     device: str = "auto"
     threads: int | None = None
-    max_side: int = 512
+    max_side: int = 512  # for the printed registry entry
     output: str = "jpeg"
     description: str = ""
 
 
-_REQUIRED = ("name", "data_dir", "output_dir", "steps")
-_TYPES: dict[str, type] = {
-    "name": str, "data_dir": str, "output_dir": str, "steps": int, "crop_size": int, "load_size": int,
-    "flip": bool, "ngf": int, "n_blocks": int, "ndf": int, "n_layers": int, "lambda_cycle": float,
-    "lambda_identity": float, "lambda_paired_l1": float, "pool_size": int, "lr": float, "beta1": float,
-    "decay_start": int, "schedule": str, "batch_size": int, "seed": int, "checkpoint_every": int,
-    "log_every": int, "amp": bool, "device": str, "threads": int, "max_side": int, "output": str,
-    "description": str,
+_CHOICES = {
+    "schedule": ("linear", "cosine"), "device": ("auto", "cpu", "gpu"), "output": ("jpeg", "png", "webp"),
 }
-_CHOICES = {"schedule": ("linear", "cosine"), "device": ("auto", "cpu", "gpu"), "output": ("jpeg", "png", "webp")}
 _MINIMUM = {"steps": 1, "crop_size": 16, "load_size": 16, "ngf": 1, "n_blocks": 1, "ndf": 1, "n_layers": 1,
-            "pool_size": 0, "batch_size": 1, "checkpoint_every": 1, "log_every": 1, "threads": 1,
-            "decay_start": 0, "max_side": 16, "lambda_cycle": 0, "lambda_identity": 0, "lambda_paired_l1": 0}
+            "batch_size": 1, "checkpoint_every": 1, "log_every": 1, "threads": 1, "max_side": 16}
+
+
+def _field_types() -> dict[str, tuple[type, bool]]:
+    """Recipe field -> (type expected in the file, whether null is allowed), from the dataclass."""
+    hints = get_type_hints(Recipe)
+    types = {}
+    for name, hint in hints.items():
+        args = [a for a in get_args(hint) if a is not type(None)]
+        base = args[0] if args else hint
+        types[name] = (str if base is Path else base, bool(args))
+    return types
 
 
 def load_recipe(path: str | Path) -> Recipe:
@@ -90,46 +100,41 @@ def load_recipe(path: str | Path) -> Recipe:
     source = Path(path)
     try:
         text = source.read_text()
+        data = tomllib.loads(text) if source.suffix == ".toml" else yaml.safe_load(text)
     except OSError as exc:
         raise ConfigError(f"recipe {source}: cannot read it ({exc.strerror})") from None
-    try:
-        data = tomllib.loads(text) if source.suffix == ".toml" else yaml.safe_load(text)
     except (tomllib.TOMLDecodeError, yaml.YAMLError) as exc:
         raise ConfigError(f"recipe {source}: not valid {source.suffix.lstrip('.').upper()}: {exc}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"recipe {source}: expected a mapping of fields at the top level")
-    return _validate(data, source)
-
-
-def _validate(data: dict[str, Any], source: Path) -> Recipe:
+    where = f"recipe {source}: field"
+    types = _field_types()
     values: dict[str, Any] = {}
     for key, value in data.items():
-        if key not in _TYPES:
-            raise ConfigError(f"recipe {source}: unknown field {key!r} (known: {', '.join(sorted(_TYPES))})")
-        want = _TYPES[key]
-        if value is None and key in ("load_size", "decay_start", "threads"):
+        if key not in types:
+            raise ConfigError(f"{where} {key!r} is unknown (known: {', '.join(types)})")
+        want, nullable = types[key]
+        if value is None and nullable:
             continue
-        ok = isinstance(value, want) and not (want is int and isinstance(value, bool))
         if want is float and isinstance(value, int) and not isinstance(value, bool):
-            value, ok = float(value), True
-        if not ok:
-            raise ConfigError(f"recipe {source}: field {key!r} must be {want.__name__}, got {value!r}")
+            value = float(value)
+        if not isinstance(value, want) or (want is int and isinstance(value, bool)):
+            raise ConfigError(f"{where} {key!r} must be {want.__name__}, got {value!r}")
         if key in _CHOICES and value not in _CHOICES[key]:
-            raise ConfigError(f"recipe {source}: field {key!r} must be one of {', '.join(_CHOICES[key])}")
-        if key in _MINIMUM and value < _MINIMUM[key]:
-            raise ConfigError(f"recipe {source}: field {key!r} must be at least {_MINIMUM[key]}, got {value}")
+            raise ConfigError(f"{where} {key!r} must be one of {', '.join(_CHOICES[key])}, got {value!r}")
+        if isinstance(value, (int, float)) and value < _MINIMUM.get(key, 0):
+            raise ConfigError(f"{where} {key!r} must be at least {_MINIMUM.get(key, 0)}, got {value}")
         values[key] = value
-    for key in _REQUIRED:
-        if key not in values:
-            raise ConfigError(f"recipe {source}: field {key!r} is required")
+    for field in dataclasses.fields(Recipe):
+        if field.default is dataclasses.MISSING and field.name not in values:
+            raise ConfigError(f"{where} {field.name!r} is required")
     for key in ("crop_size", "max_side"):
         if values.get(key, 4) % 4:
-            raise ConfigError(f"recipe {source}: field {key!r} must be a multiple of 4, got {values[key]}")
+            raise ConfigError(f"{where} {key!r} must be a multiple of 4, got {values[key]}")
     if values.get("decay_start", 0) > values["steps"]:
-        raise ConfigError(f"recipe {source}: field 'decay_start' must not exceed 'steps' ({values['steps']})")
-    base = source.resolve().parent
+        raise ConfigError(f"{where} 'decay_start' must not exceed 'steps' ({values['steps']})")
     for key in ("data_dir", "output_dir"):
-        values[key] = (base / Path(os.path.expanduser(values[key]))).resolve()
+        values[key] = (source.resolve().parent / os.path.expanduser(values[key])).resolve()
     return Recipe(**values)
 
 
@@ -138,10 +143,10 @@ def learning_rate(recipe: Recipe, step: int) -> float:
     start = recipe.steps // 2 if recipe.decay_start is None else recipe.decay_start
     if step < start:
         return recipe.lr
-    progress = (step - start) / max(1, recipe.steps - start)
+    progress = min(1.0, (step - start) / max(1, recipe.steps - start))
     if recipe.schedule == "cosine":
-        return recipe.lr * 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
-    return recipe.lr * max(0.0, 1.0 - progress)
+        return recipe.lr * 0.5 * (1.0 + math.cos(math.pi * progress))
+    return recipe.lr * (1.0 - progress)
 
 
 @dataclass(frozen=True)
@@ -149,75 +154,26 @@ class TrainResult:
     """What a `train()` call left behind."""
 
     checkpoint_path: Path  # full training state (PaddleGAN layout), for resume
-    weights_path: Path  # bare AtoB generator state dict, what the styles registry points at
+    weights_path: Path  # bare AtoB generator state dict: what a styles registry points at
     steps_done: int  # total steps trained, across resumes
     registry_toml: str  # the `[styles.NAME]` entry for the trained generator
     losses: dict[str, float]  # the last step's losses: G, D, cycle, idt (and paired when used)
 
 
 def registry_snippet(recipe: Recipe, weights_path: Path) -> str:
-    """The styles-registry entry (SPEC section 3) for the generator trained by `recipe`."""
-    description = recipe.description or f"CycleGAN trained by stylequeue from {recipe.data_dir}"
+    """The styles-registry entry (SPEC section 3) for the generator `recipe` trains."""
+    description = (recipe.description or f"CycleGAN trained from {recipe.data_dir}").replace("\n", " ")
+    escaped = description.replace("\\", "\\\\").replace('"', '\\"')
     return (
-        f"[styles.{recipe.name}]\n"
-        f'weights = "{weights_path}"\n'
-        'generator = "resnet"\n'
-        'direction = "AtoB"\n'
-        f"ngf = {recipe.ngf}\n"
-        f"n_blocks = {recipe.n_blocks}\n"
-        f"max_side = {recipe.max_side}\n"
-        f'output = "{recipe.output}"\n'
-        f"description = {_toml_string(description)}\n"
+        f'[styles.{recipe.name}]\nweights = "{weights_path}"\ngenerator = "resnet"\ndirection = "AtoB"\n'
+        f'ngf = {recipe.ngf}\nn_blocks = {recipe.n_blocks}\nmax_side = {recipe.max_side}\n'
+        f'output = "{recipe.output}"\ndescription = "{escaped}"\n'
     )
 
 
-def _toml_string(text: str) -> str:
-    return '"' + text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", " ") + '"'
-
-
-class ImagePool:
-    """History of generated images (Shrivastava et al.): the discriminator sees old fakes half the time."""
-
-    def __init__(self, size: int, rng: random.Random) -> None:
-        self.size = size
-        self.rng = rng
-        self.images: list[paddle.Tensor] = []
-
-    def query(self, images: paddle.Tensor) -> paddle.Tensor:
-        import paddle
-
-        if self.size == 0:
-            return images
-        out = []
-        for image in images.unbind(0):
-            image = image.unsqueeze(0)
-            if len(self.images) < self.size:
-                self.images.append(image)
-                out.append(image)
-            elif self.rng.random() < 0.5:
-                index = self.rng.randrange(self.size)
-                out.append(self.images[index])
-                self.images[index] = image
-            else:
-                out.append(image)
-        return paddle.concat(out, axis=0)
-
-
-
-def recipe_dict(recipe: Recipe) -> dict[str, Any]:
-    """The recipe as plain values (stored in checkpoints, so a run can be traced to its recipe)."""
-    return {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(recipe).items()}
-
-
-def amp_allowed(recipe: Recipe, on_gpu: bool) -> bool:
-    """AMP only on a GPU; on a CPU the request is ignored with a warning."""
-    if recipe.amp and not on_gpu:
-        warnings.warn("recipe asks for amp, which needs a GPU: training in fp32 on the CPU", stacklevel=3)
-    return recipe.amp and on_gpu
-
-
 def train(
-    recipe_path: str | Path, *, resume: bool = True, max_steps: int | None = None, console: Console | None = None
+    recipe_path: str | Path, *, resume: bool = True, max_steps: int | None = None,
+    console: Console | None = None,
 ) -> TrainResult:
     """Train (or continue training) the CycleGAN a recipe describes; returns where everything went.
 
@@ -228,28 +184,29 @@ def train(
         console: a Rich console for the progress bar and messages (default: stdout).
     """
     recipe = load_recipe(recipe_path)
-    if recipe.threads:
-        # oneDNN reads OMP_NUM_THREADS when Paddle loads; set_num_threads covers the BLAS side later.
+    if recipe.threads and "paddle" not in sys.modules:
+        # oneDNN reads OMP_NUM_THREADS when Paddle loads; set_num_threads covers the BLAS side.
         os.environ.setdefault("OMP_NUM_THREADS", str(recipe.threads))
     try:
         import paddle
     except ImportError:
-        from stylequeue.errors import PaddleMissing
-
         raise PaddleMissing() from None
     from rich.console import Console
 
     from stylequeue.models.dataset import UnpairedImages
+    from stylequeue.models.discriminator import ImagePool
 
     console = console or Console()
     on_gpu = _select_device(recipe)
     if recipe.threads and not on_gpu:
         paddle.base.core.set_num_threads(recipe.threads)
-    use_amp = amp_allowed(recipe, on_gpu)
+    if recipe.amp and not on_gpu:
+        warnings.warn("recipe asks for amp, which needs a GPU: training in fp32 on the CPU", stacklevel=2)
     try:
         data = UnpairedImages(
             recipe.data_dir / "trainA", recipe.data_dir / "trainB", crop_size=recipe.crop_size,
-            load_size=recipe.load_size, flip=recipe.flip, seed=recipe.seed, paired=recipe.lambda_paired_l1 > 0,
+            load_size=recipe.load_size, flip=recipe.flip, seed=recipe.seed,
+            paired=recipe.lambda_paired_l1 > 0,
         )
     except (FileNotFoundError, ValueError) as exc:
         raise ConfigError(f"recipe {recipe_path}: field 'data_dir': {exc}") from None
@@ -262,17 +219,17 @@ def train(
     }
     checkpoint = recipe.output_dir / "checkpoint.pdparams"
     step = _restore(checkpoint, nets, optims) if resume and checkpoint.exists() else 0
-    pool_rng = random.Random(f"{recipe.seed}:{step}")
-    pools = {"fake_b": ImagePool(recipe.pool_size, pool_rng), "fake_a": ImagePool(recipe.pool_size, pool_rng)}
-    scalers = {k: paddle.amp.GradScaler() for k in optims} if use_amp else None
+    rng = random.Random(f"{recipe.seed}:{step}")  # pools start empty on resume, as in PaddleGAN
+    pools = {"fake_b": ImagePool(recipe.pool_size, rng), "fake_a": ImagePool(recipe.pool_size, rng)}
+    scalers = {k: paddle.amp.GradScaler() for k in optims} if recipe.amp and on_gpu else None
     end = recipe.steps if max_steps is None else min(recipe.steps, step + max_steps)
     losses: dict[str, float] = {}
     with _Progress(console, recipe, step, end) as progress:
         while step < end:
             for optim in optims.values():
                 optim.set_lr(learning_rate(recipe, step))
-            losses = _train_step(recipe, nets, trainable, optims, pools, data.sample(step, recipe.batch_size),
-                                 scalers)
+            batch = data.sample(step, recipe.batch_size)
+            losses = _train_step(recipe, nets, trainable, optims, pools, batch, scalers)
             step += 1
             progress.advance(step, losses)
             if step % recipe.checkpoint_every == 0 and step < end:
@@ -326,13 +283,12 @@ def _build_nets(recipe: Recipe) -> dict[str, paddle.nn.Layer]:
 def _lsgan(scores: paddle.Tensor, real: bool) -> paddle.Tensor:
     import paddle
 
-    target = paddle.full_like(scores, 1.0 if real else 0.0)
-    return paddle.nn.functional.mse_loss(scores, target)
+    return paddle.nn.functional.mse_loss(scores, paddle.full_like(scores, 1.0 if real else 0.0))
 
 
 def _train_step(
     recipe: Recipe, nets: dict[str, Any], trainable: dict[str, list[Any]], optims: dict[str, Any],
-    pools: dict[str, ImagePool], batch: Any, scalers: dict[str, Any] | None,
+    pools: dict[str, ImagePool], batch: Batch, scalers: dict[str, Any] | None,
 ) -> dict[str, float]:
     """One CycleGAN step: generators first (discriminators frozen), then discriminators on pooled fakes."""
     import paddle
@@ -340,26 +296,24 @@ def _train_step(
 
     real_a, real_b = paddle.to_tensor(batch.real_a), paddle.to_tensor(batch.real_b)
     g_a, g_b, d_a, d_b = (nets[k] for k in NETS)
-    amp = scalers is not None
-    for p in trainable["netD_A"] + trainable["netD_B"]:
+    d_params = trainable["netD_A"] + trainable["netD_B"]
+    for p in d_params:
         p.stop_gradient = True
-    with paddle.amp.auto_cast(enable=amp):
+    with paddle.amp.auto_cast(enable=scalers is not None):
         fake_b, fake_a = g_a(real_a), g_b(real_b)
         adv = _lsgan(d_a(fake_b), True) + _lsgan(d_b(fake_a), True)
         cycle = (l1_loss(g_b(fake_b), real_a) + l1_loss(g_a(fake_a), real_b)) * recipe.lambda_cycle
-        loss_g = adv + cycle
         idt = paired = paddle.zeros([])
         if recipe.lambda_identity > 0:
-            idt = (l1_loss(g_a(real_b), real_b) + l1_loss(g_b(real_a), real_a)) * (
-                recipe.lambda_cycle * recipe.lambda_identity)
-            loss_g = loss_g + idt
-        if recipe.lambda_paired_l1 > 0:
+            weight = recipe.lambda_cycle * recipe.lambda_identity
+            idt = (l1_loss(g_a(real_b), real_b) + l1_loss(g_b(real_a), real_a)) * weight
+        if recipe.lambda_paired_l1 > 0:  # the batch's B is then A's transformed twin
             paired = (l1_loss(fake_b, real_b) + l1_loss(fake_a, real_a)) * recipe.lambda_paired_l1
-            loss_g = loss_g + paired
+        loss_g = adv + cycle + idt + paired
     _backward_step(loss_g, optims["optimG"], scalers and scalers["optimG"])
-    for p in trainable["netD_A"] + trainable["netD_B"]:
+    for p in d_params:
         p.stop_gradient = False
-    with paddle.amp.auto_cast(enable=amp):
+    with paddle.amp.auto_cast(enable=scalers is not None):
         pooled_b, pooled_a = pools["fake_b"].query(fake_b.detach()), pools["fake_a"].query(fake_a.detach())
         loss_d = 0.5 * (_lsgan(d_a(real_b), True) + _lsgan(d_a(pooled_b), False)) + 0.5 * (
             _lsgan(d_b(real_a), True) + _lsgan(d_b(pooled_a), False))
@@ -383,7 +337,7 @@ def _backward_step(loss: paddle.Tensor, optim: Any, scaler: Any | None) -> None:
 
 def _param_names(nets: dict[str, Any]) -> dict[str, str]:
     """Paddle's process-global parameter name -> stable `netX.key` name."""
-    return {param.name: f"{net_key}.{key}" for net_key, net in nets.items() for key, param in net.state_dict().items()}
+    return {p.name: f"{net}.{key}" for net, layer in nets.items() for key, p in layer.state_dict().items()}
 
 
 def _rename_prefixes(state: dict[str, Any], names: dict[str, str]) -> dict[str, Any]:
@@ -409,11 +363,14 @@ def _atomic_save(obj: Any, path: Path) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def _save_checkpoint(path: Path, nets: dict[str, Any], optims: dict[str, Any], step: int, recipe: Recipe) -> None:
+def _save_checkpoint(
+    path: Path, nets: dict[str, Any], optims: dict[str, Any], step: int, recipe: Recipe
+) -> None:
     names = _param_names(nets)
     state: dict[str, Any] = {key: net.state_dict() for key, net in nets.items()}
     state.update({key: _rename_prefixes(opt.state_dict(), names) for key, opt in optims.items()})
-    state.update(step=step, recipe=recipe_dict(recipe))
+    recipe_values = {k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(recipe).items()}
+    state.update(step=step, recipe=recipe_values)
     _atomic_save(state, path)
 
 
@@ -432,9 +389,9 @@ def _restore(path: Path, nets: dict[str, Any], optims: dict[str, Any]) -> int:
                 raise ConfigError(f"checkpoint {path} does not fit the recipe ({key}.{name}: expected shape "
                                   f"{list(param.shape)}, found {found}); delete it or train with resume off")
         net.set_state_dict(stored)
-    stable_to_current = {v: k for k, v in _param_names(nets).items()}
+    current = {stable: name for name, stable in _param_names(nets).items()}
     for key, optim in optims.items():
-        optim.set_state_dict(_rename_prefixes(state[key], stable_to_current))
+        optim.set_state_dict(_rename_prefixes(state[key], current))
     return int(state["step"])
 
 
@@ -451,7 +408,8 @@ class _Progress:
             TextColumn("{task.fields[rate]}"), TimeRemainingColumn(), TextColumn("{task.fields[losses]}"),
             console=console, disable=self.plain,
         )
-        self.task = self.progress.add_task(recipe.name, total=recipe.steps, completed=start, rate="", losses="")
+        self.task = self.progress.add_task(
+            recipe.name, total=recipe.steps, completed=start, rate="", losses="")
         self.log = recipe.output_dir / "losses.csv"
         self.seconds_per_step: float | None = None
         self.last = time.perf_counter()
@@ -468,19 +426,22 @@ class _Progress:
     def advance(self, step: int, losses: dict[str, float]) -> None:
         now = time.perf_counter()
         took, self.last = now - self.last, now
-        if step > self.start + 1:  # the first step pays one-off setup; leave it out of the average
-            self.seconds_per_step = took if self.seconds_per_step is None else 0.9 * self.seconds_per_step + 0.1 * took
+        if step > self.start + 1:  # the first step pays one-off setup: keep it out of the average
+            previous = self.seconds_per_step
+            self.seconds_per_step = took if previous is None else 0.9 * previous + 0.1 * took
         rate = f"{self.seconds_per_step:.2f} s/step" if self.seconds_per_step else ""
         text = "  ".join(f"{k} {v:.3f}" for k, v in losses.items())
         self.progress.update(self.task, completed=step, rate=rate, losses=text)
-        if step % self.recipe.log_every == 0 or step == self.end:
-            if self.plain:
-                self.console.print(f"step {step}/{self.recipe.steps}  {rate}  {text}", highlight=False, soft_wrap=True)
-            new = not self.log.exists()
-            self.log.parent.mkdir(parents=True, exist_ok=True)
-            with open(self.log, "a") as fh:
-                if new:
-                    fh.write("step,lr," + ",".join(losses) + ",s_per_step\n")
-                lr = learning_rate(self.recipe, step - 1)
-                fh.write(f"{step},{lr:.3g}," + ",".join(f"{v:.5f}" for v in losses.values())
-                         + f",{self.seconds_per_step or 0:.3f}\n")
+        if step % self.recipe.log_every and step != self.end:
+            return
+        if self.plain:
+            line = f"step {step}/{self.recipe.steps}  {rate}  {text}"
+            self.console.print(line, highlight=False, soft_wrap=True)
+        new = not self.log.exists()
+        self.log.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.log, "a") as fh:
+            if new:
+                fh.write("step,lr," + ",".join(losses) + ",s_per_step\n")
+            values = ",".join(f"{v:.5f}" for v in losses.values())
+            lr = learning_rate(self.recipe, step - 1)
+            fh.write(f"{step},{lr:.3g},{values},{self.seconds_per_step or 0:.3f}\n")
