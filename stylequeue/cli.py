@@ -368,6 +368,121 @@ def supervise_gpus(gpus: str) -> int:
     return Supervisor(children).run()
 
 
+# --- one-machine use, models, training -------------------------------------------------------
+
+
+@app.command()
+def demo(
+    out_dir: Annotated[Path, typer.Option("--out", help="Where inputs, outputs and the contact sheet go.")] = Path(
+        "stylequeue-demo"),
+    style: Annotated[str | None, typer.Option(help="Style to show (default: the bundled demo style).")] = None,
+    config: ConfigOpt = None,
+    debug: DebugOpt = False,
+) -> None:
+    """End to end with no setup: private Redis, a worker, sample photos, callbacks, a before/after sheet."""
+
+    def body() -> int:
+        from stylequeue.config.settings import load_settings
+        from stylequeue.demo import run_demo
+
+        settings = load_settings(config)
+        run_demo(out_dir, style=style, registry=settings.styles)
+        return EXIT_OK
+
+    run(debug, body)
+
+
+@app.command()
+def serve(
+    data: Annotated[Path, typer.Option(help="Data directory (Redis AOF, outputs, logs).")] = Path("stylequeue-data"),
+    styles: Annotated[str | None, typer.Option(help="Styles to preload, e.g. a,b.")] = None,
+    debug: DebugOpt = False,
+) -> None:
+    """All-in-one for a single machine: embedded Redis + a worker, until Ctrl-C."""
+
+    def body() -> int:
+        from stylequeue.demo import run_serve
+
+        return run_serve(data, worker_args=["--styles", styles] if styles else None)
+
+    run(debug, body)
+
+
+@app.command()
+def train(
+    recipe: Annotated[Path, typer.Argument(help="Training recipe (YAML or TOML).", show_default=False)],
+    fresh: Annotated[bool, typer.Option("--fresh", help="Start over instead of resuming the checkpoint.")] = False,
+    max_steps: Annotated[int | None, typer.Option(help="Stop after this many steps in this run.")] = None,
+    debug: DebugOpt = False,
+) -> None:
+    """Train a CycleGAN from a recipe; prints the registry entry of the trained style."""
+
+    def body() -> int:
+        from stylequeue.models.train import train as run_training
+
+        result = run_training(recipe, resume=not fresh, max_steps=max_steps, console=out)
+        out.print(f"checkpoint: {result.checkpoint_path}\nweights:    {result.weights_path}")
+        out.print("registry entry:")
+        sys.stdout.write(result.registry_toml)
+        return EXIT_OK
+
+    run(debug, body)
+
+
+@app.command()
+def export(
+    style: Annotated[str, typer.Option("--style", "-s", help="Registered style name.")],
+    fmt: Annotated[str, typer.Option("--format", help="paddle or onnx.")] = "paddle",
+    config: ConfigOpt = None,
+    debug: DebugOpt = False,
+) -> None:
+    """Export a style's generator for fast inference (cached by weights hash)."""
+
+    def body() -> int:
+        from stylequeue.config.settings import load_settings
+        from stylequeue.config.styles import StyleCatalog
+        from stylequeue.models.export import export_model
+
+        if fmt not in ("paddle", "onnx"):
+            raise ConfigError(f"--format must be paddle or onnx, got {fmt!r}")
+        settings = load_settings(config)
+        spec = StyleCatalog(settings.styles).get(style)
+        path = export_model(spec, fmt=fmt, cache_dir=settings.cache_dir)  # type: ignore[arg-type]
+        out.print(str(path))
+        return EXIT_OK
+
+    run(debug, body)
+
+
+@models_app.command("import")
+def models_import(
+    file: Annotated[Path, typer.Argument(help="PaddleGAN .pdparams or original-CycleGAN .pth.", show_default=False)],
+    style: Annotated[str, typer.Option("--style", "-s", help="Name for the style.")],
+    direction: Annotated[str, typer.Option(help="AtoB (netG_A) or BtoA (netG_B) for full checkpoints.")] = "AtoB",
+    dest: Annotated[Path | None, typer.Option(help="Where to write the converted weights.")] = None,
+    debug: DebugOpt = False,
+) -> None:
+    """Convert a checkpoint to a bare Paddle generator and print its registry entry.
+
+    Checkpoints are pickles: import only files you trust.
+    """
+
+    def body() -> int:
+        from stylequeue.models.weights import import_weights
+
+        if direction not in ("AtoB", "BtoA"):
+            raise ConfigError(f"--direction must be AtoB or BtoA, got {direction!r}")
+        if not file.exists():
+            raise ConfigError(f"{file} not found")
+        target = dest or file.with_name(f"{style}.pdparams")
+        snippet = import_weights(file, target, direction=direction, style=style)
+        err.print(f"wrote {target}; add this to your styles registry (STYLEQUEUE_STYLES):")
+        sys.stdout.write(snippet)
+        return EXIT_OK
+
+    run(debug, body)
+
+
 def main() -> None:
     try:
         app()

