@@ -172,3 +172,48 @@ def test_shipped_demo_recipe_is_valid() -> None:
     recipe = load_recipe(Path(__file__).parents[1] / "recipes" / "ink-demo.yaml")
     assert recipe.name == "ink-demo"
     assert recipe.crop_size % 4 == 0 and recipe.max_side <= 512
+
+
+DEMO_ASSETS = Path(__file__).parents[1] / "stylequeue" / "demo_assets"
+
+
+def test_demo_photos_are_small_jpegs_with_named_sources() -> None:
+    photos = sorted(DEMO_ASSETS.glob("*.jpg"))
+    assert 4 <= len(photos) <= 6
+    sources = (DEMO_ASSETS / "SOURCES.md").read_text()
+    for photo in photos:
+        with Image.open(photo) as im:
+            assert im.format == "JPEG" and max(im.size) <= 640
+        assert photo.stat().st_size < 150_000
+        assert f"`{photo.name}`" in sources  # where it came from and its licence
+
+
+@pytest.mark.parametrize("photo", ["cat.jpg", "coffee.jpg"])
+def test_bundled_demo_style_paints_held_out_photos_in_ink(photo: str) -> None:
+    from stylequeue.config.styles import BUNDLED_REGISTRY
+    from stylequeue.models.inkwash import inkwash
+
+    spec = parse_registry(BUNDLED_REGISTRY)["ink-demo"]
+    assert Path(spec.weights).stat().st_size <= 12 * 2**20
+    generator = ResnetGenerator(ngf=spec.ngf, n_blocks=spec.n_blocks)
+    generator.set_state_dict(paddle.load(spec.weights))
+    generator.eval()
+    with Image.open(DEMO_ASSETS / photo) as im:
+        image = im.convert("RGB").resize((192, 128), Image.Resampling.BICUBIC)
+    batch = np.asarray(image, np.float32).transpose(2, 0, 1)[None] / 127.5 - 1
+    with paddle.no_grad():
+        styled = generator(paddle.to_tensor(batch)).numpy()[0].transpose(1, 2, 0)
+    out = Image.fromarray(np.clip((styled + 1) * 127.5 + 0.5, 0, 255).astype(np.uint8))
+
+    def saturation(i: Image.Image) -> float:
+        return float(np.asarray(i.convert("HSV"))[..., 1].mean() / 255)
+
+    def luma(i: Image.Image) -> np.ndarray:
+        return np.asarray(i.convert("L"), np.float32)
+
+    painted = inkwash(image)  # what the style imitates
+    rgb = np.asarray(out, np.float32)
+    assert saturation(image) > 0.3 and saturation(out) < 0.2  # colour photo in, monochrome ink out
+    assert rgb[..., 0].mean() - rgb[..., 2].mean() > 10  # on warm paper
+    # Much closer to the ink painting of the photo than the photo itself is.
+    assert np.abs(luma(out) - luma(painted)).mean() < 0.5 * np.abs(luma(image) - luma(painted)).mean()
