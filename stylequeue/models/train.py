@@ -212,10 +212,12 @@ def train(
         raise ConfigError(f"recipe {recipe_path}: field 'data_dir': {exc}") from None
     nets = _build_nets(recipe)
     trainable = {key: [p for p in net.parameters() if not p.stop_gradient] for key, net in nets.items()}
-    adam = {"learning_rate": recipe.lr, "beta1": recipe.beta1, "beta2": 0.999}
     optims = {
-        "optimG": paddle.optimizer.Adam(parameters=trainable["netG_A"] + trainable["netG_B"], **adam),
-        "optimD": paddle.optimizer.Adam(parameters=trainable["netD_A"] + trainable["netD_B"], **adam),
+        f"optim{kind}": paddle.optimizer.Adam(
+            learning_rate=recipe.lr, beta1=recipe.beta1, beta2=0.999,
+            parameters=trainable[f"net{kind}_A"] + trainable[f"net{kind}_B"],
+        )
+        for kind in ("G", "D")
     }
     checkpoint = recipe.output_dir / "checkpoint.pdparams"
     step = _restore(checkpoint, nets, optims) if resume and checkpoint.exists() else 0
