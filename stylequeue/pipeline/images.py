@@ -21,6 +21,8 @@ logger = logging.getLogger("stylequeue.pipeline")
 
 EncodeFormat = Literal["jpeg", "png", "webp"]
 JPEG_QUALITY = 92
+# The generator downsamples by 4 and reflect-pads by 1 there, which needs >= 2 pixels: 8 px minimum.
+MIN_SIDE = 8
 WEBP_QUALITY = 90
 
 # Everything Pillow's decoders raise on corrupt or truncated data.
@@ -121,17 +123,17 @@ def decode_image(data: bytes, *, max_pixels: int, target_side: int | None = None
 
 
 def working_size(width: int, height: int, max_side: int) -> tuple[int, int]:
-    """The model's input size: longest side <= max_side, both sides multiples of 4 (>= 4), aspect kept.
+    """The model's input size: longest side <= max_side, both sides multiples of 4, aspect kept.
 
-    Small images are not upscaled beyond rounding to the nearest multiple of 4.
+    Sides are at least MIN_SIDE; small images are not upscaled beyond rounding to a multiple of 4.
     """
     if width < 1 or height < 1:
         raise ValueError(f"invalid image size {width}x{height}")
-    cap = max(4, max_side - max_side % 4)
+    cap = max(MIN_SIDE, max_side - max_side % 4)
     scale = min(1.0, cap / max(width, height))
 
     def side(length: int) -> int:
-        return min(cap, max(4, int(length * scale / 4 + 0.5) * 4))
+        return min(cap, max(MIN_SIDE, int(length * scale / 4 + 0.5) * 4))
 
     return side(width), side(height)
 
