@@ -249,5 +249,8 @@ def test_real_pytorch_checkpoint_loads_and_computes_the_same(tmp_path: Path) -> 
         got = model(paddle.to_tensor(x)).numpy()
     assert np.abs(got - expected).max() < 1e-4
 
+    torch.save(state, tmp_path / "renamed.pdparams")  # recognised by content, not by name
+    assert _same(load_state_dict(tmp_path / "renamed.pdparams"), loaded)
+
     snippet = import_weights(tmp_path / "latest_net_G.pth", tmp_path / "ink.pdparams", style="ink")
     assert "ngf = 4" in snippet and "n_blocks = 2" in snippet

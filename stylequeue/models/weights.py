@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import zipfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -118,7 +117,9 @@ def read_checkpoint(path: str | Path) -> Any:
     source = Path(path)
     if not source.is_file():
         raise WeightsError(f"weights file {source} not found")
-    if source.suffix in _TORCH_SUFFIXES or zipfile.is_zipfile(source):
+    with open(source, "rb") as fh:
+        is_zip = fh.read(4) == b"PK\x03\x04"  # torch.save's format since PyTorch 1.6
+    if source.suffix in _TORCH_SUFFIXES or is_zip:
         return _read_torch(source)
     return _read_paddle(source)
 
