@@ -43,7 +43,8 @@ class Settings(BaseSettings):
     s3_public_endpoint_url: str | None = None
     styles: Path | None = None
     device: str = "cpu"
-    runtime: Literal["auto", "openvino", "paddle-inference", "onnxruntime", "dygraph"] = "auto"
+    # "null" returns its input unchanged: for measuring queue overhead only (bench/e2e.py).
+    runtime: Literal["auto", "openvino", "paddle-inference", "onnxruntime", "dygraph", "null"] = "auto"
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     max_batch: int = Field(8, ge=1, le=1024)
     max_wait_ms: float = Field(10, ge=0)

@@ -85,16 +85,16 @@ class JobExecutor:
 
     # --- intake ---------------------------------------------------------------------------------
 
-    def accept(self, job_ids: Sequence[str], priority: int) -> int:
-        """Claim these jobs for this worker and queue them; returns how many were claimed.
+    def accept(self, job_ids: Sequence[str], priority: int) -> list[str]:
+        """Claim these jobs for this worker and queue them; returns the ids it could not take.
 
         Jobs already finished, cancelled, or running under someone else's live lease are skipped, so
-        a redelivered message is harmless.
+        a redelivered message is harmless. Once stopping, nothing is claimed: the ids come back so
+        the caller can send them again instead of acknowledging them away.
         """
-        claimed = 0
+        if self._stopping:
+            return list(job_ids)
         for job_id in job_ids:
-            if self._stopping:
-                break
             with self._lock:
                 if job_id in self._running:
                     continue
@@ -103,7 +103,6 @@ class JobExecutor:
                 with self._lock:
                     self._running[job_id] = _Running(job_id, priority, claim.attempts)
                 self._queue.put((priority, next(self._seq), job_id))
-                claimed += 1
             elif claim.outcome == "failed":
                 log.warning("job %s: failed, its worker was lost on the last attempt", job_id)
                 self._finished(job_id)
@@ -112,7 +111,7 @@ class JobExecutor:
             else:
                 log.info("job %s: %s, message dropped", job_id, claim.outcome if claim.outcome == "busy"
                          else f"already {claim.state}")
-        return claimed
+        return []
 
     def inflight(self) -> int:
         with self._lock:

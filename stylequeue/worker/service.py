@@ -167,9 +167,12 @@ class WorkerService:
     def accept(self, job_ids: list[str], priority: str) -> int:
         if self.executor is None:
             raise ConfigError("this worker serves callbacks only (--callbacks-only); it received a job message")
-        claimed = self.executor.accept(job_ids, INTERACTIVE if priority == "interactive" else BULK)
+        untaken = self.executor.accept(job_ids, INTERACTIVE if priority == "interactive" else BULK)
+        if untaken:  # shutting down: hand them to another worker rather than acknowledge them away
+            for job_id in untaken:
+                messages.send_job(self.app, job_id, priority)
         self._flow()
-        return claimed
+        return len(job_ids) - len(untaken)
 
     def _flow(self) -> None:
         """Pause the bulk queue above the high-water mark; resume below half of it."""
