@@ -153,8 +153,8 @@ def _print_tables(args: argparse.Namespace, threads: int, results: Results, info
     print("| runtime | precision | ms | PSNR | passes 40 dB |")
     print("|---|---|---|---|---|")
     for row in info["candidates"]:
-        psnr = "reference" if row.get("reference") else (row["psnr_db"] if row["psnr_db"] is not None else "-")
-        print(f"| {row['runtime']} | {row['precision']} | {row['ms']} | {psnr} | "
+        score = "reference" if row.get("reference") else ("-" if row["psnr_db"] is None else f"{row['psnr_db']} dB")
+        print(f"| {row['runtime']} | {row['precision']} | {row['ms']} | {score} | "
               f"{'yes' if row['ok'] else row.get('error', 'no')} |")
 
 

@@ -147,3 +147,15 @@ def test_an_edited_registry_entry_is_loaded_again(tmp_path: Path, load_calls: li
     second = registry.get("tiny")
     assert second.spec.max_side == 32 and second is not first and load_calls == ["tiny", "tiny"]
     assert np.isfinite(second.runtime.run(np.zeros((1, 3, 16, 16), np.float32))).all()
+
+
+def test_model_modules_import_no_engine_until_used() -> None:
+    """The CLI and producers may import these modules: no Paddle, OpenVINO, ONNX Runtime or torch yet."""
+    import subprocess
+    import sys
+
+    code = ("import sys, stylequeue.models.registry, stylequeue.models.runtime, stylequeue.models.export, "
+            "stylequeue.models.weights; "
+            "sys.exit(','.join(m for m in ('paddle', 'openvino', 'onnxruntime', 'torch') if m in sys.modules))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr

@@ -252,7 +252,7 @@ def load_generator(spec: StyleSpec) -> ResnetGenerator:
         raise PaddleMissing() from None
     state = load_for_spec(spec)
     generator = build_generator(spec.generator, ngf=spec.ngf, n_blocks=spec.n_blocks, use_dropout=spec.use_dropout)
-    generator.set_state_dict(state)
+    generator.set_state_dict(state)  # type: ignore[arg-type]  # Paddle takes numpy arrays as well
     generator.eval()
     return generator
 
