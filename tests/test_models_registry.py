@@ -159,3 +159,20 @@ def test_model_modules_import_no_engine_until_used() -> None:
             "print(','.join(m for m in ('paddle', 'openvino', 'onnxruntime', 'torch') if m in sys.modules))")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == ""
+
+
+def test_different_styles_load_side_by_side(three_styles: StyleCatalog, tmp_path: Path) -> None:
+    registry = ModelRegistry(three_styles, cache_dir=tmp_path)  # auto: exports and timing for each
+    loaded: dict[str, LoadedStyle] = {}
+
+    def load(name: str) -> None:
+        loaded[name] = registry.get(name)
+
+    threads = [threading.Thread(target=load, args=(name,)) for name in ["a", "b"]]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert sorted(loaded) == ["a", "b"] and loaded["a"].model != loaded["b"].model
+    x = np.zeros((1, 3, 16, 16), np.float32)
+    assert not np.allclose(loaded["a"].runtime.run(x), loaded["b"].runtime.run(x))  # each has its own weights

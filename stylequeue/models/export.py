@@ -12,6 +12,7 @@ import logging
 import os
 import shutil
 import tempfile
+import threading
 from pathlib import Path
 from typing import Literal
 
@@ -24,6 +25,7 @@ ExportFormat = Literal["paddle", "onnx"]
 ONNX_OPSET = 17
 INPUT_NAME = "image"
 ONNX_FILE = "model.onnx"
+_EXPORT_LOCK = threading.RLock()  # re-entrant: an ONNX export first makes the Paddle one
 
 
 def is_exported_dir(weights: str) -> bool:
@@ -60,6 +62,13 @@ def export_model(spec: StyleSpec, *, fmt: ExportFormat = "paddle", cache_dir: st
     final = export_dir(spec, fmt, cache_dir)
     if final.is_dir():
         return final
+    with _EXPORT_LOCK:  # paddle.jit.save and paddle2onnx keep global state: one export at a time
+        if final.is_dir():
+            return final
+        return _export_once(spec, fmt, cache_dir, final)
+
+
+def _export_once(spec: StyleSpec, fmt: ExportFormat, cache_dir: str | Path, final: Path) -> Path:
     final.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
     try:

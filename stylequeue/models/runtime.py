@@ -14,6 +14,7 @@ import logging
 import math
 import os
 import statistics
+import threading
 import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -41,6 +42,7 @@ TIMED_RUNS = 3
 # next candidate inside that window would charge it for a core it does not have.
 _OPENMP_RUNTIMES = ("dygraph", "paddle-inference")
 _OPENMP_SPIN_S = 0.25
+_MEASURE_LOCK = threading.Lock()
 _CACHE_VERSION = 1
 
 
@@ -309,6 +311,13 @@ def select_runtime(
         return Selection(chosen, _info(chosen, device, []))
     request = {"runtime": runtime, "precision": precision, "device": device,
                "threads": threads or backends.default_threads(), "probe_side": PROBE_SIDE}
+    # Two styles timed at once would share the cores and each measure the other's load.
+    with _MEASURE_LOCK:
+        return _select_auto(spec, pairs, request, device=device, cache_dir=cache_dir, threads=threads)
+
+
+def _select_auto(spec: StyleSpec, pairs: list[tuple[str, str]], request: dict[str, Any], *, device: str,
+                 cache_dir: str | Path, threads: int | None) -> Selection:
     path = _decision_path(spec, request, cache_dir)
     cached = _read_decision(path)
     if cached is not None:
