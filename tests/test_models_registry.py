@@ -15,6 +15,7 @@ from stylequeue.config.styles import StyleCatalog, model_label
 from stylequeue.errors import ConfigError, UnknownStyle, WeightsError
 from stylequeue.models import registry as registry_module
 from stylequeue.models.registry import LoadedStyle, ModelRegistry
+from stylequeue.models.runtime import probe_input
 from stylequeue.pipeline.images import from_array, to_array, working_size
 from tests.conftest import write_tiny_style
 
@@ -174,5 +175,5 @@ def test_different_styles_load_side_by_side(three_styles: StyleCatalog, tmp_path
     for thread in threads:
         thread.join()
     assert sorted(loaded) == ["a", "b"] and loaded["a"].model != loaded["b"].model
-    x = np.zeros((1, 3, 16, 16), np.float32)
+    x = probe_input(16)
     assert not np.allclose(loaded["a"].runtime.run(x), loaded["b"].runtime.run(x))  # each has its own weights
