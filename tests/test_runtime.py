@@ -17,7 +17,15 @@ from stylequeue.config.styles import StyleSpec, parse_registry
 from stylequeue.errors import ConfigError
 from stylequeue.models import runtime as runtime_module
 from stylequeue.models import runtime_backends as backends
-from stylequeue.models.runtime import PSNR_GATE_DB, Runtime, build_runtime, probe_input, psnr_db, select_runtime
+from stylequeue.models.runtime import (
+    PSNR_GATE_DB,
+    Runtime,
+    build_runtime,
+    cached_choices,
+    probe_input,
+    psnr_db,
+    select_runtime,
+)
 from stylequeue.models.weights import load_generator
 
 FP32 = [("dygraph", "fp32"), ("paddle-inference", "fp32"), ("onnxruntime", "fp32"), ("openvino", "fp32")]
@@ -150,6 +158,10 @@ def test_a_restarted_worker_reuses_the_decision(spec: StyleSpec, tmp_path: Path,
     # A different request is a different decision.
     with pytest.raises(AssertionError, match="timed again"):
         select_runtime(spec, precision="fp32", cache_dir=tmp_path)
+    # What `styles --json` can show without loading anything.
+    recorded = cached_choices("tiny", tmp_path)
+    assert [(r["runtime"], r["precision"]) for r in recorded] == [(first.runtime.name, first.runtime.precision)]
+    assert recorded[0]["candidates"] == first.info["candidates"] and cached_choices("other", tmp_path) == []
 
 
 def test_a_candidate_that_fails_is_reported_and_skipped(spec: StyleSpec, tmp_path: Path,

@@ -199,6 +199,16 @@ def _write_decision(path: Path, info: dict[str, Any]) -> None:
     os.replace(partial, path)
 
 
+def cached_choices(style_name: str, cache_dir: str | Path) -> list[dict[str, Any]]:
+    """Runtime decisions recorded on this machine for a style, newest first (no engine is imported).
+
+    For `stylequeue styles --json`: what `auto` chose here, and the timings it chose by.
+    """
+    paths = sorted((Path(cache_dir) / "runtime-choices").glob(f"{style_name}-*.json"),
+                   key=lambda p: p.stat().st_mtime, reverse=True)
+    return [info for info in map(_read_decision, paths) if info is not None]
+
+
 def _now() -> str:
     return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
