@@ -161,7 +161,7 @@ def test_a_restarted_worker_reuses_the_decision(spec: StyleSpec, tmp_path: Path,
     # What `styles --json` can show without loading anything.
     recorded = cached_choices("tiny", tmp_path)
     assert [(r["runtime"], r["precision"]) for r in recorded] == [(first.runtime.name, first.runtime.precision)]
-    assert recorded[0]["candidates"] == first.info["candidates"] and cached_choices("other", tmp_path) == []
+    assert recorded[0]["candidates"] == first.info["candidates"] and cached_choices("ti", tmp_path) == []
 
 
 def test_a_candidate_that_fails_is_reported_and_skipped(spec: StyleSpec, tmp_path: Path,

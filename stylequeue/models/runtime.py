@@ -13,6 +13,7 @@ import json
 import logging
 import math
 import os
+import re
 import statistics
 import threading
 import time
@@ -204,7 +205,8 @@ def cached_choices(style_name: str, cache_dir: str | Path) -> list[dict[str, Any
 
     For `stylequeue styles --json`: what `auto` chose here, and the timings it chose by.
     """
-    paths = sorted((Path(cache_dir) / "runtime-choices").glob(f"{style_name}-*.json"),
+    pattern = re.compile(rf"{re.escape(style_name)}-[0-9a-f]{{16}}\.json")  # not style "ink-2"'s
+    paths = sorted((p for p in (Path(cache_dir) / "runtime-choices").glob("*.json") if pattern.fullmatch(p.name)),
                    key=lambda p: p.stat().st_mtime, reverse=True)
     return [info for info in map(_read_decision, paths) if info is not None]
 
