@@ -86,22 +86,30 @@ class Worker:
 
 
 def wait_all(client: Client, ids: list[str], timeout: float = 3600) -> float:
-    """Block until every job is finished (polling only their state field); returns the finish time."""
+    """Block until every job is finished; returns when the last one finished (its own `finished_at`).
+
+    Polls a few hundred of the oldest unfinished jobs twice a second, so the benchmark's own load on
+    Redis and on the CPU stays negligible; the figure comes from the records, not from the polling.
+    """
+    from stylequeue.jobs import parse_iso
+
     remaining = list(ids)
     deadline = time.monotonic() + timeout
-    keys = {job_id: client.store.job_key(job_id) for job_id in ids}
     while remaining:
+        window = remaining[:256]
         pipe = client.store.redis.pipeline(transaction=False)
-        for job_id in remaining:
-            pipe.hget(keys[job_id], "state")
+        for job_id in window:
+            pipe.hget(client.store.job_key(job_id), "state")
         states = pipe.execute()
-        remaining = [j for j, s in zip(remaining, states, strict=True) if s not in (b'"succeeded"', b'"failed"',
-                                                                                   b'"cancelled"')]
+        done = {j for j, s in zip(window, states, strict=True) if s in (b'"succeeded"', b'"failed"', b'"cancelled"')}
+        remaining = [j for j in remaining if j not in done]
         if time.monotonic() > deadline:
             raise SystemExit(f"{len(remaining)} jobs unfinished after {timeout} s")
-        if remaining:
-            time.sleep(0.05)
-    return time.perf_counter()
+        if remaining and len(done) < len(window):
+            time.sleep(0.5)
+    last = max(parse_iso(job.finished_at) for job in client.get_many(ids) if job and job.finished_at)
+    # finished_at is wall-clock; convert to this process's perf_counter timeline.
+    return time.perf_counter() - (time.time() - last)
 
 
 def count_failed(client: Client, ids: list[str]) -> int:

@@ -120,29 +120,38 @@ class CallbackInbox:
         self.server.server_close()
 
 
-def contact_sheet(pairs: list[tuple[Path, Path | None, str]], path: Path, *, cell: int = 320) -> Path:
+def contact_sheet(pairs: list[tuple[Path, Path | None, str]], path: Path, *, cell: int = 360,
+                  title: str = "") -> Path:
     """A PNG grid: one row per photo, the input on the left and its restyled output on the right."""
     from PIL import Image, ImageDraw, ImageOps
 
-    label_h, pad = 28, 12
+    def thumb(source: Path | None) -> Image.Image | None:
+        if source is None:
+            return None
+        with Image.open(source) as img:
+            return ImageOps.contain(ImageOps.exif_transpose(img).convert("RGB"), (cell, cell))
+
+    rows = [(thumb(before), thumb(after), caption) for before, after, caption in pairs]
+    pad, text_h = 14, 22
+    heights = [max(t.height for t in (b, a) if t is not None) if (b or a) else cell for b, a, _ in rows]
     width = 2 * cell + 3 * pad
-    sheet = Image.new("RGB", (width, pad + len(pairs) * (cell + label_h + pad) + label_h), (250, 248, 242))
+    height = 2 * text_h + pad + sum(h + text_h + pad for h in heights)
+    sheet = Image.new("RGB", (width, height), (250, 248, 242))
     draw = ImageDraw.Draw(sheet)
-    draw.text((pad, 8), "before", fill=(60, 60, 60))
-    draw.text((2 * pad + cell, 8), "after", fill=(60, 60, 60))
-    y = label_h
-    for before, after, caption in pairs:
-        for column, source in enumerate((before, after)):
+    draw.text((pad, 6), title, fill=(30, 30, 30))
+    draw.text((pad, text_h + 4), "before", fill=(90, 90, 90))
+    draw.text((2 * pad + cell, text_h + 4), "after", fill=(90, 90, 90))
+    y = 2 * text_h + pad
+    for (before, after, caption), row_h in zip(rows, heights, strict=True):
+        for column, image in enumerate((before, after)):
             x = pad + column * (cell + pad)
-            if source is None:
-                draw.rectangle((x, y, x + cell, y + cell), outline=(200, 80, 80))
-                draw.text((x + 10, y + cell // 2), "failed", fill=(200, 80, 80))
-                continue
-            with Image.open(source) as img:
-                thumb = ImageOps.contain(ImageOps.exif_transpose(img).convert("RGB"), (cell, cell))
-            sheet.paste(thumb, (x + (cell - thumb.width) // 2, y + (cell - thumb.height) // 2))
-        draw.text((pad, y + cell + 6), caption, fill=(40, 40, 40))
-        y += cell + label_h + pad
+            if image is None:
+                draw.rectangle((x, y, x + cell, y + row_h), outline=(200, 80, 80))
+                draw.text((x + 10, y + row_h // 2), "failed", fill=(200, 80, 80))
+            else:
+                sheet.paste(image, (x + (cell - image.width) // 2, y + (row_h - image.height) // 2))
+        draw.text((pad, y + row_h + 4), caption, fill=(40, 40, 40))
+        y += row_h + text_h + pad
     path.parent.mkdir(parents=True, exist_ok=True)
     sheet.save(path)
     return path
@@ -161,9 +170,16 @@ def _state_table(jobs: list[Any], names: dict[str, str], inbox: CallbackInbox) -
     return table
 
 
+@dataclass
+class DemoResult:
+    sheet: Path
+    jobs: list[dict[str, Any]]
+    callbacks: dict[str, dict[str, Any]]
+
+
 def run_demo(out_dir: Path, *, style: str | None = None, photos: list[Path] | None = None,
-             registry: Path | None = None, console: Console | None = None, timeout: float = 600) -> Path:
-    """Run the demo end to end; returns the contact sheet's path."""
+             registry: Path | None = None, console: Console | None = None, timeout: float = 600) -> DemoResult:
+    """Run the demo end to end: the contact sheet, the final job records and the callbacks received."""
     from stylequeue.producer.client import Client
 
     console = console or Console()
@@ -222,11 +238,13 @@ def run_demo(out_dir: Path, *, style: str | None = None, photos: list[Path] | No
             after = Path(job.output_uri[len("file://"):]) if job.state == "succeeded" else None
             caption = f"{names[job.id]}  ->  {style}" + (f"  ({job.error['code']})" if job.error else "")
             pairs.append((inputs / names[job.id], after, caption))
-        sheet = contact_sheet(pairs, out_dir / "contact-sheet.png")
+        title = f"stylequeue demo: {style} ({catalog.get(style).description})"
+        sheet = contact_sheet(pairs, out_dir / "contact-sheet.png", title=title)
+        console.print()
         console.print(f"outputs:       {outputs}")
         console.print(f"contact sheet: [bold]{sheet}[/]")
         console.print(f"worker log:    {stack.log_path}")
-        return sheet
+        return DemoResult(sheet, [client.to_json(j) for j in jobs], dict(inbox.received))
     finally:
         inbox.close()
         if client is not None:

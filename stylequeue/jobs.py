@@ -193,7 +193,8 @@ return 1
 
 # Start an attempt. KEYS: job, running zset. ARGV: job id, worker (JSON), now, lease_until,
 # max attempts, started_at (JSON), failure error (JSON), finished_at (JSON), ttl.
-# Returns {outcome, state-or-attempts}: claimed | busy | done | failed | missing.
+# Returns {outcome, state-or-attempts}: claimed | busy | done | failed | missing; a claim also returns
+# the job's fields (so the worker needs no second round trip to read it).
 _CLAIM = """
 local state = redis.call('HGET', KEYS[1], 'state')
 if not state then return {'missing', ''} end
@@ -217,7 +218,9 @@ end
 redis.call('HSET', KEYS[1], 'state', '"running"', 'owner', ARGV[2], 'lease_until', ARGV[4],
            'started_at', ARGV[6], 'attempts', attempts + 1, 'error', 'null')
 redis.call('ZADD', KEYS[2], ARGV[4], ARGV[1])
-return {'claimed', tostring(attempts + 1)}
+local claimed = {'claimed', tostring(attempts + 1)}
+for _, item in ipairs(redis.call('HGETALL', KEYS[1])) do table.insert(claimed, item) end
+return claimed
 """
 
 # Renew leases. KEYS: running zset. ARGV: key prefix of jobs, owner (JSON), lease_until, job ids...
@@ -286,6 +289,7 @@ class Claim:
     outcome: str
     attempts: int = 0
     state: JobState | None = None
+    job: Job | None = None
 
 
 def _encode_fields(values: dict[str, Any]) -> list[str]:
@@ -421,18 +425,33 @@ class RedisJobStore:
 
         A job that already used `max_attempts` fails with `internal` instead (its worker was lost).
         """
+        return self.claim_many([job_id], worker_id, lease_s=lease_s, now=now, max_attempts=max_attempts)[0]
+
+    def claim_many(self, job_ids: Sequence[str], worker_id: str, *, lease_s: float, now: float | None = None,
+                   max_attempts: int = MAX_ATTEMPTS) -> list[Claim]:
+        """`claim` for each job, in one pipelined round trip (a bulk chunk)."""
         now = time.time() if now is None else now
-        error = {"code": str(ErrorCode.INTERNAL),
-                 "message": f"worker lost during the last of {max_attempts} attempts"}
-        args = [job_id, json.dumps(worker_id), repr(now), repr(now + lease_s), str(max_attempts),
-                json.dumps(iso_now(now)), json.dumps(error), json.dumps(iso_now(now)), str(self.job_ttl_s)]
+        error = json.dumps({"code": str(ErrorCode.INTERNAL),
+                            "message": f"worker lost during the last of {max_attempts} attempts"})
+        stamp = json.dumps(iso_now(now))
+        common = [json.dumps(worker_id), repr(now), repr(now + lease_s), str(max_attempts), stamp, error, stamp,
+                  str(self.job_ttl_s)]
         with _redis_errors(self):
-            outcome, detail = self._claim(keys=[self.job_key(job_id), self.key(RUNNING_KEY)], args=args)
-        outcome, detail = outcome.decode(), detail.decode()
-        if outcome == "claimed":
-            return Claim("claimed", attempts=int(detail), state=JobState.RUNNING)
-        state = JobState(json.loads(detail)) if detail else None
-        return Claim(outcome, state=state)
+            pipe = self.redis.pipeline(transaction=False)
+            for job_id in job_ids:
+                self._claim(keys=[self.job_key(job_id), self.key(RUNNING_KEY)], args=[job_id, *common],
+                            client=pipe)
+            results = pipe.execute()
+        claims = []
+        for result in results:
+            outcome, detail = result[0].decode(), result[1].decode()
+            if outcome == "claimed":
+                raw = dict(zip(result[2::2], result[3::2], strict=True))
+                claims.append(Claim("claimed", attempts=int(detail), state=JobState.RUNNING,
+                                    job=Job.from_redis(raw)))
+            else:
+                claims.append(Claim(outcome, state=JobState(json.loads(detail)) if detail else None))
+        return claims
 
     def renew_leases(self, worker_id: str, job_ids: Sequence[str], *, lease_s: float) -> list[str]:
         """Push the leases of jobs this worker runs `lease_s` ahead; returns the ids it no longer holds."""

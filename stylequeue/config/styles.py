@@ -9,6 +9,7 @@ import hashlib
 import os
 import re
 import threading
+import time
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -133,27 +134,38 @@ def parse_registry(path: str | Path) -> dict[str, StyleSpec]:
 
 
 class StyleCatalog:
-    """The registry as producers see it: names -> StyleSpec, re-read when the file changes."""
+    """The registry as producers and workers see it: names -> StyleSpec, re-read when the file changes.
 
-    def __init__(self, path: str | Path | None) -> None:
+    The file's mtime is looked at most every `recheck_s` seconds: `get` sits on every job's path.
+    """
+
+    def __init__(self, path: str | Path | None, *, recheck_s: float = 1.0) -> None:
         self.path = Path(path) if path else BUNDLED_REGISTRY
+        self.recheck_s = recheck_s
         self._lock = threading.Lock()
         self._mtime: float | None = None
+        self._checked = float("-inf")
         self._styles: dict[str, StyleSpec] = {}
 
-    def all(self) -> dict[str, StyleSpec]:
+    def _current(self) -> dict[str, StyleSpec]:
+        now = time.monotonic()
         with self._lock:
-            try:
-                mtime = self.path.stat().st_mtime
-            except OSError:
-                mtime = None
-            if mtime is None or mtime != self._mtime:
-                self._styles = parse_registry(self.path)
-                self._mtime = mtime
-            return dict(self._styles)
+            if now - self._checked >= self.recheck_s or not self._styles:
+                try:
+                    mtime: float | None = self.path.stat().st_mtime
+                except OSError:
+                    mtime = None
+                if mtime is None or mtime != self._mtime:
+                    self._styles = parse_registry(self.path)
+                    self._mtime = mtime
+                self._checked = now
+            return self._styles
+
+    def all(self) -> dict[str, StyleSpec]:
+        return dict(self._current())
 
     def get(self, name: str) -> StyleSpec:
-        styles = self.all()
+        styles = self._current()
         if name not in styles:
             known = ", ".join(sorted(styles)) or "none"
             raise UnknownStyle(f"unknown style {name!r}; registered styles: {known}")

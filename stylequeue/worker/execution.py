@@ -13,7 +13,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 import numpy as np
@@ -43,6 +43,7 @@ class _Running:
     job_id: str
     priority: int
     attempts: int
+    job: Job
     claimed_at: float = field(default_factory=time.monotonic)
     started: bool = False
     abandoned: bool = False
@@ -94,18 +95,17 @@ class JobExecutor:
         """
         if self._stopping:
             return list(job_ids)
-        for job_id in job_ids:
-            with self._lock:
-                if job_id in self._running:
-                    continue
-            claim = self.store.claim(job_id, self.worker_id, lease_s=self.lease_s, max_attempts=MAX_ATTEMPTS)
-            if claim.outcome == "claimed":
+        with self._lock:
+            fresh = [job_id for job_id in job_ids if job_id not in self._running]
+        for job_id, claim in zip(fresh, self.store.claim_many(fresh, self.worker_id, lease_s=self.lease_s,
+                                                               max_attempts=MAX_ATTEMPTS), strict=True):
+            if claim.outcome == "claimed" and claim.job is not None:
                 with self._lock:
-                    self._running[job_id] = _Running(job_id, priority, claim.attempts)
+                    self._running[job_id] = _Running(job_id, priority, claim.attempts, claim.job)
                 self._queue.put((priority, next(self._seq), job_id))
             elif claim.outcome == "failed":
                 log.warning("job %s: failed, its worker was lost on the last attempt", job_id)
-                self._finished(job_id)
+                self._notify(job_id)
             elif claim.outcome == "missing":
                 log.warning("job %s: no such job (expired or never created); message dropped", job_id)
             else:
@@ -200,9 +200,8 @@ class JobExecutor:
             self._idle.notify_all()
 
     def _run(self, running: _Running) -> None:
-        job_id = running.job_id
-        job = self.store.get(job_id)
-        if job.state != JobState.RUNNING or job.owner != self.worker_id:
+        job_id, job = running.job_id, running.job
+        if self._is_abandoned(job_id):  # cancelled while it waited here
             return
         timings: dict[str, float] = {}
         if job.started_at:
@@ -236,14 +235,11 @@ class JobExecutor:
             if not self._is_abandoned(job_id):
                 self._fail(job_id, running.attempts, InternalError(f"{type(exc).__name__}: {exc}"))
             return
-        done = self.store.transition(
-            job_id, JobState.RUNNING, JobState.SUCCEEDED, owner=self.worker_id,
-            width=prepared.width, height=prepared.height, model=model, timings_ms=timings,
-            output_bytes=len(encoded), error=None,
-        )
-        if done:
-            log.info("job %s: succeeded in %.0f ms -> %s", job_id, sum(timings.values()), job.output_uri)
-            self._notify(job_id)
+        result = dict(width=prepared.width, height=prepared.height, model=model, timings_ms=timings,
+                      output_bytes=len(encoded), error=None)
+        if self.store.transition(job_id, JobState.RUNNING, JobState.SUCCEEDED, owner=self.worker_id, **result):
+            log.debug("job %s: succeeded in %.0f ms -> %s", job_id, sum(timings.values()), job.output_uri)
+            self._notify(job_id, replace(job, state=JobState.SUCCEEDED, **result))
         else:
             self._discard(job_id, job.output_uri)
 
@@ -285,8 +281,8 @@ class JobExecutor:
             log.info("job %s: failed: %s: %s", job_id, error.code, error.message)
             self._notify(job_id)
 
-    def _notify(self, job_id: str) -> None:
+    def _notify(self, job_id: str, job: Job | None = None) -> None:
         try:
-            self.on_finished(self.store.get(job_id))
+            self.on_finished(job if job is not None else self.store.get(job_id))
         except Exception:
             log.exception("job %s: after-finish hook failed", job_id)

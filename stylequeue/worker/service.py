@@ -97,7 +97,7 @@ class WorkerService:
         if self.options.metrics_port:
             self.metrics.serve(self.options.metrics_port)
             log.info("metrics on :%d/metrics", self.options.metrics_port)
-        threads = self.options.threads or 2 * self.settings.max_batch + 2
+        threads = self.options.threads or min(32, 2 * self.settings.max_batch + 2)
         self._storage = Storage(self.settings, max_pool_connections=max(32, threads + 4))
         if self.options.models:
             self._start_models(threads)
