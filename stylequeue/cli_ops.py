@@ -1,0 +1,218 @@
+"""The operator's commands of `stylequeue`: worker, demo, serve, train, export, models import.
+
+They register on the same Typer app as the job commands in cli.py (which imports this module).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from stylequeue.cli import EXIT_OK, ConfigOpt, DebugOpt, app, err, models_app, out, run
+from stylequeue.errors import ConfigError
+
+# --- worker --------------------------------------------------------------------------------------
+
+
+def setup_logging(level: str) -> None:
+    import logging
+
+    logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+@app.command()
+def worker(
+    device: Annotated[str | None, typer.Option(help="cpu or gpu:N (default: STYLEQUEUE_DEVICE).")] = None,
+    gpus: Annotated[str | None, typer.Option(help="Supervise one worker process per GPU, e.g. 0,1.")] = None,
+    styles: Annotated[str | None, typer.Option(help="Styles to load before consuming, e.g. a,b (default all).")] = None,
+    max_batch: Annotated[int | None, typer.Option(help="Largest batch (STYLEQUEUE_MAX_BATCH).")] = None,
+    max_wait_ms: Annotated[float | None, typer.Option(help="Longest wait for batch-mates.")] = None,
+    concurrency: Annotated[int, typer.Option(help="Job threads for fetch/decode/encode/store (0 = auto).")] = 0,
+    metrics_port: Annotated[int | None, typer.Option(help="Serve Prometheus metrics on this port.")] = None,
+    no_callbacks: Annotated[bool, typer.Option("--no-callbacks", help="Do not deliver webhooks.")] = False,
+    callbacks_only: Annotated[bool, typer.Option("--callbacks-only", help="Deliver webhooks only; no model.")] = False,
+    hostname: Annotated[str | None, typer.Option(help="Celery node name (default stylequeue-DEVICE@HOST).")] = None,
+    loglevel: Annotated[str, typer.Option(help="Log level.")] = "info",
+    config: ConfigOpt = None,
+    debug: DebugOpt = False,
+) -> None:
+    """Run a worker: load models once, consume jobs in batches, store results, send callbacks."""
+
+    def body() -> int:
+        if gpus:
+            return supervise_gpus(gpus)
+        from stylequeue.config.settings import load_settings
+        from stylequeue.worker.devices import pin_device
+
+        settings = load_settings(config, device=device, max_batch=max_batch, max_wait_ms=max_wait_ms)
+        pin_device(settings.device)  # before anything imports Paddle
+        setup_logging(loglevel)
+        from stylequeue.worker import tasks
+        from stylequeue.worker.app import make_celery_app
+        from stylequeue.worker.service import WorkerOptions, WorkerService
+
+        options = WorkerOptions(
+            styles=[s.strip() for s in styles.split(",") if s.strip()] if styles else None,
+            threads=concurrency, models=not callbacks_only, callbacks=not no_callbacks,
+            metrics_port=metrics_port, lease_s=settings.lease_s,
+        )
+        celery_app = make_celery_app(settings)
+        # Build (and load models) before Celery starts, so a bad setup exits 2/4 in one line.
+        tasks.install(WorkerService(settings, options, celery_app).start())
+        node = hostname or f"stylequeue-{settings.device.replace(':', '')}-{options.worker_id}@%h"
+        celery_worker = celery_app.Worker(
+            hostname=node, pool_cls="threads", concurrency=8, queues=options.queues, loglevel=loglevel.upper(),
+            without_mingle=True, without_gossip=True, optimization="fair",
+        )
+        celery_worker.start()
+        return int(celery_worker.exitcode or 0)
+
+    run(debug, body)
+
+
+def without_options(argv: list[str], names: tuple[str, ...]) -> list[str]:
+    """argv minus `--name value` and `--name=value` for each name."""
+    kept, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg in names:
+            skip = True
+        elif not arg.startswith(tuple(f"{n}=" for n in names)):
+            kept.append(arg)
+    return kept
+
+
+def supervise_gpus(gpus: str) -> int:
+    """`--gpus 0,1`: one `stylequeue worker --device gpu:N` child per GPU, restarted if it crashes."""
+    from stylequeue.worker.devices import Supervisor
+
+    ids = [g.strip() for g in gpus.split(",") if g.strip()]
+    if not ids or not all(g.isdigit() for g in ids):
+        raise ConfigError(f"--gpus takes GPU indices separated by commas, e.g. 0,1; got {gpus!r}")
+    passthrough = without_options(sys.argv[2:], ("--gpus", "--device", "--hostname"))
+    children = {
+        f"gpu{g}": [sys.executable, "-m", "stylequeue", "worker", "--device", f"gpu:{g}",
+                    "--hostname", f"stylequeue-gpu{g}@%h", *passthrough]
+        for g in ids
+    }
+    setup_logging("info")
+    return Supervisor(children).run()
+
+
+# --- one-machine use, models, training -------------------------------------------------------
+
+
+@app.command()
+def demo(
+    out_dir: Annotated[Path, typer.Option("--out", help="Where inputs, outputs and the contact sheet go.")] = Path(
+        "stylequeue-demo"),
+    style: Annotated[str | None, typer.Option(help="Style to show (default: the bundled demo style).")] = None,
+    config: ConfigOpt = None,
+    debug: DebugOpt = False,
+) -> None:
+    """End to end with no setup: private Redis, a worker, sample photos, callbacks, a before/after sheet."""
+
+    def body() -> int:
+        from stylequeue.config.settings import load_settings
+        from stylequeue.demo import run_demo
+
+        settings = load_settings(config)
+        run_demo(out_dir, style=style, registry=settings.styles)
+        return EXIT_OK
+
+    run(debug, body)
+
+
+@app.command()
+def serve(
+    data: Annotated[Path, typer.Option(help="Data directory (Redis AOF, outputs, logs).")] = Path("stylequeue-data"),
+    styles: Annotated[str | None, typer.Option(help="Styles to preload, e.g. a,b.")] = None,
+    debug: DebugOpt = False,
+) -> None:
+    """All-in-one for a single machine: embedded Redis + a worker, until Ctrl-C."""
+
+    def body() -> int:
+        from stylequeue.demo import run_serve
+
+        return run_serve(data, worker_args=["--styles", styles] if styles else None)
+
+    run(debug, body)
+
+
+@app.command()
+def train(
+    recipe: Annotated[Path, typer.Argument(help="Training recipe (YAML or TOML).", show_default=False)],
+    fresh: Annotated[bool, typer.Option("--fresh", help="Start over instead of resuming the checkpoint.")] = False,
+    max_steps: Annotated[int | None, typer.Option(help="Stop after this many steps in this run.")] = None,
+    debug: DebugOpt = False,
+) -> None:
+    """Train a CycleGAN from a recipe; prints the registry entry of the trained style."""
+
+    def body() -> int:
+        from stylequeue.models.train import train as run_training
+
+        result = run_training(recipe, resume=not fresh, max_steps=max_steps, console=out)
+        out.print(f"checkpoint: {result.checkpoint_path}\nweights:    {result.weights_path}")
+        out.print("registry entry:")
+        sys.stdout.write(result.registry_toml)
+        return EXIT_OK
+
+    run(debug, body)
+
+
+@app.command()
+def export(
+    style: Annotated[str, typer.Option("--style", "-s", help="Registered style name.")],
+    fmt: Annotated[str, typer.Option("--format", help="paddle or onnx.")] = "paddle",
+    config: ConfigOpt = None,
+    debug: DebugOpt = False,
+) -> None:
+    """Export a style's generator for fast inference (cached by weights hash)."""
+
+    def body() -> int:
+        from stylequeue.config.settings import load_settings
+        from stylequeue.config.styles import StyleCatalog
+        from stylequeue.models.export import export_model
+
+        if fmt not in ("paddle", "onnx"):
+            raise ConfigError(f"--format must be paddle or onnx, got {fmt!r}")
+        settings = load_settings(config)
+        spec = StyleCatalog(settings.styles).get(style)
+        path = export_model(spec, fmt=fmt, cache_dir=settings.cache_dir)  # type: ignore[arg-type]
+        out.print(str(path))
+        return EXIT_OK
+
+    run(debug, body)
+
+
+@models_app.command("import")
+def models_import(
+    file: Annotated[Path, typer.Argument(help="PaddleGAN .pdparams or original-CycleGAN .pth.", show_default=False)],
+    style: Annotated[str, typer.Option("--style", "-s", help="Name for the style.")],
+    direction: Annotated[str, typer.Option(help="AtoB (netG_A) or BtoA (netG_B) for full checkpoints.")] = "AtoB",
+    dest: Annotated[Path | None, typer.Option(help="Where to write the converted weights.")] = None,
+    debug: DebugOpt = False,
+) -> None:
+    """Convert a checkpoint to a bare Paddle generator and print its registry entry.
+
+    Checkpoints are pickles: import only files you trust.
+    """
+
+    def body() -> int:
+        from stylequeue.models.weights import import_weights
+
+        if direction not in ("AtoB", "BtoA"):
+            raise ConfigError(f"--direction must be AtoB or BtoA, got {direction!r}")
+        if not file.exists():
+            raise ConfigError(f"{file} not found")
+        target = dest or file.with_name(f"{style}.pdparams")
+        snippet = import_weights(file, target, direction=direction, style=style)
+        err.print(f"wrote {target}; add this to your styles registry (STYLEQUEUE_STYLES):")
+        sys.stdout.write(snippet)
+        return EXIT_OK
+
+    run(debug, body)
