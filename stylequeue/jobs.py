@@ -9,6 +9,9 @@ Redis layout (every key starts with STYLEQUEUE_KEY_PREFIX, default `sq:`):
     {p}callbacks:due     zset  job id -> due time: webhook retries waiting to be re-sent
     {p}runtimes          hash  "{style}|{worker}" -> JSON runtime choice a worker published at load
     {p}workers           hash  worker id -> JSON heartbeat
+    {p}bulk:{run}        hash  a `stylequeue bulk` run: src_prefix, style, dst_prefix, created_at; job TTL
+    {p}bulk:{run}:jobs   hash  source key (relative to SRC_PREFIX) -> id of its latest job; job TTL
+    {p}bulk:{run}:lock   string  token of the live process of that run; expires unless renewed
 
 Every state change is a Lua script: it compares the current state (and owner) and writes in one
 step, so two workers racing on a job cannot both win.
@@ -49,6 +52,7 @@ RETRY_KEY = "retry"
 CALLBACK_DUE_KEY = "callbacks:due"
 RUNTIMES_KEY = "runtimes"
 WORKERS_KEY = "workers"
+BULK_KEY = "bulk:"
 
 MAX_ATTEMPTS = 3
 
