@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import base64
 import json
+import re
 import secrets
 import time
 from collections.abc import Iterable, Iterator, Sequence
@@ -92,7 +93,32 @@ def iso_now(at: float | None = None) -> str:
 
 
 def parse_iso(value: str) -> float:
-    return datetime.strptime(value, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=UTC).timestamp()
+    return datetime.fromisoformat(value).timestamp()  # 3.11 reads the trailing Z as UTC
+
+
+_PLAIN_TEXT = re.compile(r'[^"\\\x00-\x1f\x7f-\uffff]*\Z')
+
+
+def encode_value(value: Any) -> str:
+    """JSON for one hash field; the common cases (None, plain text, ints) without the json module."""
+    if value is None:
+        return "null"
+    if isinstance(value, str):
+        return f'"{value}"' if _PLAIN_TEXT.match(value) else json.dumps(value)
+    if isinstance(value, int) and not isinstance(value, bool):
+        return str(value)
+    return json.dumps(value)
+
+
+def decode_value(raw: bytes) -> Any:
+    """Inverse of encode_value (any JSON is accepted)."""
+    if raw == b"null":
+        return None
+    if raw[:1] == b'"' and b"\\" not in raw:
+        return raw[1:-1].decode()
+    if raw.isdigit():
+        return int(raw)
+    return json.loads(raw)
 
 
 # Order and names of the public JSON record (SPEC section 4); `output_url` is added when served.
@@ -143,14 +169,20 @@ class Job:
         return {name: data[name] for name in PUBLIC_FIELDS}
 
     def to_redis(self) -> dict[str, str]:
-        return {f.name: json.dumps(getattr(self, f.name)) for f in fields(self)}
+        return {name: encode_value(getattr(self, name)) for name in _JOB_FIELDS}
 
     @classmethod
     def from_redis(cls, raw: dict[bytes, bytes]) -> Job:
-        known = {f.name for f in fields(cls)}
-        values = {k.decode(): json.loads(v) for k, v in raw.items() if k.decode() in known}
+        values = {}
+        for key, value in raw.items():
+            name = key.decode()
+            if name in _JOB_FIELDS:
+                values[name] = decode_value(value)
         values["state"] = JobState(values["state"])
         return cls(**values)
+
+
+_JOB_FIELDS = frozenset(f.name for f in fields(Job))
 
 
 # --- Lua scripts ------------------------------------------------------------------------------
@@ -299,7 +331,7 @@ class Claim:
 def _encode_fields(values: dict[str, Any]) -> list[str]:
     flat: list[str] = []
     for name, value in values.items():
-        flat += [name, json.dumps(value.value if isinstance(value, JobState) else value)]
+        flat += [name, encode_value(value.value if isinstance(value, JobState) else value)]
     return flat
 
 

@@ -141,7 +141,7 @@ def test_s3_and_missing_weights_are_clear_errors(tmp_path: Path) -> None:
 
 def test_an_edited_registry_entry_is_loaded_again(tmp_path: Path, load_calls: list[str]) -> None:
     path = write_tiny_style(tmp_path, max_side=64)
-    registry = ModelRegistry(StyleCatalog(path), runtime="dygraph", cache_dir=tmp_path)
+    registry = ModelRegistry(StyleCatalog(path, recheck_s=0), runtime="dygraph", cache_dir=tmp_path)
     first = registry.get("tiny")
     path.write_text(path.read_text().replace("max_side = 64", "max_side = 32"))
     os.utime(path, (time.time() + 5, time.time() + 5))  # a visible mtime change on coarse filesystems

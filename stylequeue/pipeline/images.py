@@ -160,8 +160,13 @@ def from_array(array: np.ndarray) -> Image.Image:
 
 def encode_image(image: Image.Image, fmt: EncodeFormat) -> bytes:
     """Encode as JPEG (quality 92), PNG or WebP: sRGB, no EXIF, GPS or other metadata."""
-    clean = image.convert("RGB") if image.mode != "RGB" else image.copy()
-    clean.info = {}  # metadata carried from a decoded input must never reach an output
+    if image.mode != "RGB":
+        clean = image.convert("RGB")
+    elif image.info:
+        clean = image.copy()  # metadata carried from a decoded input must never reach an output
+    else:
+        clean = image  # fresh from from_array: nothing to strip, no copy needed
+    clean.info = {}
     out = io.BytesIO()
     if fmt == "jpeg":
         clean.save(out, "JPEG", quality=JPEG_QUALITY)

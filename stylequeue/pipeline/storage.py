@@ -14,6 +14,7 @@ URIs are taken literally (no percent-decoding): `s3://bucket/a b.jpg` names the 
 
 from __future__ import annotations
 
+import functools
 import http.client
 import os
 import re
@@ -22,6 +23,7 @@ import ssl
 import stat
 import tempfile
 import threading
+import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
@@ -134,10 +136,42 @@ def _writable_roots(settings: Settings) -> list[str]:
     return roots
 
 
+@functools.lru_cache(maxsize=256)
+def _real_root(root: str) -> str:
+    return os.path.realpath(root)
+
+
+_DIR_CACHE: dict[str, tuple[float, str]] = {}
+_DIR_CACHE_TTL_S = 2.0
+
+
+def _realpath(path: str) -> str:
+    """os.path.realpath, with the parent directory's resolution cached for a moment.
+
+    realpath lstat()s every component in Python; on a worker's hot path (every input and output)
+    that was the largest single cost. A final component that is a symlink is still resolved in full.
+    """
+    directory, name = os.path.split(path)
+    now = time.monotonic()
+    hit = _DIR_CACHE.get(directory)
+    if hit is None or now - hit[0] > _DIR_CACHE_TTL_S:
+        if len(_DIR_CACHE) > 4096:
+            _DIR_CACHE.clear()
+        hit = (now, os.path.realpath(directory))
+        _DIR_CACHE[directory] = hit
+    candidate = os.path.join(hit[1], name)
+    try:
+        if stat.S_ISLNK(os.lstat(candidate).st_mode):
+            return os.path.realpath(path)
+    except OSError:
+        pass
+    return candidate
+
+
 def _confine(path: str, roots: Sequence[str], uri: str, what: str) -> str:
     """`path` with symlinks resolved, if that lies inside one of `roots`; else InputForbidden."""
-    real = os.path.realpath(path)
-    if not _inside(real, [os.path.realpath(root) for root in roots]):
+    real = _realpath(path)
+    if not _inside(real, [_real_root(root) for root in roots]):
         raise InputForbidden(f"{uri} resolves outside {what}")
     return real
 
