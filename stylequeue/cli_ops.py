@@ -5,7 +5,10 @@ They register on the same Typer app as the job commands in cli.py (which imports
 
 from __future__ import annotations
 
+import contextlib
+import os
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated
 
@@ -52,7 +55,10 @@ def worker(
         setup_logging(loglevel)
         from stylequeue.worker import tasks
         from stylequeue.worker.app import make_celery_app
-        from stylequeue.worker.service import WorkerOptions, WorkerService
+        from stylequeue.worker.service import WorkerOptions, WorkerService, require_paddle
+
+        if not callbacks_only:
+            require_paddle()
 
         options = WorkerOptions(
             styles=[s.strip() for s in styles.split(",") if s.strip()] if styles else None,
@@ -164,6 +170,20 @@ def train(
     run(debug, body)
 
 
+@contextlib.contextmanager
+def stdout_to_stderr() -> Iterator[None]:
+    """Send everything written to file descriptor 1 (C++ libraries included) to stderr for a while."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    os.dup2(2, 1)
+    try:
+        yield
+    finally:
+        sys.stdout.flush()
+        os.dup2(saved, 1)
+        os.close(saved)
+
+
 @app.command()
 def export(
     style: Annotated[str, typer.Option("--style", "-s", help="Registered style name.")],
@@ -182,7 +202,8 @@ def export(
             raise ConfigError(f"--format must be paddle or onnx, got {fmt!r}")
         settings = load_settings(config)
         spec = StyleCatalog(settings.styles).get(style)
-        path = export_model(spec, fmt=fmt, cache_dir=settings.cache_dir)  # type: ignore[arg-type]
+        with stdout_to_stderr():  # paddle2onnx prints progress on fd 1; stdout carries only the path
+            path = export_model(spec, fmt=fmt, cache_dir=settings.cache_dir)  # type: ignore[arg-type]
         out.print(str(path))
         return EXIT_OK
 

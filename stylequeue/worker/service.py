@@ -55,9 +55,14 @@ class WorkerOptions:
 
 
 def require_paddle() -> None:
+    """Fail with one line naming what to install when this process cannot import Paddle."""
     import importlib.util
 
-    if importlib.util.find_spec("paddle") is None:
+    try:
+        found = importlib.util.find_spec("paddle") is not None
+    except (ImportError, ValueError):  # ValueError: a module blocked with sys.modules["paddle"] = None
+        found = False
+    if not found:
         raise PaddleMissing()
 
 

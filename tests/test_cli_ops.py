@@ -1,0 +1,161 @@
+"""The operator's commands through real subprocesses: export, models import, train, serve, worker set-up
+errors, and a worker started the Celery way (`celery -A stylequeue.worker.app worker`)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import paddle
+import pytest
+import redis
+
+from stylequeue import Client, JobState
+from stylequeue.config.styles import parse_registry
+from stylequeue.embedded import EmbeddedRedis, free_port
+from tests.workers import make_image, wait_for, worker_env
+
+pytestmark = pytest.mark.slow
+
+
+def cli(*args: str, env: dict[str, str] | None = None, timeout: float = 180) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "stylequeue", *args], env=env or dict(os.environ),
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def test_export_paddle_and_onnx(tiny_registry: Path, tmp_path: Path) -> None:
+    env = dict(os.environ, STYLEQUEUE_STYLES=str(tiny_registry), STYLEQUEUE_CACHE_DIR=str(tmp_path / "cache"))
+    paddle_dir = Path(cli("export", "--style", "tiny", env=env).stdout.strip())
+    assert paddle_dir.is_dir() and any(p.suffix == ".pdiparams" for p in paddle_dir.iterdir())
+    result = cli("export", "--style", "tiny", "--format", "onnx", env=env)
+    assert result.returncode == 0, result.stderr
+    onnx_dir = Path(result.stdout.strip())
+    assert any(p.suffix == ".onnx" for p in onnx_dir.iterdir())
+    assert cli("export", "--style", "nope", env=env).returncode == 2
+    assert cli("export", "--style", "tiny", "--format", "tflite", env=env).returncode == 2
+
+
+def test_models_import_a_paddlegan_checkpoint(tmp_path: Path) -> None:
+    from stylequeue.models.generator import ResnetGenerator
+
+    paddle.seed(5)
+    g_a, g_b = ResnetGenerator(ngf=8, n_blocks=2), ResnetGenerator(ngf=8, n_blocks=2)
+    checkpoint = tmp_path / "cyclegan.pdparams"
+    paddle.save({"netG_A": g_a.state_dict(), "netG_B": g_b.state_dict(), "netD_A": {}, "netD_B": {}, "epoch": 3},
+                str(checkpoint))
+    result = cli("models", "import", str(checkpoint), "--style", "mine", "--direction", "BtoA",
+                 "--dest", str(tmp_path / "mine.pdparams"))
+    assert result.returncode == 0, result.stderr
+    registry = tmp_path / "styles.toml"
+    registry.write_text(result.stdout)
+    spec = parse_registry(registry)["mine"]
+    assert (spec.ngf, spec.n_blocks) == (8, 2)
+    imported = paddle.load(spec.weights)
+    for key, value in g_b.state_dict().items():
+        np.testing.assert_array_equal(imported[key].numpy(), value.numpy())
+    missing = cli("models", "import", str(tmp_path / "absent.pth"), "--style", "x")
+    assert missing.returncode == 2 and "not found" in missing.stderr
+
+
+def test_train_command_runs_a_recipe(tmp_path: Path) -> None:
+    for domain, seed in (("trainA", 1), ("trainB", 2)):
+        folder = tmp_path / "data" / domain
+        folder.mkdir(parents=True)
+        for i in range(2):
+            (folder / f"{i}.png").write_bytes(make_image(40, 40, seed=seed * 10 + i))
+    recipe = tmp_path / "r.toml"
+    recipe.write_text('name = "cli-ink"\ndata_dir = "data"\noutput_dir = "out"\nsteps = 2\ncrop_size = 32\n'
+                      'ngf = 4\nn_blocks = 1\nndf = 4\ncheckpoint_every = 1\nthreads = 1\n')
+    result = cli("train", str(recipe))
+    assert result.returncode == 0, result.stderr
+    assert "[styles.cli-ink]" in result.stdout
+    assert (tmp_path / "out" / "checkpoint.pdparams").exists()
+    bad = tmp_path / "bad.toml"
+    bad.write_text('name = "x"\ndata_dir = "data"\nsteps = -1\n')
+    refused = cli("train", str(bad))
+    assert refused.returncode == 2 and "steps" in refused.stderr
+
+
+def test_worker_without_paddle_exits_2_naming_the_package(tmp_path: Path, tiny_registry: Path) -> None:
+    blocker = tmp_path / "blocker"
+    blocker.mkdir()
+    (blocker / "sitecustomize.py").write_text("import sys\nsys.modules['paddle'] = None\n")
+    env = dict(os.environ, PYTHONPATH=str(blocker), STYLEQUEUE_STYLES=str(tiny_registry),
+               STYLEQUEUE_REDIS_URL=f"redis://127.0.0.1:{free_port()}/0")
+    result = cli("worker", env=env, timeout=60)
+    assert result.returncode == 2
+    assert "stylequeue[cpu]" in result.stderr and "paddlepaddle-gpu" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_worker_with_unreachable_redis_exits_4(tiny_registry: Path) -> None:
+    port = free_port()
+    env = dict(os.environ, STYLEQUEUE_STYLES=str(tiny_registry), STYLEQUEUE_REDIS_URL=f"redis://127.0.0.1:{port}/0")
+    result = cli("worker", env=env, timeout=60)
+    assert result.returncode == 4 and str(port) in result.stderr
+
+
+def test_worker_with_unknown_style_exits_2(redis_url: str, tiny_registry: Path) -> None:
+    env = dict(os.environ, STYLEQUEUE_STYLES=str(tiny_registry), STYLEQUEUE_REDIS_URL=redis_url)
+    result = cli("worker", "--styles", "tiny,nope", env=env, timeout=60)
+    assert result.returncode == 2 and "nope" in result.stderr
+
+
+def test_worker_started_the_celery_way(redis_server: EmbeddedRedis, tiny_registry: Path, tmp_path: Path) -> None:
+    url = redis_server.url.rsplit("/", 1)[0] + "/4"
+    redis.Redis.from_url(url).flushdb()
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    (inputs / "a.png").write_bytes(make_image(50, 30))
+    env = worker_env(url, tiny_registry, f"file://{tmp_path}/out", input_roots=str(inputs))
+    log = open(tmp_path / "celery.log", "wb")
+    worker = subprocess.Popen([sys.executable, "-m", "celery", "-A", "stylequeue.worker.app", "worker", "-P", "threads",
+                               "-Q", "stylequeue.interactive,stylequeue.bulk,stylequeue.callbacks",
+                               "--without-mingle", "--without-gossip", "-l", "info"],
+                              env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        client = Client(redis_url=url, styles=tiny_registry, storage_url=f"file://{tmp_path}/out",
+                        input_roots=str(inputs))
+        job = client.wait(client.submit(f"file://{inputs}/a.png", style="tiny").id, timeout=120)
+        assert job.state == JobState.SUCCEEDED, (tmp_path / "celery.log").read_text()[-2000:]
+        assert (job.width, job.height) == (52, 32)
+    finally:
+        worker.send_signal(signal.SIGTERM)
+        worker.wait(60)
+        log.close()
+
+
+def test_serve_runs_redis_and_a_worker_until_stopped(tmp_path: Path, tiny_registry: Path) -> None:
+    inputs = tmp_path / "data" / "in"
+    inputs.mkdir(parents=True)
+    (inputs / "a.png").write_bytes(make_image(64, 64))
+    env = dict(os.environ, STYLEQUEUE_STYLES=str(tiny_registry), STYLEQUEUE_RUNTIME="dygraph",
+               STYLEQUEUE_INPUT_ROOTS=str(inputs))
+    serve = subprocess.Popen([sys.executable, "-m", "stylequeue", "serve", "--data", str(tmp_path / "data")],
+                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        url = None
+        deadline = time.monotonic() + 120
+        while url is None and time.monotonic() < deadline:
+            line = serve.stdout.readline()
+            if "STYLEQUEUE_REDIS_URL=" in line:
+                url = line.strip().split("STYLEQUEUE_REDIS_URL=", 1)[1]
+        assert url, "serve never printed its Redis URL"
+        client = Client(redis_url=url, styles=tiny_registry, storage_url=f"file://{tmp_path}/data",
+                        input_roots=str(inputs))
+        job = client.wait(client.submit(f"file://{inputs}/a.png", style="tiny").id, timeout=60)
+        assert job.state == JobState.SUCCEEDED
+        assert Path(job.output_uri.removeprefix("file://")).exists()
+        assert (tmp_path / "data" / "redis" / "appendonlydir").exists() or \
+            any((tmp_path / "data" / "redis").glob("*.aof"))
+    finally:
+        serve.send_signal(signal.SIGTERM)
+        assert serve.wait(90) == 0
+    assert wait_for(lambda: not any(str(tmp_path) in open(f"/proc/{p}/cmdline").read()
+                                    for p in os.listdir("/proc") if p.isdigit() and os.path.exists(f"/proc/{p}")),
+                    timeout=10)
