@@ -121,14 +121,18 @@ class Client:
     def submit_many(self, input_uris: Sequence[str], style: str, *, callback_url: str | None = None,
                     output_prefix: str | None = None, priority: str = "bulk",
                     metadata: dict[str, Any] | None = None,
-                    chunk_size: int = messages.BULK_CHUNK_SIZE) -> list[Job]:
+                    chunk_size: int = messages.BULK_CHUNK_SIZE,
+                    output_uris: Sequence[str] | None = None) -> list[Job]:
         """Create many jobs with one pipelined Redis round trip per chunk and one message per chunk.
 
         `output_prefix` (e.g. `s3://out/ink/`) places outputs at `{prefix}{job_id}.{ext}`; by default they
-        go under the storage URL like single submits.
+        go under the storage URL like single submits. `output_uris`, one per input, names each output
+        exactly instead (what `stylequeue bulk` uses, so a rerun overwrites rather than duplicates).
         """
         if not input_uris:
             return []
+        if output_uris is not None and len(output_uris) != len(input_uris):
+            raise ConfigError(f"{len(output_uris)} output URIs for {len(input_uris)} inputs: give one per input")
         spec = self._validate(input_uris[0], style, None, callback_url, priority, metadata)
         from stylequeue.pipeline.storage import check_input_uri, check_output_uri
 
@@ -137,10 +141,13 @@ class Client:
         jobs: list[Job] = []
         for start in range(0, len(input_uris), chunk_size * 8):
             batch: list[Job] = []
-            for uri in input_uris[start:start + chunk_size * 8]:
+            for index, uri in enumerate(input_uris[start:start + chunk_size * 8], start):
                 check_input_uri(uri, self.settings)
-                job = self._new_job(spec, uri, None, callback_url, priority, metadata)
-                if output_prefix is not None:
+                output_uri = output_uris[index] if output_uris is not None else None
+                if output_uri is not None:
+                    check_output_uri(output_uri, self.settings)
+                job = self._new_job(spec, uri, output_uri, callback_url, priority, metadata)
+                if output_uri is None and output_prefix is not None:
                     job.output_uri = f"{output_prefix.rstrip('/')}/{job.id}.{spec.extension}"
                 batch.append(job)
             self.store.create_many(batch)
