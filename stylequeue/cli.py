@@ -279,6 +279,39 @@ def styles(as_json: JsonOpt = False, config: ConfigOpt = None, debug: DebugOpt =
     run(debug, body)
 
 
+@app.command()
+def bulk(
+    src_prefix: Annotated[str, typer.Argument(help="Where the photos are: s3://bucket/prefix/ or file:///dir/.",
+                                              metavar="SRC_PREFIX", show_default=False)],
+    style: Annotated[str, typer.Option("--style", "-s", help="Registered style name.")],
+    output: Annotated[str, typer.Option("--output", "-o", help="DST_PREFIX: outputs go to DST_PREFIX/<key>.<ext>.")],
+    resume: Annotated[bool, typer.Option("--resume", help="Continue the earlier run of SRC, style, DST.")] = False,
+    max_in_flight: Annotated[int, typer.Option(help="Most jobs of this run unfinished at once.", min=1)] = 2000,
+    limit: Annotated[int | None, typer.Option(help="Submit at most N jobs now; --resume does the rest.", min=0)] = None,
+    failures: Annotated[Path | None, typer.Option(help="Write failed inputs here, one JSON object a line.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the final report as JSON.")] = False,
+    config: ConfigOpt = None,
+    debug: DebugOpt = False,
+) -> None:
+    """Restyle every image under SRC_PREFIX into DST_PREFIX, resumably; exit 1 if any failed, 130 on Ctrl-C."""
+
+    def body() -> int:
+        from stylequeue.producer.bulk import print_report, run_bulk, write_failures
+
+        client = make_client(config)
+        report = run_bulk(client, src_prefix, style=style, dst_prefix=output, resume=resume,
+                          max_in_flight=max_in_flight, limit=limit, console=err)
+        if failures is not None:
+            write_failures(report.failures, failures)
+        if as_json:
+            sys.stdout.write(json.dumps(report.to_dict(), indent=2) + "\n")
+        else:
+            print_report(report, out)
+        return report.exit_code
+
+    run(debug, body)
+
+
 def _register_operator_commands() -> None:
     # worker, demo, serve, train, export, models import: the operator's commands live in cli_ops.py.
     import stylequeue.cli_ops  # noqa: F401

@@ -1,0 +1,454 @@
+"""`stylequeue bulk`: restyle every image under a prefix, resumably, with a bounded number of unfinished jobs.
+
+A run is named by (SRC_PREFIX, style, DST_PREFIX). Its record in Redis (the `bulk:{run}` keys of jobs.py)
+maps each source key to its latest job, so `--resume` skips sources whose job succeeded, waits for those
+still queued or running, and resubmits those that failed, were cancelled or whose record expired.
+
+Outputs are deterministic: `DST_PREFIX/<source key relative to SRC_PREFIX, suffix replaced by the style's
+extension>` (see `output_keys`), so a rerun overwrites rather than duplicates. Objects already at an
+output key are not looked for: only the run record says what this run made, and an older object there
+may come from other weights; it is overwritten.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import posixpath
+import secrets
+import shlex
+import signal
+import socket
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from types import FrameType
+from typing import TYPE_CHECKING, Any
+
+from stylequeue.config.settings import file_uri_path
+from stylequeue.errors import ConfigError
+from stylequeue.jobs import BULK_KEY, JobState, RedisJobStore, _redis_errors, iso_now
+from stylequeue.worker import messages
+
+if TYPE_CHECKING:
+    from rich.console import Console
+
+    from stylequeue.pipeline.storage import Storage
+    from stylequeue.producer.client import Client
+
+IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif"})
+LOCK_TTL_S = 30
+SUBMIT_BATCH = 1024  # most jobs created per turn of the loop, so finished jobs are counted between turns
+POLL_PAGE = 1000
+EXIT_INTERRUPTED = 130
+
+
+def is_image_key(key: str) -> bool:
+    """Whether an object key looks like an image by its suffix (case-insensitive)."""
+    return posixpath.splitext(key)[1].lower() in IMAGE_SUFFIXES
+
+
+def output_keys(source_keys: Iterable[str], extension: str) -> dict[str, str]:
+    """Each source key's output key: `a/cat.JPG` -> `a/cat.png` for a png style.
+
+    Where sources would share an output (`cat.jpg` and `cat.png`), each of them keeps its own suffix
+    (`cat.jpg.png`, `cat.png.png`), so no source's output overwrites another's.
+    """
+    chosen = {key: posixpath.splitext(key)[0] + "." + extension for key in source_keys}
+    while True:
+        owners = Counter(chosen.values())
+        clashing = [key for key, out in chosen.items() if owners[out] > 1 and out != f"{key}.{extension}"]
+        if not clashing:
+            return chosen
+        for key in clashing:  # keys plus a suffix are distinct, so this ends
+            chosen[key] = f"{key}.{extension}"
+
+
+def normalise_prefix(uri: str) -> str:
+    """A prefix as a folder: ending in '/', and for file:// the absolute real path."""
+    if uri.startswith("file://"):
+        uri = "file://" + os.path.realpath(file_uri_path(uri))
+    return uri if uri.endswith("/") else uri + "/"
+
+
+def run_id(src_prefix: str, style: str, dst_prefix: str) -> str:
+    """The run's name in Redis: a hash of its normalised identity."""
+    identity = json.dumps([normalise_prefix(src_prefix), style, normalise_prefix(dst_prefix)])
+    return hashlib.sha256(identity.encode()).hexdigest()[:16]
+
+
+@dataclass
+class BulkFailure:
+    """An input whose job did not succeed; `code` is the job's error code, `cancelled` or `missing`."""
+
+    input_uri: str
+    output_uri: str
+    job_id: str
+    code: str
+    message: str
+
+
+@dataclass
+class BulkReport:
+    """What a `run_bulk` call did; updated live while it runs (`on_progress` sees it)."""
+
+    run_id: str
+    src_prefix: str
+    style: str
+    dst_prefix: str
+    total: int = 0  # images under SRC_PREFIX
+    ignored: int = 0  # other objects there
+    skipped: int = 0  # succeeded in an earlier invocation of the run
+    submitted: int = 0  # jobs this invocation created
+    succeeded: int = 0
+    failures: list[BulkFailure] = field(default_factory=list)
+    in_flight: int = 0  # jobs of the run not finished yet
+    not_submitted: int = 0  # images left for a later --resume (Ctrl-C or `limit`)
+    elapsed_s: float = 0.0
+    interrupted: bool = False
+    resumed: bool = False
+
+    @property
+    def failed(self) -> int:
+        return len(self.failures)
+
+    @property
+    def failed_by_code(self) -> dict[str, int]:
+        return dict(sorted(Counter(f.code for f in self.failures).items()))
+
+    @property
+    def images_per_s(self) -> float:
+        return (self.succeeded + self.failed) / self.elapsed_s if self.elapsed_s > 0 else 0.0
+
+    @property
+    def exit_code(self) -> int:
+        """130 when interrupted, 1 when an input failed, else 0."""
+        return EXIT_INTERRUPTED if self.interrupted else (1 if self.failures else 0)
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data.update(failed=self.failed, failed_by_code=self.failed_by_code,
+                    images_per_s=round(self.images_per_s, 3), elapsed_s=round(self.elapsed_s, 3),
+                    resume_command=resume_command(self))
+        return data
+
+
+# Compare-and-act on the lock, so a process never renews or frees a lock another one holds.
+_RENEW_LOCK = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('EXPIRE', KEYS[1], ARGV[2]) end " \
+              "return redis.call('SET', KEYS[1], ARGV[1], 'NX', 'EX', ARGV[2]) and 1 or 0"
+_RELEASE_LOCK = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0"
+
+
+class RunRecord:
+    """A run's keys in Redis: identity (`bulk:{run}`), source -> job id (`:jobs`), live process (`:lock`)."""
+
+    def __init__(self, store: RedisJobStore, run: str) -> None:
+        self.store = store
+        self.redis = store.redis
+        self.meta_key = store.key(BULK_KEY + run)
+        self.jobs_key = self.meta_key + ":jobs"
+        self.lock_key = self.meta_key + ":lock"
+        self.token = f"pid {os.getpid()} on {socket.gethostname()} ({secrets.token_hex(4)})"
+
+    def acquire(self) -> None:
+        """Become the run's one live process; ConfigError while another holds it."""
+        with _redis_errors(self.store):
+            if self.redis.set(self.lock_key, self.token, nx=True, ex=LOCK_TTL_S):
+                return
+            holder, ttl = self.redis.get(self.lock_key), self.redis.ttl(self.lock_key)
+        who = holder.decode() if isinstance(holder, bytes) else "another process"
+        raise ConfigError(f"this bulk run is already running ({who}); wait for it or stop it "
+                          f"(if it died, its claim lapses in {max(int(ttl), 1)} s)")
+
+    def renew(self) -> None:
+        with _redis_errors(self.store):
+            pipe = self.redis.pipeline(transaction=False)
+            pipe.eval(_RENEW_LOCK, 1, self.lock_key, self.token, LOCK_TTL_S)
+            pipe.expire(self.meta_key, self.store.job_ttl_s)
+            pipe.expire(self.jobs_key, self.store.job_ttl_s)
+            held = pipe.execute()[0]
+        if not held:
+            raise ConfigError("another `stylequeue bulk` took this run over while this one stalled; stopping")
+
+    def release(self) -> None:
+        with _redis_errors(self.store):
+            self.redis.eval(_RELEASE_LOCK, 1, self.lock_key, self.token)
+
+    def describe(self) -> str | None:
+        """'created at ..., N sources recorded' when the run exists, else None."""
+        with _redis_errors(self.store):
+            created, count = self.redis.hget(self.meta_key, "created_at"), self.redis.hlen(self.jobs_key)
+        if not isinstance(created, bytes):
+            return None
+        return f"started {created.decode()}, {count} inputs recorded"
+
+    def create(self, report: BulkReport) -> None:
+        with _redis_errors(self.store):
+            pipe = self.redis.pipeline(transaction=False)
+            pipe.hsetnx(self.meta_key, "created_at", iso_now())
+            pipe.hset(self.meta_key, mapping={"src_prefix": report.src_prefix, "style": report.style,
+                                              "dst_prefix": report.dst_prefix, "updated_at": iso_now()})
+            pipe.expire(self.meta_key, self.store.job_ttl_s)
+            pipe.execute()
+
+    def load(self) -> dict[str, str]:
+        """Source key -> id of its latest job."""
+        with _redis_errors(self.store):
+            return {k.decode(): v.decode() for k, v in self.redis.hscan_iter(self.jobs_key, count=POLL_PAGE)}
+
+    def add(self, job_ids: dict[str, str]) -> None:
+        with _redis_errors(self.store):
+            pipe = self.redis.pipeline(transaction=False)
+            pipe.hset(self.jobs_key, items=[item for pair in job_ids.items() for item in pair])
+            pipe.expire(self.jobs_key, self.store.job_ttl_s)
+            pipe.hset(self.meta_key, "updated_at", iso_now())
+            pipe.expire(self.meta_key, self.store.job_ttl_s)
+            pipe.execute()
+
+
+def job_states(store: RedisJobStore, job_ids: list[str]) -> list[tuple[str | None, dict[str, str] | None]]:
+    """(state, error) of each job, None for a missing record: pipelined HMGETs, `POLL_PAGE` a round trip."""
+    found: list[tuple[str | None, dict[str, str] | None]] = []
+    for start in range(0, len(job_ids), POLL_PAGE):
+        with _redis_errors(store):
+            pipe = store.redis.pipeline(transaction=False)
+            for job_id in job_ids[start:start + POLL_PAGE]:
+                pipe.hmget(store.job_key(job_id), "state", "error")
+            for state, error in pipe.execute():
+                found.append((json.loads(state) if state else None, json.loads(error) if error else None))
+    return found
+
+
+def list_sources(storage: Storage, src_prefix: str, *,
+                 every_1000: Callable[[], None] | None = None) -> tuple[dict[str, str], int]:
+    """(source key relative to the prefix -> its URI for every image, number of other objects)."""
+    sources: dict[str, str] = {}
+    ignored = 0
+    for count, uri in enumerate(storage.list(src_prefix), 1):
+        if every_1000 is not None and count % 1000 == 0:
+            every_1000()  # a listing of 100k objects takes longer than the lock lives
+        key = uri[len(src_prefix):] if uri.startswith(src_prefix) else ""
+        if key and is_image_key(key):
+            sources[key] = uri
+        else:
+            ignored += 1
+    return sources, ignored
+
+
+class _Interrupts:
+    """The first Ctrl-C asks the loop to stop after the current step (so what was submitted is recorded)."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous: Any = None
+
+    def __enter__(self) -> _Interrupts:
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.getsignal(signal.SIGINT) or signal.default_int_handler
+            signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        self.requested = True
+        signal.signal(signal.SIGINT, self._previous)  # a second Ctrl-C stops at once
+
+    def __exit__(self, *exc: object) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+
+    def sleep(self, seconds: float) -> None:
+        deadline = time.monotonic() + seconds
+        while not self.requested and (left := deadline - time.monotonic()) > 0:
+            time.sleep(min(left, 0.1))
+
+
+def run_bulk(client: Client, src_prefix: str, *, style: str, dst_prefix: str, resume: bool = False,
+             max_in_flight: int = 2000, console: Console | None = None, poll_s: float = 1.0,
+             limit: int | None = None, on_progress: Callable[[BulkReport], None] | None = None) -> BulkReport:
+    """Restyle every image under `src_prefix` into `dst_prefix`, keeping at most `max_in_flight` jobs unfinished.
+
+    `resume` continues an earlier run of the same (src, style, dst); without it such a run is a ConfigError.
+    `limit` submits at most that many jobs this time (the rest waits for a resume). `console` shows a
+    progress bar; `on_progress` is called with the live report after every submission and poll.
+    Ctrl-C stops submitting and returns a report with `interrupted` set; submitted jobs keep running.
+    """
+    from stylequeue.pipeline.storage import check_output_uri
+
+    if max_in_flight < 1:
+        raise ConfigError(f"--max-in-flight must be at least 1, got {max_in_flight}")
+    spec = client.catalog.get(style)
+    src, dst = normalise_prefix(src_prefix), normalise_prefix(dst_prefix)
+    if dst.startswith(src):
+        raise ConfigError(f"--output {dst} lies inside SRC_PREFIX {src}: outputs would be read back as "
+                          "inputs; choose a DST_PREFIX outside it")
+    check_output_uri(dst + "x", client.settings)
+    report = BulkReport(run_id(src, spec.name, dst), src, spec.name, dst)
+    started = time.monotonic()
+    record = RunRecord(client.store, report.run_id)
+    record.acquire()
+    bar = None
+    try:
+        earlier = record.describe()
+        if earlier is not None and not resume:
+            raise ConfigError(f"a bulk run {src} -> {dst} (style {spec.name}) exists ({earlier}): pass --resume "
+                              "to continue it, or choose another --output")
+        sources, report.ignored = list_sources(client.storage, src, every_1000=record.renew)
+        report.total = len(sources)
+        outputs = output_keys(sources, spec.extension)
+        record.create(report)
+        in_flight: dict[str, str] = {}  # job id -> source key
+        todo = sorted(sources)
+        if earlier is not None:
+            report.resumed = True
+            todo = _take_over(client, record, todo, in_flight, report)
+        bar = _progress_bar(console, len(todo) + len(in_flight))
+        with _Interrupts() as interrupts:
+            def progress() -> None:
+                report.in_flight, report.elapsed_s = len(in_flight), time.monotonic() - started
+                if bar is not None:
+                    bar.update(bar.task_ids[0], completed=report.succeeded + report.failed,
+                               detail=f"submitted {report.submitted} · succeeded {report.succeeded} · failed "
+                                      f"{report.failed} · {report.images_per_s:.1f} img/s")
+                if on_progress is not None:
+                    on_progress(report)
+
+            position = 0
+            while not interrupts.requested:
+                allowed = len(todo) - position
+                if limit is not None:
+                    allowed = min(allowed, limit - report.submitted)
+                room = max_in_flight - len(in_flight)
+                # Submit in whole messages where possible (BULK_CHUNK_SIZE jobs travel together).
+                step = min(messages.BULK_CHUNK_SIZE, max(1, max_in_flight // 2), allowed)
+                if allowed > 0 and room >= step:
+                    batch = todo[position:position + min(room, allowed, SUBMIT_BATCH)]
+                    position += len(batch)
+                    jobs = client.submit_many([sources[k] for k in batch], spec.name, priority="bulk",
+                                              output_uris=[dst + outputs[k] for k in batch],
+                                              metadata={"bulk_run": report.run_id})
+                    record.add({key: job.id for key, job in zip(batch, jobs, strict=True)})
+                    in_flight.update((job.id, key) for key, job in zip(batch, jobs, strict=True))
+                    report.submitted += len(jobs)
+                    progress()
+                    continue
+                if not in_flight:
+                    break
+                _collect(client.store, in_flight, sources, dst, outputs, report)
+                record.renew()
+                progress()
+                if not (allowed > 0 and max_in_flight - len(in_flight) >= step):
+                    interrupts.sleep(poll_s)
+            report.interrupted = interrupts.requested
+            report.not_submitted = len(todo) - position
+            progress()
+    finally:
+        if bar is not None:
+            bar.stop()
+        record.release()
+    return report
+
+
+def _take_over(client: Client, record: RunRecord, todo: list[str], in_flight: dict[str, str],
+               report: BulkReport) -> list[str]:
+    """Classify an earlier run's jobs: skip succeeded, wait for unfinished, return what to (re)submit."""
+    recorded = record.load()
+    known = [key for key in todo if key in recorded]
+    states = job_states(client.store, [recorded[key] for key in known])
+    resubmit: set[str] = set()
+    queued: list[str] = []
+    for key, (state, _) in zip(known, states, strict=True):
+        job_id = recorded[key]
+        if state == JobState.SUCCEEDED:
+            report.skipped += 1
+        elif state in (JobState.QUEUED, JobState.RUNNING):
+            in_flight[job_id] = key
+            if state == JobState.QUEUED:
+                queued.append(job_id)
+        else:
+            resubmit.add(key)
+    if queued:
+        # A crash between creating jobs and sending their message leaves them queued with no message;
+        # sending again is safe: a worker's claim is compare-and-set, so a duplicate is dropped.
+        client._send(lambda: messages.send_chunks(client.app, queued), [])
+    return [key for key in todo if key not in recorded or key in resubmit]
+
+
+def _collect(store: RedisJobStore, in_flight: dict[str, str], sources: dict[str, str], dst: str,
+             outputs: dict[str, str], report: BulkReport) -> None:
+    """Poll the states of unfinished jobs and count the ones that finished."""
+    ids = list(in_flight)
+    for job_id, (state, error) in zip(ids, job_states(store, ids), strict=True):
+        if state in (JobState.QUEUED, JobState.RUNNING):
+            continue
+        key = in_flight.pop(job_id)
+        if state == JobState.SUCCEEDED:
+            report.succeeded += 1
+            continue
+        if state == JobState.FAILED and error:
+            code, message = error.get("code", "internal"), error.get("message", "")
+        elif state == JobState.CANCELLED:
+            code, message = "cancelled", "the job was cancelled"
+        else:
+            code, message = "missing", "the job's record disappeared before it finished"
+        report.failures.append(BulkFailure(sources[key], dst + outputs[key], job_id, code, message))
+
+
+# --- what the operator sees ----------------------------------------------------------------------
+
+
+def _progress_bar(console: Console | None, total: int) -> Any:
+    """A started Rich progress bar (done/total, submitted, succeeded, failed, img/s, ETA), or None."""
+    if console is None:
+        return None
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    bar = Progress(TextColumn("bulk"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[detail]}"),
+                   TextColumn("ETA"), TimeRemainingColumn(), console=console)
+    bar.add_task("bulk", total=total, detail="")
+    bar.start()
+    return bar
+
+
+def resume_command(report: BulkReport) -> str:
+    """The command line that continues this run."""
+    return (f"stylequeue bulk {shlex.quote(report.src_prefix)} --style {shlex.quote(report.style)} "
+            f"--output {shlex.quote(report.dst_prefix)} --resume")
+
+
+def print_report(report: BulkReport, console: Console, *, max_failures: int = 10) -> None:
+    """Counts, rate and the first failures, as the operator reads them at the end of a run."""
+    codes = ", ".join(f"{code} {n}" for code, n in report.failed_by_code.items())
+    lines = [
+        f"bulk {report.src_prefix} -> {report.dst_prefix} (style {report.style}, run {report.run_id})",
+        f"  images     {report.total}" + (f" ({report.ignored} other objects ignored)" if report.ignored else ""),
+        f"  skipped    {report.skipped} (succeeded in an earlier invocation)",
+        f"  submitted  {report.submitted}",
+        f"  succeeded  {report.succeeded}",
+        f"  failed     {report.failed}" + (f" ({codes})" if codes else ""),
+        f"  elapsed    {report.elapsed_s:.1f} s, {report.images_per_s:.2f} img/s",
+    ]
+    if report.in_flight or report.not_submitted:
+        lines.append(f"  left       {report.in_flight} still running, {report.not_submitted} not submitted yet")
+    for failure in report.failures[:max_failures]:
+        lines.append(f"  FAILED {failure.input_uri}: {failure.code}: {failure.message}")
+    if report.failed > max_failures:
+        lines.append(f"  ... and {report.failed - max_failures} more (write them all with --failures FILE)")
+    if report.interrupted or report.not_submitted:
+        lines.append(f"to continue: {resume_command(report)}")
+    for line in lines:
+        console.print(line, markup=False)
+
+
+def write_failures(failures: list[BulkFailure], path: Path) -> None:
+    """One JSON object per failed input: input_uri, output_uri, job_id, code, message."""
+    with open(path, "w", encoding="utf-8") as handle:
+        for failure in failures:
+            handle.write(json.dumps(asdict(failure)) + "\n")
+
+
+__all__ = ["BulkFailure", "BulkReport", "IMAGE_SUFFIXES", "output_keys", "print_report", "resume_command",
+           "run_bulk", "write_failures"]
