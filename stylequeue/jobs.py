@@ -25,6 +25,7 @@ import re
 import secrets
 import time
 from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field, fields
 from datetime import UTC, datetime
 from enum import StrEnum
@@ -376,7 +377,7 @@ class RedisJobStore:
         """Store a new job; with an idempotency key seen before, return (that job, False) instead."""
         idem = self.idempotency_key(idempotency_key) if idempotency_key else ""
         job.idem_key = idem or None
-        with _redis_errors(self):
+        with redis_errors(self):
             existing = self._create(keys=[self.job_key(job.id), idem], args=[job.id, *_flatten(job.to_redis())])
         if existing is not None:
             return self.get(existing.decode()), False
@@ -384,14 +385,14 @@ class RedisJobStore:
 
     def create_many(self, jobs: Sequence[Job]) -> None:
         """Store many new jobs in one pipelined round trip (no idempotency keys)."""
-        with _redis_errors(self):
+        with redis_errors(self):
             pipe = self.redis.pipeline(transaction=False)
             for job in jobs:
                 pipe.hset(self.job_key(job.id), mapping=job.to_redis())
             pipe.execute()
 
     def get(self, job_id: str) -> Job:
-        with _redis_errors(self):
+        with redis_errors(self):
             raw = self.redis.hgetall(self.job_key(job_id))
         if not raw:
             raise JobNotFound(job_id)
@@ -399,7 +400,7 @@ class RedisJobStore:
 
     def get_many(self, job_ids: Sequence[str]) -> list[Job | None]:
         """Jobs in the order asked, None where a record does not exist."""
-        with _redis_errors(self):
+        with redis_errors(self):
             pipe = self.redis.pipeline(transaction=False)
             for job_id in job_ids:
                 pipe.hgetall(self.job_key(job_id))
@@ -407,7 +408,7 @@ class RedisJobStore:
         return [Job.from_redis(raw) if raw else None for raw in raws]
 
     def exists(self, job_id: str) -> bool:
-        with _redis_errors(self):
+        with redis_errors(self):
             return bool(self.redis.exists(self.job_key(job_id)))
 
     # --- state changes ----------------------------------------------------------------------------
@@ -449,7 +450,7 @@ class RedisJobStore:
             repr(schedule[1]) if schedule else "0",
             *_encode_fields(values),
         ]
-        with _redis_errors(self):
+        with redis_errors(self):
             result = self._transition(keys=[self.job_key(job_id), self.key(RUNNING_KEY)], args=args)
         if result == -1:
             raise JobNotFound(job_id)
@@ -472,7 +473,7 @@ class RedisJobStore:
         stamp = json.dumps(iso_now(now))
         common = [json.dumps(worker_id), repr(now), repr(now + lease_s), str(max_attempts), stamp, error, stamp,
                   str(self.job_ttl_s)]
-        with _redis_errors(self):
+        with redis_errors(self):
             pipe = self.redis.pipeline(transaction=False)
             for job_id in job_ids:
                 self._claim(keys=[self.job_key(job_id), self.key(RUNNING_KEY)], args=[job_id, *common],
@@ -494,13 +495,13 @@ class RedisJobStore:
         if not job_ids:
             return []
         args = [self.prefix + JOB_KEY, json.dumps(worker_id), repr(time.time() + lease_s), *job_ids]
-        with _redis_errors(self):
+        with redis_errors(self):
             lost = self._renew(keys=[self.key(RUNNING_KEY)], args=args)
         return [item.decode() for item in lost]
 
     def expired_leases(self, *, now: float | None = None, limit: int = 100) -> list[str]:
         now = time.time() if now is None else now
-        with _redis_errors(self):
+        with redis_errors(self):
             ids = self.redis.zrangebyscore(self.key(RUNNING_KEY), "-inf", now, start=0, num=limit)
         return [i.decode() for i in ids]
 
@@ -514,46 +515,46 @@ class RedisJobStore:
                  f"{max_attempts}"}
         args = [job_id, repr(now), str(max_attempts), json.dumps(error), json.dumps(iso_now(now)),
                 str(self.job_ttl_s)]
-        with _redis_errors(self):
+        with redis_errors(self):
             result = self._reap(keys=[self.job_key(job_id), self.key(RUNNING_KEY)], args=args)
         return str(result.decode())
 
     def update(self, job_id: str, **values: Any) -> bool:
         """Write fields that are not the state (e.g. `callback`) if the record still exists."""
-        with _redis_errors(self):
+        with redis_errors(self):
             return bool(self._update(keys=[self.job_key(job_id)], args=_encode_fields(values)))
 
     # --- schedules (retries and callback retries; never Celery countdown/eta) -----------------------
 
     def schedule(self, name: str, job_id: str, due: float) -> None:
-        with _redis_errors(self):
+        with redis_errors(self):
             self.redis.zadd(self.key(name), {job_id: due})
 
     def take_due(self, name: str, *, now: float | None = None, limit: int = 100, claim_s: float = 60) -> list[str]:
         """Due members of a schedule, pushed `claim_s` ahead until `done_due` removes them."""
         now = time.time() if now is None else now
-        with _redis_errors(self):
+        with redis_errors(self):
             due = self._take_due(keys=[self.key(name)], args=[repr(now), str(limit), repr(claim_s)])
         return [d.decode() for d in due]
 
     def done_due(self, name: str, job_ids: Sequence[str]) -> None:
         if job_ids:
-            with _redis_errors(self):
+            with redis_errors(self):
                 self.redis.zrem(self.key(name), *job_ids)
 
     def scheduled(self, name: str) -> dict[str, float]:
-        with _redis_errors(self):
+        with redis_errors(self):
             return {k.decode(): v for k, v in self.redis.zrange(self.key(name), 0, -1, withscores=True)}
 
     # --- what workers publish -----------------------------------------------------------------------
 
     def publish_runtime(self, style: str, worker_id: str, info: dict[str, Any]) -> None:
-        with _redis_errors(self):
+        with redis_errors(self):
             self.redis.hset(self.key(RUNTIMES_KEY), f"{style}|{worker_id}", json.dumps(info))
 
     def runtimes(self) -> dict[str, dict[str, dict[str, Any]]]:
         """style -> worker id -> the runtime choice that worker published."""
-        with _redis_errors(self):
+        with redis_errors(self):
             raw = self.redis.hgetall(self.key(RUNTIMES_KEY))
         out: dict[str, dict[str, dict[str, Any]]] = {}
         for key, value in raw.items():
@@ -562,19 +563,19 @@ class RedisJobStore:
         return out
 
     def heartbeat(self, worker_id: str, info: dict[str, Any]) -> None:
-        with _redis_errors(self):
+        with redis_errors(self):
             self.redis.hset(self.key(WORKERS_KEY), worker_id, json.dumps(info | {"seen": time.time()}))
 
     def workers(self, *, max_age_s: float = 60) -> dict[str, dict[str, Any]]:
         """Workers that sent a heartbeat in the last `max_age_s` seconds."""
-        with _redis_errors(self):
+        with redis_errors(self):
             raw = self.redis.hgetall(self.key(WORKERS_KEY))
         now = time.time()
         live = {k.decode(): json.loads(v) for k, v in raw.items()}
         return {k: v for k, v in live.items() if now - v.get("seen", 0) <= max_age_s}
 
     def forget_worker(self, worker_id: str) -> None:
-        with _redis_errors(self):
+        with redis_errors(self):
             pipe = self.redis.pipeline(transaction=False)
             pipe.hdel(self.key(WORKERS_KEY), worker_id)
             for field_name in self.redis.hkeys(self.key(RUNTIMES_KEY)):
@@ -583,7 +584,7 @@ class RedisJobStore:
             pipe.execute()
 
     def ping(self) -> None:
-        with _redis_errors(self):
+        with redis_errors(self):
             self.redis.ping()
 
     def redis_description(self) -> str:
@@ -599,18 +600,13 @@ def _flatten(mapping: dict[str, str]) -> Iterator[str]:
         yield value
 
 
-class _redis_errors:
+@contextmanager
+def redis_errors(store: RedisJobStore) -> Iterator[None]:
     """Turn connection failures into RedisUnavailable naming the server."""
-
-    def __init__(self, store: RedisJobStore) -> None:
-        self.store = store
-
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: object) -> None:
-        if exc is not None and isinstance(exc, (redis.ConnectionError, redis.TimeoutError)):
-            raise RedisUnavailable(
-                f"cannot reach Redis at {self.store.redis_description()}: {exc}; "
-                "check STYLEQUEUE_REDIS_URL and that the server is running"
-            ) from exc
+    try:
+        yield
+    except (redis.ConnectionError, redis.TimeoutError) as exc:
+        raise RedisUnavailable(
+            f"cannot reach Redis at {store.redis_description()}: {exc}; "
+            "check STYLEQUEUE_REDIS_URL and that the server is running"
+        ) from exc

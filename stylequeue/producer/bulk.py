@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 
 from stylequeue.config.settings import file_uri_path
 from stylequeue.errors import ConfigError
-from stylequeue.jobs import BULK_KEY, JobState, RedisJobStore, _redis_errors, iso_now
+from stylequeue.jobs import BULK_KEY, JobState, RedisJobStore, iso_now, redis_errors
 from stylequeue.worker import messages
 
 if TYPE_CHECKING:
@@ -156,7 +156,7 @@ class RunRecord:
 
     def acquire(self) -> None:
         """Become the run's one live process; ConfigError while another holds it."""
-        with _redis_errors(self.store):
+        with redis_errors(self.store):
             if self.redis.set(self.lock_key, self.token, nx=True, ex=LOCK_TTL_S):
                 return
             holder, ttl = self.redis.get(self.lock_key), self.redis.ttl(self.lock_key)
@@ -165,7 +165,7 @@ class RunRecord:
                           f"(if it died, its claim lapses in {max(int(ttl), 1)} s)")
 
     def renew(self) -> None:
-        with _redis_errors(self.store):
+        with redis_errors(self.store):
             pipe = self.redis.pipeline(transaction=False)
             pipe.eval(_RENEW_LOCK, 1, self.lock_key, self.token, LOCK_TTL_S)
             pipe.expire(self.meta_key, self.store.job_ttl_s)
@@ -175,19 +175,19 @@ class RunRecord:
             raise ConfigError("another `stylequeue bulk` took this run over while this one stalled; stopping")
 
     def release(self) -> None:
-        with _redis_errors(self.store):
+        with redis_errors(self.store):
             self.redis.eval(_RELEASE_LOCK, 1, self.lock_key, self.token)
 
     def describe(self) -> str | None:
         """'created at ..., N sources recorded' when the run exists, else None."""
-        with _redis_errors(self.store):
+        with redis_errors(self.store):
             created, count = self.redis.hget(self.meta_key, "created_at"), self.redis.hlen(self.jobs_key)
         if not isinstance(created, bytes):
             return None
         return f"started {created.decode()}, {count} inputs recorded"
 
     def create(self, report: BulkReport) -> None:
-        with _redis_errors(self.store):
+        with redis_errors(self.store):
             pipe = self.redis.pipeline(transaction=False)
             pipe.hsetnx(self.meta_key, "created_at", iso_now())
             pipe.hset(self.meta_key, mapping={"src_prefix": report.src_prefix, "style": report.style,
@@ -197,11 +197,11 @@ class RunRecord:
 
     def load(self) -> dict[str, str]:
         """Source key -> id of its latest job."""
-        with _redis_errors(self.store):
+        with redis_errors(self.store):
             return {k.decode(): v.decode() for k, v in self.redis.hscan_iter(self.jobs_key, count=POLL_PAGE)}
 
     def add(self, job_ids: dict[str, str]) -> None:
-        with _redis_errors(self.store):
+        with redis_errors(self.store):
             pipe = self.redis.pipeline(transaction=False)
             pipe.hset(self.jobs_key, items=[item for pair in job_ids.items() for item in pair])
             pipe.expire(self.jobs_key, self.store.job_ttl_s)
@@ -214,7 +214,7 @@ def job_states(store: RedisJobStore, job_ids: list[str]) -> list[tuple[str | Non
     """(state, error) of each job, None for a missing record: pipelined HMGETs, `POLL_PAGE` a round trip."""
     found: list[tuple[str | None, dict[str, str] | None]] = []
     for start in range(0, len(job_ids), POLL_PAGE):
-        with _redis_errors(store):
+        with redis_errors(store):
             pipe = store.redis.pipeline(transaction=False)
             for job_id in job_ids[start:start + POLL_PAGE]:
                 pipe.hmget(store.job_key(job_id), "state", "error")
@@ -373,7 +373,7 @@ def _take_over(client: Client, record: RunRecord, todo: list[str], in_flight: di
     if queued:
         # A crash between creating jobs and sending their message leaves them queued with no message;
         # sending again is safe: a worker's claim is compare-and-set, so a duplicate is dropped.
-        client._send(lambda: messages.send_chunks(client.app, queued), [])
+        client.send_or_fail(lambda: messages.send_chunks(client.app, queued), [])
     return [key for key in todo if key not in recorded or key in resubmit]
 
 

@@ -115,7 +115,7 @@ class Client:
         job = self._new_job(spec, input_uri, output_uri, callback_url, priority, metadata)
         job, created = self.store.create(job, idempotency_key)
         if created:
-            self._send(lambda: messages.send_job(self.app, job.id, priority), [job])
+            self.send_or_fail(lambda: messages.send_job(self.app, job.id, priority), [job])
         return job
 
     def submit_many(self, input_uris: Sequence[str], style: str, *, callback_url: str | None = None,
@@ -153,13 +153,13 @@ class Client:
             self.store.create_many(batch)
             ids = [job.id for job in batch]
             if priority == "bulk":
-                self._send(lambda ids=ids: messages.send_chunks(self.app, ids, chunk_size), batch)
+                self.send_or_fail(lambda ids=ids: messages.send_chunks(self.app, ids, chunk_size), batch)
             else:
-                self._send(lambda ids=ids: [messages.send_job(self.app, i, priority) for i in ids], batch)
+                self.send_or_fail(lambda ids=ids: [messages.send_job(self.app, i, priority) for i in ids], batch)
             jobs.extend(batch)
         return jobs
 
-    def _send(self, send: Any, jobs: Sequence[Job]) -> None:
+    def send_or_fail(self, send: Any, jobs: Sequence[Job]) -> None:
         """Send messages; if the broker refuses, fail the jobs rather than leave them queued forever."""
         try:
             send()
