@@ -4,7 +4,7 @@
    the raw runtime's img/s (best of batch 1 and batch MAX_BATCH, same process, nothing else running)
    vs. a `stylequeue worker` fed through Redis with `file://` storage on tmpfs, and through a moto S3
    server on the same machine.
-2. Queue path, `null` runtime (returns its input), 64 px PNGs on tmpfs: bulk and interactive jobs/s
+2. Queue path, `null` runtime (returns its input), 64 px JPEGs on tmpfs: bulk and interactive jobs/s
    vs. a plain Celery no-op task (acks_late, prefetch 1, solo pool, Redis result backend).
 
     python bench/e2e.py                 # everything (about 5-10 minutes on 2 cores)
@@ -259,14 +259,16 @@ def celery_noop_rate(server: EmbeddedRedis, tasks: int, work: Path) -> float:
 
 
 def queue_section(args: argparse.Namespace, work: Path, server: EmbeddedRedis) -> list[str]:
-    registry = write_style(work, ngf=4, n_blocks=1, max_side=64, output="png")
+    fmt = args.null_format
+    ext = {"jpeg": "jpg", "png": "png"}[fmt]
+    registry = write_style(work, ngf=4, n_blocks=1, max_side=64, output=fmt)
     shm = Path(tempfile.mkdtemp(prefix="sq-bench-q-", dir="/dev/shm" if Path("/dev/shm").exists() else None))
     try:
         inputs = shm / "in"
         inputs.mkdir()
         for i in range(16):
-            (inputs / f"{i}.png").write_bytes(photo(64, i, "PNG"))
-        uris = [f"file://{inputs}/{i % 16}.png" for i in range(args.null_jobs)]
+            (inputs / f"{i}.{ext}").write_bytes(photo(64, i, fmt.upper()))
+        uris = [f"file://{inputs}/{i % 16}.{ext}" for i in range(args.null_jobs)]
         storage = f"file://{shm}/store"
         env = base_env(server.url, registry, storage, work / "cache-null", input_roots=str(inputs), runtime="null",
                        key_prefix="sqnull:")
@@ -290,8 +292,8 @@ def queue_section(args: argparse.Namespace, work: Path, server: EmbeddedRedis) -
         shutil.rmtree(shm, ignore_errors=True)
     noop = celery_noop_rate(server, args.noop_tasks, work)
     return [
-        f"### Queue path: `null` runtime, 64 px PNG, `file://` on tmpfs ({args.null_jobs} bulk jobs, "
-        f"{args.null_jobs // 5} interactive)\n",
+        f"### Queue path: `null` runtime, 64 px {fmt.upper()} in and out, `file://` on tmpfs "
+        f"({args.null_jobs} bulk jobs, {args.null_jobs // 5} interactive)\n",
         "| path | jobs/s | vs plain Celery no-op | failed |", "|---|---|---|---|",
         f"| bulk (`submit_many`, 32 jobs/message) | {bulk:,.0f} | {bulk / noop:.1f}x | {bulk_failed} |",
         f"| interactive (`submit`, 1 job/message) | {interactive:,.0f} | {interactive / noop:.1f}x | "
@@ -307,6 +309,8 @@ def main() -> None:
     parser.add_argument("--max-batch", type=int, default=8)
     parser.add_argument("--null-jobs", type=int, default=5000)
     parser.add_argument("--noop-tasks", type=int, default=1000)
+    parser.add_argument("--null-format", choices=("jpeg", "png"), default="jpeg",
+                        help="image format of the queue-path jobs (JPEG is the service's default output)")
     parser.add_argument("--skip-model", action="store_true")
     parser.add_argument("--skip-s3", action="store_true")
     parser.add_argument("--skip-queue", action="store_true")

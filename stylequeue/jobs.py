@@ -429,6 +429,31 @@ class RedisJobStore:
         by another owner. `schedule=(zset name, score)` also adds the job to that zset atomically.
         Raises JobNotFound for an unknown id and InvalidTransition for a change the table forbids.
         """
+        args = self._transition_args(job_id, from_state, to_state, owner, schedule, values)
+        with redis_errors(self):
+            result = self._transition(keys=[self.job_key(job_id), self.key(RUNNING_KEY)], args=args)
+        if result == -1:
+            raise JobNotFound(job_id)
+        return bool(result == 1)
+
+    def transition_many(
+        self, changes: Sequence[tuple[str, JobState, JobState, str | None, dict[str, Any]]]
+    ) -> list[bool]:
+        """Several `transition(job_id, from, to, owner=owner, **values)` in one pipelined round trip.
+
+        Each is its own compare-and-set; a job whose record is gone counts as not moved.
+        """
+        if not changes:
+            return []
+        with redis_errors(self):
+            pipe = self.redis.pipeline(transaction=False)
+            for job_id, from_state, to_state, owner, values in changes:
+                args = self._transition_args(job_id, from_state, to_state, owner, None, dict(values))
+                self._transition(keys=[self.job_key(job_id), self.key(RUNNING_KEY)], args=args, client=pipe)
+            return [result == 1 for result in pipe.execute()]
+
+    def _transition_args(self, job_id: str, from_state: JobState | Iterable[JobState], to_state: JobState,
+                         owner: str | None, schedule: tuple[str, float] | None, values: dict[str, Any]) -> list[str]:
         sources = [from_state] if isinstance(from_state, JobState) else list(from_state)
         for source in sources:
             if to_state not in TRANSITIONS[source]:
@@ -439,7 +464,7 @@ class RedisJobStore:
             values.setdefault("owner", None)
             values.setdefault("lease_until", None)
         lease = values.get("lease_until") if to_state == JobState.RUNNING else None
-        args = [
+        return [
             job_id,
             json.dumps([json.dumps(str(s)) for s in sources]),
             json.dumps(str(to_state)),
@@ -450,11 +475,6 @@ class RedisJobStore:
             repr(schedule[1]) if schedule else "0",
             *_encode_fields(values),
         ]
-        with redis_errors(self):
-            result = self._transition(keys=[self.job_key(job_id), self.key(RUNNING_KEY)], args=args)
-        if result == -1:
-            raise JobNotFound(job_id)
-        return bool(result == 1)
 
     def claim(self, job_id: str, worker_id: str, *, lease_s: float, now: float | None = None,
               max_attempts: int = MAX_ATTEMPTS) -> Claim:

@@ -7,12 +7,12 @@ ones fail the job, transient ones send it back to `queued` to be retried after a
 
 from __future__ import annotations
 
-import itertools
 import logging
-import queue
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
@@ -35,7 +35,9 @@ class Models(Protocol):
 
     def spec_and_model(self, style: str) -> tuple[StyleSpec, str]: ...
 
-    def infer(self, style: str, array: np.ndarray, priority: int) -> np.ndarray: ...
+    def submit(self, style: str, array: np.ndarray, priority: int) -> Future[np.ndarray]: ...
+
+    def result(self, future: Future[np.ndarray]) -> np.ndarray: ...
 
 
 @dataclass
@@ -47,6 +49,74 @@ class _Running:
     claimed_at: float = field(default_factory=time.monotonic)
     started: bool = False
     abandoned: bool = False
+
+
+INTERACTIVE_THREADS = 2
+
+
+class GroupQueue:
+    """The in-process queue of claimed job groups: interactive groups first, then bulk, each in order.
+
+    `get(interactive_only=True)` serves the threads reserved for interactive jobs.
+    """
+
+    def __init__(self) -> None:
+        lock = threading.Lock()
+        self._general = threading.Condition(lock)
+        self._reserved = threading.Condition(lock)
+        self._interactive: deque[tuple[str, ...]] = deque()
+        self._bulk: deque[tuple[str, ...]] = deque()
+        self._closed = False
+
+    def put(self, priority: int, group: tuple[str, ...]) -> None:
+        with self._general:
+            if priority == INTERACTIVE:
+                self._interactive.append(group)
+                self._reserved.notify()
+            else:
+                self._bulk.append(group)
+            self._general.notify()
+
+    def get(self, interactive_only: bool = False) -> tuple[str, ...] | None:
+        """The next group, blocking; None once closed and empty."""
+        waiting = self._reserved if interactive_only else self._general
+        with waiting:
+            while True:
+                if self._interactive:
+                    return self._interactive.popleft()
+                if self._bulk and not interactive_only:
+                    return self._bulk.popleft()
+                if self._closed:
+                    return None
+                waiting.wait()
+
+    def drain(self) -> list[tuple[str, ...]]:
+        """Take every group not yet started (shutdown)."""
+        with self._general:
+            groups = [*self._interactive, *self._bulk]
+            self._interactive.clear()
+            self._bulk.clear()
+            return groups
+
+    def close(self) -> None:
+        with self._general:
+            self._closed = True
+            self._general.notify_all()
+            self._reserved.notify_all()
+
+
+@dataclass
+class _Work:
+    """One job between its fetch and its final state, inside a group."""
+
+    running: _Running
+    timings: dict[str, float] = field(default_factory=dict)
+    spec: Any = None
+    model: str = ""
+    prepared: Any = None
+    future: Any = None
+    submitted: float = 0.0
+    encoded: bytes = b""
 
 
 class JobExecutor:
@@ -62,7 +132,7 @@ class JobExecutor:
     """
 
     def __init__(self, *, store: RedisJobStore, storage: Any, models: Models, worker_id: str, lease_s: float,
-                 max_input_pixels: int, job_timeout_s: float, threads: int = 8,
+                 max_input_pixels: int, job_timeout_s: float, threads: int = 8, group_size: int = 8,
                  on_finished: Callable[[Job], None] | None = None,
                  on_stage: Callable[[str, float], None] | None = None) -> None:
         self.store = store
@@ -74,13 +144,17 @@ class JobExecutor:
         self.job_timeout_s = job_timeout_s
         self.on_finished = on_finished or (lambda job: None)
         self.on_stage = on_stage or (lambda stage, seconds: None)
-        self._queue: queue.PriorityQueue[tuple[int, int, str | None]] = queue.PriorityQueue()
-        self._seq = itertools.count()
+        # Items are groups of job ids: one interactive job, or up to `group_size` jobs of a bulk chunk,
+        # which a job thread runs together (one wake-up per group, one Redis round trip to finish them).
+        self._queue = GroupQueue()
+        self.group_size = group_size
         self._running: dict[str, _Running] = {}
         self._lock = threading.Lock()
         self._idle = threading.Condition(self._lock)
         self._stopping = False
-        self._threads = [threading.Thread(target=self._work, name=f"job-{i}", daemon=True) for i in range(threads)]
+        # Two extra threads take interactive jobs only: a bulk backlog never leaves them without a thread.
+        self._threads = [threading.Thread(target=self._work, args=(i >= threads,), name=f"job-{i}", daemon=True)
+                         for i in range(threads + INTERACTIVE_THREADS)]
         for thread in self._threads:
             thread.start()
 
@@ -97,12 +171,13 @@ class JobExecutor:
             return list(job_ids)
         with self._lock:
             fresh = [job_id for job_id in job_ids if job_id not in self._running]
+        claimed: list[str] = []
         for job_id, claim in zip(fresh, self.store.claim_many(fresh, self.worker_id, lease_s=self.lease_s,
                                                                max_attempts=MAX_ATTEMPTS), strict=True):
             if claim.outcome == "claimed" and claim.job is not None:
                 with self._lock:
                     self._running[job_id] = _Running(job_id, priority, claim.attempts, claim.job)
-                self._queue.put((priority, next(self._seq), job_id))
+                claimed.append(job_id)
             elif claim.outcome == "failed":
                 log.warning("job %s: failed, its worker was lost on the last attempt", job_id)
                 self._notify(job_id)
@@ -111,6 +186,9 @@ class JobExecutor:
             else:
                 log.info("job %s: %s, message dropped", job_id, claim.outcome if claim.outcome == "busy"
                          else f"already {claim.state}")
+        size = 1 if priority == INTERACTIVE else self.group_size
+        for start in range(0, len(claimed), size):
+            self._queue.put(priority, tuple(claimed[start:start + size]))
         return []
 
     def inflight(self) -> int:
@@ -149,17 +227,12 @@ class JobExecutor:
         """Finish jobs already started, give back jobs not started; returns the ids given back."""
         self._stopping = True
         given_back: list[tuple[str, int]] = []
-        while True:
-            try:
-                _, _, job_id = self._queue.get_nowait()
-            except queue.Empty:
-                break
-            if job_id is None:
-                continue
-            with self._lock:
-                running = self._running.pop(job_id, None)
-            if running is not None and not running.started:
-                given_back.append((job_id, running.attempts))
+        for group in self._queue.drain():
+            for job_id in group:
+                with self._lock:
+                    running = self._running.pop(job_id, None)
+                if running is not None and not running.started:
+                    given_back.append((job_id, running.attempts))
         released = []
         for job_id, attempts in given_back:
             # Not a real attempt: it never started, so the count goes back down.
@@ -170,78 +243,117 @@ class JobExecutor:
         with self._idle:
             while self._running and time.monotonic() < deadline:
                 self._idle.wait(0.2)
-        for _ in self._threads:
-            self._queue.put((99, next(self._seq), None))
+        self._queue.close()
         return released
 
     # --- the job threads ------------------------------------------------------------------------
 
-    def _work(self) -> None:
+    def _work(self, interactive_only: bool) -> None:
         while True:
-            _, _, job_id = self._queue.get()
-            if job_id is None:
+            group = self._queue.get(interactive_only)
+            if group is None:
                 return
             with self._lock:
-                running = self._running.get(job_id)
-                if running is None:
-                    continue
-                running.started = True
+                runnings = [self._running[j] for j in group if j in self._running]
+                for running in runnings:
+                    running.started = True
             try:
-                self._run(running)
+                self._run_group(runnings)
             except Exception:  # the executor must survive anything a job does
-                log.exception("job %s: unexpected error", job_id)
-                self._fail(job_id, running.attempts, InternalError("unexpected worker error; see worker log"))
+                log.exception("jobs %s: unexpected error", ", ".join(r.job_id for r in runnings))
+                for running in runnings:
+                    if not self._is_abandoned(running.job_id):
+                        self._fail(running.job_id, running.attempts,
+                                   InternalError("unexpected worker error; see worker log"))
             finally:
-                self._finished(job_id)
+                for running in runnings:
+                    self._finished(running.job_id)
 
     def _finished(self, job_id: str) -> None:
         with self._idle:
             self._running.pop(job_id, None)
             self._idle.notify_all()
 
-    def _run(self, running: _Running) -> None:
-        job_id, job = running.job_id, running.job
-        if self._is_abandoned(job_id):  # cancelled while it waited here
-            return
-        timings: dict[str, float] = {}
+    def _run_group(self, runnings: list[_Running]) -> None:
+        """Fetch and decode each job and hand it to the batcher; then, in order, store each result.
+
+        Finished jobs are marked succeeded in one pipelined round trip, flushed before the thread
+        would block on an output not ready yet, so a result is never held back behind a slower one.
+        """
+        started_jobs = [work for work in map(self._start, runnings) if work is not None]
+        done: list[_Work] = []
+        for work in started_jobs:
+            if not work.future.done():
+                self._succeed(done)
+                done = []
+            if self._finish(work):
+                done.append(work)
+        self._succeed(done)
+
+    def _start(self, running: _Running) -> _Work | None:
+        """Fetch, decode, submit for inference; None (the job handled) on an error or cancellation."""
+        job = running.job
+        if self._is_abandoned(running.job_id):  # cancelled while it waited here
+            return None
+        work = _Work(running)
         if job.started_at:
-            timings["queued"] = round(max(0.0, parse_iso(job.started_at) - parse_iso(job.created_at)) * 1000, 1)
+            work.timings["queued"] = round(max(0.0, parse_iso(job.started_at) - parse_iso(job.created_at)) * 1000, 1)
         try:
-            spec, model = self.models.spec_and_model(job.style)
+            work.spec, work.model = self.models.spec_and_model(job.style)
             started = time.perf_counter()
-            data = self.storage.read(job.input_uri)
-            prepared = prepare(data, spec, max_pixels=self.max_input_pixels)
-            timings["fetch"] = self._stage("fetch", started)
-
-            started = time.perf_counter()
+            work.prepared = prepare(self.storage.read(job.input_uri), work.spec, max_pixels=self.max_input_pixels)
+            work.timings["fetch"] = self._stage("fetch", started)
+            work.submitted = time.perf_counter()
             priority = INTERACTIVE if job.priority == "interactive" else BULK
-            output = self.models.infer(job.style, prepared.array, priority)
-            timings["infer"] = self._stage("infer", started)
-
-            if self._is_abandoned(job_id):
-                return
-            started = time.perf_counter()
-            encoded = render(output, spec)
-            self.storage.write(job.output_uri, encoded, spec.content_type)
-            timings["store"] = self._stage("store", started)
-        except StyleQueueError as exc:
-            error = exc if isinstance(exc, JobError) else InternalError(str(exc))
-            log.info("job %s: attempt %d failed: %s: %s", job_id, running.attempts, error.code, error.message)
-            if not self._is_abandoned(job_id):
-                self._fail(job_id, running.attempts, error)
-            return
+            work.future = self.models.submit(job.style, work.prepared.array, priority)
         except Exception as exc:
-            log.exception("job %s: attempt %d failed", job_id, running.attempts)
-            if not self._is_abandoned(job_id):
-                self._fail(job_id, running.attempts, InternalError(f"{type(exc).__name__}: {exc}"))
-            return
-        result = dict(width=prepared.width, height=prepared.height, model=model, timings_ms=timings,
-                      output_bytes=len(encoded), error=None)
-        if self.store.transition(job_id, JobState.RUNNING, JobState.SUCCEEDED, owner=self.worker_id, **result):
-            log.debug("job %s: succeeded in %.0f ms -> %s", job_id, sum(timings.values()), job.output_uri)
-            self._notify(job_id, replace(job, state=JobState.SUCCEEDED, **result))
+            self._attempt_failed(running, exc)
+            return None
+        return work
+
+    def _finish(self, work: _Work) -> bool:
+        """Wait for one output, encode and store it; False (the job handled) on an error or cancellation."""
+        running, spec = work.running, work.spec
+        try:
+            output = self.models.result(work.future)
+            work.timings["infer"] = self._stage("infer", work.submitted)
+            if self._is_abandoned(running.job_id):
+                return False
+            started = time.perf_counter()
+            work.encoded = render(output, spec)
+            self.storage.write(running.job.output_uri, work.encoded, spec.content_type)
+            work.timings["store"] = self._stage("store", started)
+        except Exception as exc:
+            self._attempt_failed(running, exc)
+            return False
+        return True
+
+    def _attempt_failed(self, running: _Running, exc: Exception) -> None:
+        if isinstance(exc, StyleQueueError):
+            error = exc if isinstance(exc, JobError) else InternalError(str(exc))
+            log.info("job %s: attempt %d failed: %s: %s", running.job_id, running.attempts, error.code, error.message)
         else:
-            self._discard(job_id, job.output_uri)
+            log.exception("job %s: attempt %d failed", running.job_id, running.attempts, exc_info=exc)
+            error = InternalError(f"{type(exc).__name__}: {exc}")
+        if not self._is_abandoned(running.job_id):
+            self._fail(running.job_id, running.attempts, error)
+
+    def _succeed(self, done: list[_Work]) -> None:
+        """Mark stored jobs succeeded, all in one round trip."""
+        if not done:
+            return
+        results = [dict(width=w.prepared.width, height=w.prepared.height, model=w.model, timings_ms=w.timings,
+                        output_bytes=len(w.encoded), error=None) for w in done]
+        moved = self.store.transition_many(
+            [(w.running.job_id, JobState.RUNNING, JobState.SUCCEEDED, self.worker_id, result)
+             for w, result in zip(done, results, strict=True)])
+        for work, result, ok in zip(done, results, moved, strict=True):
+            job = work.running.job
+            if ok:
+                log.debug("job %s: succeeded in %.0f ms -> %s", job.id, sum(work.timings.values()), job.output_uri)
+                self._notify(job.id, replace(job, state=JobState.SUCCEEDED, **result))
+            else:
+                self._discard(job.id, job.output_uri)
 
     def _stage(self, stage: str, started: float) -> float:
         seconds = time.perf_counter() - started

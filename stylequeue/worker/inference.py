@@ -10,6 +10,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterable
+from concurrent.futures import Future
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -78,14 +79,20 @@ class InferencePool:
         loaded, _ = self._entry(style)
         return loaded.spec, loaded.model
 
-    def infer(self, style: str, array: np.ndarray, priority: int) -> np.ndarray:
+    def submit(self, style: str, array: np.ndarray, priority: int) -> Future[np.ndarray]:
+        """Queue one image [3,H,W] for the style's batcher; `result()` waits for its output."""
         _, batcher = self._entry(style)
-        future = batcher.submit(array, priority=priority)
+        return batcher.submit(array, priority=priority)
+
+    def result(self, future: Future[np.ndarray]) -> np.ndarray:
         try:
             return future.result(timeout=self.timeout_s)
         except TimeoutError:
             future.cancel()
             raise JobTimeout(f"inference did not finish within {self.timeout_s:g} s") from None
+
+    def infer(self, style: str, array: np.ndarray, priority: int) -> np.ndarray:
+        return self.result(self.submit(style, array, priority))
 
     def loaded(self) -> dict[str, Any]:
         with self._lock:

@@ -76,7 +76,7 @@ class WorkerService:
         self.worker_id = options.worker_id
         self.store = RedisJobStore.from_url(settings.redis_url, key_prefix=settings.key_prefix,
                                             job_ttl_s=settings.job_ttl_s)
-        self.high_water = max(4 * settings.max_batch, 2 * messages.BULK_CHUNK_SIZE)
+        self.high_water = max(4 * settings.max_batch, 4 * messages.BULK_CHUNK_SIZE)
         self.metrics: WorkerMetrics | None = None
         self.pool: InferencePool | None = None
         self.executor: JobExecutor | None = None
@@ -140,7 +140,8 @@ class WorkerService:
         self.executor = JobExecutor(
             store=self.store, storage=self._storage, models=self.pool, worker_id=self.worker_id,
             lease_s=self.options.lease_s, max_input_pixels=self.settings.max_input_pixels,
-            job_timeout_s=self.settings.job_timeout_s, threads=threads, on_finished=self._on_finished,
+            job_timeout_s=self.settings.job_timeout_s, threads=threads, group_size=self.settings.max_batch,
+            on_finished=self._on_finished,
             on_stage=lambda stage, seconds: metrics.stage_seconds.labels(stage).observe(seconds),
         )
 
