@@ -91,9 +91,6 @@ class InferencePool:
             future.cancel()
             raise JobTimeout(f"inference did not finish within {self.timeout_s:g} s") from None
 
-    def infer(self, style: str, array: np.ndarray, priority: int) -> np.ndarray:
-        return self.result(self.submit(style, array, priority))
-
     def loaded(self) -> dict[str, Any]:
         with self._lock:
             return {style: entry[0].info for style, entry in self._batchers.items()}
