@@ -241,7 +241,7 @@ def train(
     _atomic_save(nets["netG_A"].state_dict(), weights)
     snippet = registry_snippet(recipe, weights)
     console.print(f"trained {step}/{recipe.steps} steps; checkpoint {checkpoint}\nregistry entry:\n")
-    console.print(snippet, markup=False, highlight=False)
+    console.print(snippet, markup=False, highlight=False, soft_wrap=True)
     return TrainResult(checkpoint, weights, step, snippet, losses)
 
 
