@@ -161,10 +161,7 @@ def train(
     def body() -> int:
         from stylequeue.models.train import train as run_training
 
-        result = run_training(recipe, resume=not fresh, max_steps=max_steps, console=out)
-        out.print(f"checkpoint: {result.checkpoint_path}\nweights:    {result.weights_path}")
-        out.print("registry entry:")
-        sys.stdout.write(result.registry_toml)
+        run_training(recipe, resume=not fresh, max_steps=max_steps, console=out)  # prints paths and the entry
         return EXIT_OK
 
     run(debug, body)

@@ -15,7 +15,8 @@ from rich.console import Console
 from stylequeue.config.styles import parse_registry
 from stylequeue.errors import ConfigError
 from stylequeue.models.generator import ResnetGenerator
-from stylequeue.models.train import learning_rate, load_recipe, train
+from stylequeue.models.recipe import learning_rate, load_recipe
+from stylequeue.models.train import train
 
 TINY = {
     "name": "tiny-ink", "data_dir": "data", "output_dir": "out", "steps": 4, "crop_size": 32, "ngf": 4,
