@@ -178,6 +178,21 @@ def wait_all(client: Any, ids: list[str], timeout: float | None) -> tuple[list[A
     return jobs, codes
 
 
+def each_job(ids: list[str], action: Callable[[str], Any], render: Callable[[Any], dict[str, Any]],
+             as_json: bool) -> int:
+    """Apply `action` to each id, print the records, and return the exit code (3 if any id is unknown)."""
+    records, codes = [], []
+    for job_id in ids:
+        try:
+            records.append(render(action(job_id)))
+        except JobNotFound as exc:
+            err.print(f"error: {exc}", markup=False)
+            codes.append(EXIT_NOT_FOUND)
+    if records:
+        print_records(records, as_json, single=len(ids) == 1)
+    return first_exit(codes)
+
+
 @app.command()
 def status(
     ids: Annotated[list[str], typer.Argument(help="Job ids.", show_default=False)],
@@ -189,16 +204,7 @@ def status(
 
     def body() -> int:
         client = make_client(config)
-        records, codes = [], []
-        for job_id in ids:
-            try:
-                records.append(client.to_json(client.get(job_id)))
-            except JobNotFound as exc:
-                err.print(f"error: {exc}", markup=False)
-                codes.append(EXIT_NOT_FOUND)
-        if records:
-            print_records(records, as_json, single=len(ids) == 1)
-        return first_exit(codes)
+        return each_job(ids, client.get, client.to_json, as_json)
 
     run(debug, body)
 
@@ -234,16 +240,7 @@ def cancel(
 
     def body() -> int:
         client = make_client(config)
-        records, codes = [], []
-        for job_id in ids:
-            try:
-                records.append(client.to_json(client.cancel(job_id)))
-            except JobNotFound as exc:
-                err.print(f"error: {exc}", markup=False)
-                codes.append(EXIT_NOT_FOUND)
-        if records:
-            print_records(records, as_json, single=len(ids) == 1)
-        return first_exit(codes)
+        return each_job(ids, client.cancel, client.to_json, as_json)
 
     run(debug, body)
 

@@ -18,6 +18,7 @@ from stylequeue.embedded import free_port
 from stylequeue.errors import InputForbidden, InputNotFound, InputTooLarge, StorageError
 from stylequeue.pipeline import netguard
 from stylequeue.pipeline.storage import Storage, check_input_uri, check_output_uri, join_uri
+from tests.workers import serve_http
 
 PHOTO = bytes(range(256)) * 8  # 2 KiB
 
@@ -282,12 +283,8 @@ class _Files(http.server.BaseHTTPRequestHandler):
 
 @pytest.fixture(scope="module")
 def web() -> Iterator[str]:
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Files)
-    server.daemon_threads = True
-    threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True).start()
-    yield f"http://127.0.0.1:{server.server_address[1]}"
-    server.shutdown()
-    server.server_close()
+    with serve_http(_Files) as url:
+        yield url
 
 
 def http_storage(**overrides: Any) -> Storage:

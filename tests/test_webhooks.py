@@ -22,6 +22,7 @@ from stylequeue.webhooks import (
     verify_webhook,
     webhook_headers,
 )
+from tests.workers import serve_http
 
 SECRET = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
 OTHER_SECRET = "whsec_c3R5bGVxdWV1ZS1yb3RhdGVkLXNlY3JldC0wMDE="
@@ -124,13 +125,9 @@ class _Receiver(http.server.BaseHTTPRequestHandler):
 
 @pytest.fixture(scope="module")
 def receiver() -> Iterator[str]:
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Receiver)
-    server.daemon_threads = True
-    threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True).start()
-    yield f"http://127.0.0.1:{server.server_address[1]}"
-    _Receiver.release.set()
-    server.shutdown()
-    server.server_close()
+    with serve_http(_Receiver) as url:
+        yield url
+        _Receiver.release.set()
 
 
 def post(url: str, **kwargs: Any) -> Any:

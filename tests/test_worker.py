@@ -15,7 +15,7 @@ from PIL import Image
 from stylequeue import Client, JobState, verify_webhook
 from stylequeue.embedded import EmbeddedRedis, free_port
 from stylequeue.pipeline.images import working_size
-from tests.workers import CallbackReceiver, WorkerProcess, make_image, wait_for, worker_env
+from tests.workers import CallbackReceiver, WorkerProcess, make_image, serve_http, wait_for, worker_env
 
 pytestmark = pytest.mark.slow
 
@@ -168,8 +168,7 @@ def test_callback_retried_after_500_and_signed(stack: dict) -> None:
 def test_transient_input_errors_are_retried(stack: dict) -> None:
     receiver_statuses = [503, 503]
 
-    import threading
-    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+    from http.server import BaseHTTPRequestHandler
 
     image = make_image(20, 20)
 
@@ -185,12 +184,8 @@ def test_transient_input_errors_are_retried(stack: dict) -> None:
         def log_message(self, *args: object) -> None:
             pass
 
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Flaky)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
+    with serve_http(Flaky) as url:
         client = stack["client"]
-        job = client.submit(f"http://127.0.0.1:{server.server_address[1]}/a.png", style="tiny")
+        job = client.submit(f"{url}/a.png", style="tiny")
         done = client.wait(job.id, timeout=60)
         assert done.state == JobState.SUCCEEDED and done.attempts == 3
-    finally:
-        server.shutdown()
