@@ -41,6 +41,16 @@ def redis_url(redis_server: EmbeddedRedis) -> Iterator[str]:
     yield redis_server.url
 
 
+def empty_database(server: EmbeddedRedis, db: int) -> str:
+    """URL of database `db` of the session's Redis, emptied: test modules that run their own worker
+    process each take a database of their own (1-15), so the per-test flush of db 0 never hits them."""
+    url = server.url.rsplit("/", 1)[0] + f"/{db}"
+    client = redis.Redis.from_url(url)
+    client.flushdb()
+    client.close()
+    return url
+
+
 @pytest.fixture(scope="session")
 def s3_endpoint() -> Iterator[str]:
     """A real HTTP S3 endpoint (moto's server mode) on a free loopback port."""

@@ -20,6 +20,7 @@ from stylequeue.embedded import EmbeddedRedis
 from stylequeue.errors import ConfigError
 from stylequeue.pipeline.images import working_size
 from stylequeue.producer.bulk import BulkReport, is_image_key, output_keys, run_bulk, run_id
+from tests.conftest import empty_database
 from tests.workers import WorkerProcess, make_image, wait_for, worker_env
 
 pytestmark = pytest.mark.slow
@@ -31,8 +32,7 @@ FORMATS = (("png", "PNG"), ("jpg", "JPEG"), ("JPG", "JPEG"), ("jpeg", "JPEG"), (
 def stack(redis_server: EmbeddedRedis, s3_endpoint: str, tiny_registry: Path,
           tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
     """One worker for the module on Redis database 6; inputs may also come from a local folder."""
-    url = redis_server.url.rsplit("/", 1)[0] + "/6"
-    redis.Redis.from_url(url).flushdb()
+    url = empty_database(redis_server, 6)
     s3 = boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1")
     s3.create_bucket(Bucket="bulk-store")
     local = tmp_path_factory.mktemp("bulk-local")

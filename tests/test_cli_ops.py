@@ -13,11 +13,11 @@ from pathlib import Path
 import numpy as np
 import paddle
 import pytest
-import redis
 
 from stylequeue import Client, JobState
 from stylequeue.config.styles import parse_registry
 from stylequeue.embedded import EmbeddedRedis, free_port
+from tests.conftest import empty_database
 from tests.workers import make_image, wait_for, worker_env
 
 pytestmark = pytest.mark.slow
@@ -107,8 +107,7 @@ def test_worker_with_unknown_style_exits_2(redis_url: str, tiny_registry: Path) 
 
 
 def test_worker_started_the_celery_way(redis_server: EmbeddedRedis, tiny_registry: Path, tmp_path: Path) -> None:
-    url = redis_server.url.rsplit("/", 1)[0] + "/4"
-    redis.Redis.from_url(url).flushdb()
+    url = empty_database(redis_server, 4)
     inputs = tmp_path / "in"
     inputs.mkdir()
     (inputs / "a.png").write_bytes(make_image(50, 30))

@@ -9,12 +9,12 @@ from pathlib import Path
 
 import boto3
 import pytest
-import redis
 from PIL import Image
 
 from stylequeue import Client, JobState, verify_webhook
 from stylequeue.embedded import EmbeddedRedis, free_port
 from stylequeue.pipeline.images import working_size
+from tests.conftest import empty_database
 from tests.workers import CallbackReceiver, WorkerProcess, make_image, serve_http, wait_for, worker_env
 
 pytestmark = pytest.mark.slow
@@ -26,8 +26,7 @@ SECRET = "whsec_" + "c3R5bGVxdWV1ZS10ZXN0LXNlY3JldC0zMmJ5dGVzISE="
 def stack(redis_server: EmbeddedRedis, s3_endpoint: str, tiny_registry: Path,
           tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
     """One worker for the module, on its own Redis database, writing to S3."""
-    url = redis_server.url.rsplit("/", 1)[0] + "/1"
-    redis.Redis.from_url(url).flushdb()
+    url = empty_database(redis_server, 1)
     s3 = boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1")
     s3.create_bucket(Bucket="worker-in")
     s3.create_bucket(Bucket="worker-out")

@@ -7,11 +7,10 @@ import signal
 from pathlib import Path
 
 import pytest
-import redis
 
 from stylequeue import Client, JobState
 from stylequeue.embedded import EmbeddedRedis
-from tests.conftest import write_tiny_style
+from tests.conftest import empty_database, write_tiny_style
 from tests.workers import WorkerProcess, make_image, wait_for, worker_env
 
 pytestmark = pytest.mark.slow
@@ -26,8 +25,7 @@ def slow_registry(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture
 def setup(redis_server: EmbeddedRedis, slow_registry: Path, tmp_path: Path, request: pytest.FixtureRequest) -> dict:
     db = 2 if "kill" in request.node.name else 3
-    url = redis_server.url.rsplit("/", 1)[0] + f"/{db}"
-    redis.Redis.from_url(url).flushdb()
+    url = empty_database(redis_server, db)
     inputs = tmp_path / "in"
     inputs.mkdir()
     (inputs / "a.png").write_bytes(make_image(128, 96))
