@@ -125,13 +125,18 @@ def file_uri_path(uri: str) -> Path:
     return Path(os.path.abspath(os.path.expanduser(rest or ".")))
 
 
-def _read_config_file(path: Path) -> dict[str, Any]:
+def read_toml(path: Path, what: str, named_by: str) -> dict[str, Any]:
+    """A TOML file's contents; a missing or malformed file is a one-line ConfigError naming `what` it is."""
     try:
-        data = tomllib.loads(path.read_text())
+        return tomllib.loads(path.read_text())
     except FileNotFoundError:
-        raise ConfigError(f"config file {path} not found (named by --config or {CONFIG_ENV})") from None
+        raise ConfigError(f"{what} {path} not found ({named_by})") from None
     except (OSError, tomllib.TOMLDecodeError) as exc:
-        raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
+        raise ConfigError(f"{what} {path} is not valid TOML: {exc}") from None
+
+
+def _read_config_file(path: Path) -> dict[str, Any]:
+    data = read_toml(path, "config file", f"named by --config or {CONFIG_ENV}")
     known = set(Settings.model_fields)
     for key in data:
         if key not in known:

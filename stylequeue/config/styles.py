@@ -10,11 +10,11 @@ import os
 import re
 import threading
 import time
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from stylequeue.config.settings import read_toml
 from stylequeue.errors import ConfigError, UnknownStyle
 
 BUNDLED_REGISTRY = Path(__file__).parent / "bundled" / "styles.toml"
@@ -120,12 +120,7 @@ def _parse_style(name: str, table: Any, base: Path, source: Path) -> StyleSpec:
 def parse_registry(path: str | Path) -> dict[str, StyleSpec]:
     """Read and validate a registry file; errors name the file, the style and the field."""
     source = Path(path)
-    try:
-        data = tomllib.loads(source.read_text())
-    except FileNotFoundError:
-        raise ConfigError(f"styles registry {source} not found (STYLEQUEUE_STYLES)") from None
-    except (OSError, tomllib.TOMLDecodeError) as exc:
-        raise ConfigError(f"styles registry {source} is not valid TOML: {exc}") from None
+    data = read_toml(source, "styles registry", "STYLEQUEUE_STYLES")
     styles = data.get("styles")
     if not isinstance(styles, dict) or not styles:
         raise ConfigError(f"{source}: no [styles.NAME] tables found")
