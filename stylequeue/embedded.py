@@ -6,7 +6,6 @@ It listens on loopback only, on a free port, with AOF persistence in its own dat
 
 from __future__ import annotations
 
-import os
 import shutil
 import socket
 import subprocess
@@ -106,9 +105,3 @@ class EmbeddedRedis:
     def __exit__(self, *exc: object) -> None:
         self.stop()
 
-
-def environment_with(**values: str) -> dict[str, str]:
-    """A copy of os.environ with STYLEQUEUE_* values set (for child processes)."""
-    env = dict(os.environ)
-    env.update({f"STYLEQUEUE_{k.upper()}": v for k, v in values.items()})
-    return env

@@ -72,10 +72,6 @@ def rice_paper(height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
     return np.clip(paper, 0.0, 1.0), absorbency
 
 
-def _luminance(rgb: np.ndarray) -> np.ndarray:
-    return (rgb[..., 0] * 0.299 + rgb[..., 1] * 0.587 + rgb[..., 2] * 0.114).astype(np.float32)
-
-
 def _simplified(image: Image.Image) -> np.ndarray:
     """Luminance in [0, 1] with fine texture removed but edges kept (median filters)."""
     gray = image.convert("L").filter(ImageFilter.MedianFilter(5)).filter(ImageFilter.MedianFilter(5))

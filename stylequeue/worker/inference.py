@@ -95,10 +95,6 @@ class InferencePool:
         with self._lock:
             return {style: entry[0].info for style, entry in self._batchers.items()}
 
-    def batch_sizes(self) -> dict[str, list[int]]:
-        with self._lock:
-            return {style: list(entry[1].stats.sizes) for style, entry in self._batchers.items()}
-
     def close(self) -> None:
         with self._lock:
             batchers = [entry[1] for entry in self._batchers.values()]

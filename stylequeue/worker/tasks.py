@@ -1,7 +1,7 @@
 """The Celery tasks: thin edges that hand job ids to this process's WorkerService.
 
 Imported by a worker through the app's `include`; `celery -A stylequeue.worker.app worker` builds the
-service from the environment on `worker_init`, `stylequeue worker` configures it first.
+service from the environment on `worker_init`, `stylequeue worker` builds and installs it first.
 """
 
 from __future__ import annotations
@@ -18,14 +18,7 @@ from stylequeue.worker.service import WorkerOptions, WorkerService
 log = logging.getLogger("stylequeue.worker")
 
 _service: WorkerService | None = None
-_options: WorkerOptions | None = None
 _lock = threading.Lock()
-
-
-def configure(options: WorkerOptions) -> None:
-    """Set the options the next worker started in this process uses (`stylequeue worker` calls this)."""
-    global _options
-    _options = options
 
 
 def install(started: WorkerService) -> None:
@@ -49,7 +42,7 @@ def _start_service(sender: Any = None, **_: Any) -> None:
             return
         app = sender.app
         settings = app.conf.stylequeue_settings
-        _service = WorkerService(settings, _options or WorkerOptions(), app).start()
+        _service = WorkerService(settings, WorkerOptions(), app).start()
 
 
 @signals.worker_ready.connect
