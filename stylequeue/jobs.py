@@ -32,6 +32,7 @@ from enum import StrEnum
 from typing import Any
 
 import redis
+from redis.exceptions import NoScriptError
 
 from stylequeue.errors import ErrorCode, InvalidTransition, JobNotFound, RedisUnavailable
 
@@ -445,12 +446,29 @@ class RedisJobStore:
         """
         if not changes:
             return []
+        calls = [([self.job_key(job_id), self.key(RUNNING_KEY)],
+                  self._transition_args(job_id, from_state, to_state, owner, None, dict(values)))
+                 for job_id, from_state, to_state, owner, values in changes]
         with redis_errors(self):
+            return [result == 1 for result in self._pipelined(self._transition, calls)]
+
+    def _pipelined(self, script: Any, calls: Sequence[tuple[list[str], list[Any]]]) -> list[Any]:
+        """Run one Lua script once per (keys, args) in one round trip.
+
+        By SHA only: redis-py's own pipelined scripts cost a SCRIPT EXISTS round trip per pipeline. If
+        Redis lost its script cache (a restart), no call ran; the script is loaded and the calls sent again.
+        """
+        for attempt in (1, 2):
             pipe = self.redis.pipeline(transaction=False)
-            for job_id, from_state, to_state, owner, values in changes:
-                args = self._transition_args(job_id, from_state, to_state, owner, None, dict(values))
-                self._transition(keys=[self.job_key(job_id), self.key(RUNNING_KEY)], args=args, client=pipe)
-            return [result == 1 for result in pipe.execute()]
+            for keys, args in calls:
+                pipe.evalsha(script.sha, len(keys), *keys, *args)
+            try:
+                return pipe.execute()
+            except NoScriptError:
+                if attempt == 2:
+                    raise
+                self.redis.script_load(script.script)
+        raise AssertionError("unreachable")
 
     def _transition_args(self, job_id: str, from_state: JobState | Iterable[JobState], to_state: JobState,
                          owner: str | None, schedule: tuple[str, float] | None, values: dict[str, Any]) -> list[str]:
@@ -493,12 +511,9 @@ class RedisJobStore:
         stamp = json.dumps(iso_now(now))
         common = [json.dumps(worker_id), repr(now), repr(now + lease_s), str(max_attempts), stamp, error, stamp,
                   str(self.job_ttl_s)]
+        calls = [([self.job_key(job_id), self.key(RUNNING_KEY)], [job_id, *common]) for job_id in job_ids]
         with redis_errors(self):
-            pipe = self.redis.pipeline(transaction=False)
-            for job_id in job_ids:
-                self._claim(keys=[self.job_key(job_id), self.key(RUNNING_KEY)], args=[job_id, *common],
-                            client=pipe)
-            results = pipe.execute()
+            results = self._pipelined(self._claim, calls)
         claims = []
         for result in results:
             outcome, detail = result[0].decode(), result[1].decode()
