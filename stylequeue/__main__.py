@@ -2,4 +2,6 @@
 
 from stylequeue.cli import main
 
-main()
+# Guarded: the worker's codec processes are spawned, and spawn imports the parent's main module.
+if __name__ == "__main__":
+    main()

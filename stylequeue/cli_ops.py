@@ -34,6 +34,8 @@ def worker(
     max_batch: Annotated[int | None, typer.Option(help="Largest batch (STYLEQUEUE_MAX_BATCH).")] = None,
     max_wait_ms: Annotated[float | None, typer.Option(help="Longest wait for batch-mates.")] = None,
     concurrency: Annotated[int, typer.Option(help="Job threads for fetch/decode/encode/store (0 = auto).")] = 0,
+    codec_procs: Annotated[int | None, typer.Option(
+        help="Processes that decode and encode bulk jobs (default: one per core, up to 4; 0 = none).")] = None,
     metrics_port: Annotated[int | None, typer.Option(help="Serve Prometheus metrics on this port.")] = None,
     no_callbacks: Annotated[bool, typer.Option("--no-callbacks", help="Do not deliver webhooks.")] = False,
     callbacks_only: Annotated[bool, typer.Option("--callbacks-only", help="Deliver webhooks only; no model.")] = False,
@@ -62,7 +64,7 @@ def worker(
 
         options = WorkerOptions(
             styles=[s.strip() for s in styles.split(",") if s.strip()] if styles else None,
-            threads=concurrency, models=not callbacks_only, callbacks=not no_callbacks,
+            threads=concurrency, codec_processes=codec_procs, models=not callbacks_only, callbacks=not no_callbacks,
             metrics_port=metrics_port, lease_s=settings.lease_s,
         )
         celery_app = make_celery_app(settings)

@@ -138,24 +138,40 @@ def working_size(width: int, height: int, max_side: int) -> tuple[int, int]:
     return side(width), side(height)
 
 
-def to_array(image: Image.Image, size: tuple[int, int]) -> np.ndarray:
-    """RGB image -> float32 [3, H, W] in [-1, 1] at `size` = (width, height), bicubic resize."""
+def to_pixels(image: Image.Image, size: tuple[int, int]) -> np.ndarray:
+    """RGB image -> uint8 [H, W, 3] at `size` = (width, height), bicubic resize."""
     if image.mode != "RGB":
         image = image.convert("RGB")
     if image.size != tuple(size):
         image = image.resize(size, Image.Resampling.BICUBIC)
-    pixels = np.asarray(image, dtype=np.float32)
-    return np.ascontiguousarray(((pixels - 127.5) / 127.5).transpose(2, 0, 1))
+    return np.asarray(image, dtype=np.uint8)
+
+
+def to_model_input(pixels: np.ndarray) -> np.ndarray:
+    """uint8 [N, H, W, 3] -> float32 [N, 3, H, W] in [-1, 1] (the generator's input)."""
+    return np.ascontiguousarray(((pixels.astype(np.float32) - 127.5) / 127.5).transpose(0, 3, 1, 2))
+
+
+def from_model_output(array: np.ndarray) -> np.ndarray:
+    """float [N, 3, H, W] in [-1, 1] -> uint8 [N, H, W, 3]; out-of-range values are clipped."""
+    if array.ndim != 4 or array.shape[1] != 3:
+        raise ValueError(f"expected a [N, 3, H, W] array, got shape {list(array.shape)}")
+    pixels = np.clip(np.rint(array * 127.5 + 127.5), 0, 255).astype(np.uint8)
+    return np.ascontiguousarray(pixels.transpose(0, 2, 3, 1))
+
+
+def to_array(image: Image.Image, size: tuple[int, int]) -> np.ndarray:
+    """RGB image -> float32 [3, H, W] in [-1, 1] at `size` = (width, height), bicubic resize."""
+    return to_model_input(to_pixels(image, size)[None])[0]
 
 
 def from_array(array: np.ndarray) -> Image.Image:
     """float [3, H, W] (or [1, 3, H, W]) in [-1, 1] -> RGB image; out-of-range values are clipped."""
-    if array.ndim == 4 and array.shape[0] == 1:
-        array = array[0]
-    if array.ndim != 3 or array.shape[0] != 3:
+    if array.ndim == 3:
+        array = array[None]
+    if array.ndim != 4 or array.shape[0] != 1 or array.shape[1] != 3:
         raise ValueError(f"expected a [3, H, W] array, got shape {list(array.shape)}")
-    pixels = np.clip(np.rint(array * 127.5 + 127.5), 0, 255).astype(np.uint8)
-    return Image.fromarray(np.ascontiguousarray(pixels.transpose(1, 2, 0)), "RGB")
+    return Image.fromarray(from_model_output(array)[0], "RGB")
 
 
 def encode_image(image: Image.Image, fmt: EncodeFormat) -> bytes:

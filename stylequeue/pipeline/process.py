@@ -1,6 +1,10 @@
-"""One job's data path, shared by the worker and `restyle()`: bytes -> array, and array -> bytes.
+"""One job's data path, shared by the worker and `restyle()`: bytes -> pixels, and pixels -> bytes.
 
-    URI --storage.read--> bytes --prepare--> float32 [3,H,W] --(model)--> [3,H,W] --render--> bytes --> URI
+    URI --storage.read--> bytes --prepare--> uint8 [H,W,3] --(model, per batch: to float [-1,1] and
+    back)--> uint8 [H,W,3] --render--> bytes --> URI
+
+Pixels stay uint8 between processes and threads (a quarter of float32's bytes); the conversion to
+the generator's float input happens once per batch, beside the model (worker/inference.py).
 """
 
 from __future__ import annotations
@@ -10,25 +14,34 @@ from dataclasses import dataclass
 import numpy as np
 
 from stylequeue.config.styles import StyleSpec
-from stylequeue.pipeline.images import decode_image, encode_image, from_array, to_array, working_size
+from stylequeue.pipeline.images import decode_image, encode_image, from_array, to_model_input, to_pixels, working_size
 
 
 @dataclass(frozen=True)
 class Prepared:
     """A decoded input at its working size (the output has this size too)."""
 
-    array: np.ndarray
+    pixels: np.ndarray  # uint8 [H, W, 3]
     width: int
     height: int
 
+    @property
+    def array(self) -> np.ndarray:
+        """The generator's input for this image alone: float32 [3, H, W] in [-1, 1]."""
+        return to_model_input(self.pixels[None])[0]
+
 
 def prepare(data: bytes, spec: StyleSpec, *, max_pixels: int) -> Prepared:
-    """Decode and validate input bytes and bring them to the style's working size, in [-1, 1]."""
+    """Decode and validate input bytes and bring them to the style's working size."""
     image = decode_image(data, max_pixels=max_pixels, target_side=spec.max_side)
     width, height = working_size(image.width, image.height, spec.max_side)
-    return Prepared(to_array(image, (width, height)), width, height)
+    return Prepared(to_pixels(image, (width, height)), width, height)
 
 
 def render(output: np.ndarray, spec: StyleSpec) -> bytes:
-    """A model output [3,H,W] in [-1, 1] -> encoded bytes in the style's output format."""
+    """Output pixels (uint8 [H,W,3]), or a model output (float [3,H,W] in [-1, 1]) -> encoded bytes."""
+    if output.dtype == np.uint8:
+        from PIL import Image
+
+        return encode_image(Image.fromarray(output), spec.output)
     return encode_image(from_array(output), spec.output)

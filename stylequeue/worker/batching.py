@@ -52,7 +52,7 @@ class BatchStats:
 
 
 class DynamicBatcher:
-    """Groups single images into batches for `run_batch(float32 [N,3,H,W]) -> same shape`.
+    """Groups single images into batches for `run_batch(stacked items) -> one output per item`.
 
     Args:
         run_batch: the model; called from this batcher's one inference thread only.

@@ -35,7 +35,7 @@ class Models(Protocol):
 
     def spec_and_model(self, style: str) -> tuple[StyleSpec, str]: ...
 
-    def submit(self, style: str, array: np.ndarray, priority: int) -> Future[np.ndarray]: ...
+    def submit(self, style: str, pixels: np.ndarray, priority: int) -> Future[np.ndarray]: ...
 
     def result(self, future: Future[np.ndarray]) -> np.ndarray: ...
 
@@ -116,7 +116,7 @@ class _Work:
     prepared: Any = None
     future: Any = None
     submitted: float = 0.0
-    encoded: bytes = b""
+    output_bytes: int = 0
 
 
 class JobExecutor:
@@ -129,13 +129,15 @@ class JobExecutor:
         worker_id: this worker's owner id in leases.
         on_finished: called with each job that reached a terminal state (callbacks, metrics).
         on_stage: called with (stage, seconds) for metrics.
+        codec: a `CodecPool` for bulk groups (see worker/codec.py); None runs them on the job threads.
     """
 
     def __init__(self, *, store: RedisJobStore, storage: Any, models: Models, worker_id: str, lease_s: float,
                  max_input_pixels: int, job_timeout_s: float, threads: int = 8, group_size: int = 8,
                  on_finished: Callable[[Job], None] | None = None,
-                 on_stage: Callable[[str, float], None] | None = None) -> None:
+                 on_stage: Callable[[str, float], None] | None = None, codec: Any = None) -> None:
         self.store = store
+        self.codec = codec
         self.storage = storage
         self.models = models
         self.worker_id = worker_id
@@ -258,7 +260,10 @@ class JobExecutor:
                 for running in runnings:
                     running.started = True
             try:
-                self._run_group(runnings)
+                if self.codec is not None and runnings and runnings[0].priority == BULK:
+                    self._run_group_pooled(runnings)
+                else:
+                    self._run_group(runnings)
             except Exception:  # the executor must survive anything a job does
                 log.exception("jobs %s: unexpected error", ", ".join(r.job_id for r in runnings))
                 for running in runnings:
@@ -290,8 +295,49 @@ class JobExecutor:
                 done.append(work)
         self._succeed(done)
 
-    def _start(self, running: _Running) -> _Work | None:
-        """Fetch, decode, submit for inference; None (the job handled) on an error or cancellation."""
+    def _run_group_pooled(self, runnings: list[_Running]) -> None:
+        """A bulk group through the codec pool: load all, infer all (batched), store all, finish all."""
+        works = [work for work in map(self._begin, runnings) if work is not None]
+        loaded = self.codec.load([(w.running.job.input_uri, w.spec) for w in works], self.max_input_pixels)
+        submitted = []
+        for work, (prepared, seconds) in zip(works, loaded, strict=True):
+            if isinstance(prepared, Exception):
+                self._attempt_failed(work.running, prepared)
+                continue
+            work.prepared = prepared
+            work.timings["fetch"] = self._record("fetch", seconds)
+            if self._is_abandoned(work.running.job_id):  # cancelled while its input loaded
+                continue
+            work.submitted = time.perf_counter()
+            try:
+                work.future = self.models.submit(work.running.job.style, prepared.pixels, BULK)
+            except Exception as exc:
+                self._attempt_failed(work.running, exc)
+                continue
+            submitted.append(work)
+        outputs = []
+        for work in submitted:
+            try:
+                output = self.models.result(work.future)
+            except Exception as exc:
+                self._attempt_failed(work.running, exc)
+                continue
+            work.timings["infer"] = self._stage("infer", work.submitted)
+            if not self._is_abandoned(work.running.job_id):
+                outputs.append((work, output))
+        stored = self.codec.store([(w.running.job.output_uri, output, w.spec) for w, output in outputs])
+        done = []
+        for (work, _), (written, seconds) in zip(outputs, stored, strict=True):
+            if isinstance(written, Exception):
+                self._attempt_failed(work.running, written)
+                continue
+            work.output_bytes = written
+            work.timings["store"] = self._record("store", seconds)
+            done.append(work)
+        self._succeed(done)
+
+    def _begin(self, running: _Running) -> _Work | None:
+        """A job's work record with its style resolved; None (the job handled) on an error or cancellation."""
         job = running.job
         if self._is_abandoned(running.job_id):  # cancelled while it waited here
             return None
@@ -300,12 +346,24 @@ class JobExecutor:
             work.timings["queued"] = round(max(0.0, parse_iso(job.started_at) - parse_iso(job.created_at)) * 1000, 1)
         try:
             work.spec, work.model = self.models.spec_and_model(job.style)
+        except Exception as exc:
+            self._attempt_failed(running, exc)
+            return None
+        return work
+
+    def _start(self, running: _Running) -> _Work | None:
+        """Fetch, decode, submit for inference; None (the job handled) on an error or cancellation."""
+        work = self._begin(running)
+        if work is None:
+            return None
+        job = running.job
+        try:
             started = time.perf_counter()
             work.prepared = prepare(self.storage.read(job.input_uri), work.spec, max_pixels=self.max_input_pixels)
             work.timings["fetch"] = self._stage("fetch", started)
             work.submitted = time.perf_counter()
             priority = INTERACTIVE if job.priority == "interactive" else BULK
-            work.future = self.models.submit(job.style, work.prepared.array, priority)
+            work.future = self.models.submit(job.style, work.prepared.pixels, priority)
         except Exception as exc:
             self._attempt_failed(running, exc)
             return None
@@ -320,8 +378,9 @@ class JobExecutor:
             if self._is_abandoned(running.job_id):
                 return False
             started = time.perf_counter()
-            work.encoded = render(output, spec)
-            self.storage.write(running.job.output_uri, work.encoded, spec.content_type)
+            encoded = render(output, spec)
+            self.storage.write(running.job.output_uri, encoded, spec.content_type)
+            work.output_bytes = len(encoded)
             work.timings["store"] = self._stage("store", started)
         except Exception as exc:
             self._attempt_failed(running, exc)
@@ -343,7 +402,7 @@ class JobExecutor:
         if not done:
             return
         results = [dict(width=w.prepared.width, height=w.prepared.height, model=w.model, timings_ms=w.timings,
-                        output_bytes=len(w.encoded), error=None) for w in done]
+                        output_bytes=w.output_bytes, error=None) for w in done]
         moved = self.store.transition_many(
             [(w.running.job_id, JobState.RUNNING, JobState.SUCCEEDED, self.worker_id, result)
              for w, result in zip(done, results, strict=True)])
@@ -356,7 +415,9 @@ class JobExecutor:
                 self._discard(job.id, job.output_uri)
 
     def _stage(self, stage: str, started: float) -> float:
-        seconds = time.perf_counter() - started
+        return self._record(stage, time.perf_counter() - started)
+
+    def _record(self, stage: str, seconds: float) -> float:
         self.on_stage(stage, seconds)
         return round(seconds * 1000, 1)
 

@@ -17,6 +17,7 @@ import numpy as np
 
 from stylequeue.config.styles import StyleSpec
 from stylequeue.errors import JobTimeout
+from stylequeue.pipeline.images import from_model_output, to_model_input
 from stylequeue.worker.batching import DynamicBatcher
 
 if TYPE_CHECKING:
@@ -55,7 +56,7 @@ class InferencePool:
             stale = entry[1] if entry else None
             on_batch = self.on_batch
             batcher = DynamicBatcher(
-                loaded.runtime.run, max_batch=self.max_batch, max_wait_ms=self.max_wait_ms, name=style,
+                _on_pixels(loaded.runtime.run), max_batch=self.max_batch, max_wait_ms=self.max_wait_ms, name=style,
                 on_batch=(lambda size, seconds: on_batch(style, size, seconds)) if on_batch else None,
             )
             self._batchers[style] = (loaded, batcher)
@@ -79,10 +80,10 @@ class InferencePool:
         loaded, _ = self._entry(style)
         return loaded.spec, loaded.model
 
-    def submit(self, style: str, array: np.ndarray, priority: int) -> Future[np.ndarray]:
-        """Queue one image [3,H,W] for the style's batcher; `result()` waits for its output."""
+    def submit(self, style: str, pixels: np.ndarray, priority: int) -> Future[np.ndarray]:
+        """Queue one image (uint8 [H,W,3]) for the style's batcher; `result()` waits for its output pixels."""
         _, batcher = self._entry(style)
-        return batcher.submit(array, priority=priority)
+        return batcher.submit(pixels, priority=priority)
 
     def result(self, future: Future[np.ndarray]) -> np.ndarray:
         try:
@@ -101,3 +102,12 @@ class InferencePool:
             self._batchers.clear()
         for batcher in batchers:
             batcher.close()
+
+
+def _on_pixels(run: Callable[[np.ndarray], np.ndarray]) -> Callable[[np.ndarray], np.ndarray]:
+    """A runtime's float [N,3,H,W] in [-1,1] model as uint8 [N,H,W,3] in and out: one conversion per batch."""
+
+    def run_pixels(pixels: np.ndarray) -> np.ndarray:
+        return from_model_output(run(to_model_input(pixels)))
+
+    return run_pixels

@@ -4,7 +4,7 @@ Celery tasks (worker/tasks.py) only hand job ids to `WorkerService.accept`; ever
 happens here and in the modules it wires. A message is acknowledged once its jobs are claimed (a
 lease in the job store protects them from then on), so the Celery pool is never tied up by a long
 job and an interactive message is always taken promptly. Backpressure: when this process holds more
-than `high_water` jobs it stops consuming `stylequeue.bulk` until it has worked down to half.
+than `high_water` jobs it stops consuming `stylequeue.bulk` until it has worked down to `low_water`.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ if TYPE_CHECKING:
     from celery import Celery
 
     from stylequeue.models.registry import LoadedStyle
+    from stylequeue.worker.codec import CodecPool
     from stylequeue.worker.execution import JobExecutor
     from stylequeue.worker.inference import InferencePool
     from stylequeue.worker.leases import LeaseKeeper
@@ -42,6 +43,7 @@ class WorkerOptions:
 
     styles: list[str] | None = None  # preload these; None = every registered style
     threads: int = 0  # job threads (fetch/decode/encode/store); 0 = 2 * max_batch + 2
+    codec_processes: int | None = None  # processes decoding/encoding bulk jobs; None = one per core, up to 4
     models: bool = True  # False: --callbacks-only
     callbacks: bool = True  # False: --no-callbacks
     metrics_port: int | None = None
@@ -76,10 +78,14 @@ class WorkerService:
         self.worker_id = options.worker_id
         self.store = RedisJobStore.from_url(settings.redis_url, key_prefix=settings.key_prefix,
                                             job_ttl_s=settings.job_ttl_s)
-        self.high_water = max(4 * settings.max_batch, 4 * messages.BULK_CHUNK_SIZE)
+        # A paused queue takes a moment to resume (a poll cycle, then Celery's intake), so resuming
+        # starts at three quarters of the mark, while the worker still holds work for that moment.
+        self.high_water = max(4 * settings.max_batch, 16 * messages.BULK_CHUNK_SIZE)
+        self.low_water = self.high_water * 3 // 4
         self.metrics: WorkerMetrics | None = None
         self.pool: InferencePool | None = None
         self.executor: JobExecutor | None = None
+        self.codec: CodecPool | None = None
         self.keeper: LeaseKeeper | None = None
         self._storage: Any = None
         self._consumer: Any = None
@@ -121,6 +127,8 @@ class WorkerService:
         require_paddle()
         from stylequeue.models.registry import ModelRegistry
 
+        warming = self._start_codec()
+
         catalog = StyleCatalog(self.settings.styles)
         styles = self.options.styles if self.options.styles is not None else sorted(catalog.all())
         for name in styles:
@@ -137,13 +145,38 @@ class WorkerService:
                                                    metrics.batch_seconds.labels(style).observe(seconds)),
         )
         self.pool.warm(styles)
+        if warming is not None:
+            warming.join()
         self.executor = JobExecutor(
             store=self.store, storage=self._storage, models=self.pool, worker_id=self.worker_id,
             lease_s=self.options.lease_s, max_input_pixels=self.settings.max_input_pixels,
             job_timeout_s=self.settings.job_timeout_s, threads=threads, group_size=self.settings.max_batch,
             on_finished=self._on_finished,
             on_stage=lambda stage, seconds: metrics.stage_seconds.labels(stage).observe(seconds),
+            codec=self.codec,
         )
+
+    def _start_codec(self) -> threading.Thread | None:
+        """Start the codec processes for bulk jobs; they warm up while the models load."""
+        from stylequeue.worker.codec import CodecPool, default_processes
+
+        processes = self.options.codec_processes
+        processes = default_processes() if processes is None else processes
+        if processes < 1:
+            return None
+        self.codec = CodecPool(self.settings, processes, timeout_s=self.settings.job_timeout_s)
+
+        def warm() -> None:
+            try:
+                self.codec.warm()  # type: ignore[union-attr]
+            except Exception as exc:  # bulk jobs still run, on the job threads
+                log.warning("codec processes did not start (%s); decoding on job threads instead", exc)
+                self.codec = None
+
+        thread = threading.Thread(target=warm, name="codec-warm", daemon=True)
+        thread.start()
+        log.info("%d codec processes for bulk jobs", processes)
+        return thread
 
     def attach_consumer(self, consumer: Any) -> None:
         """Called when Celery's consumer is ready: lets backpressure pause and resume the bulk queue."""
@@ -163,6 +196,8 @@ class WorkerService:
             self.keeper.stop()
         if self.pool is not None:
             self.pool.close()
+        if self.codec is not None:
+            self.codec.close()
         try:
             self.store.forget_worker(self.worker_id)
         except Exception as exc:  # Redis may be gone at shutdown; nothing is lost by skipping this
@@ -181,7 +216,7 @@ class WorkerService:
         return len(job_ids) - len(untaken)
 
     def _flow(self) -> None:
-        """Pause the bulk queue above the high-water mark; resume below half of it."""
+        """Pause the bulk queue at the high-water mark; resume at the low-water mark."""
         if self.executor is None or self._consumer is None:
             return
         inflight = self.executor.inflight()
@@ -189,7 +224,7 @@ class WorkerService:
             if not self._bulk_paused and inflight >= self.high_water:
                 self._bulk_paused = True
                 self._consumer.hub.call_soon(self._consumer.cancel_task_queue, messages.BULK_QUEUE)
-            elif self._bulk_paused and inflight <= self.high_water // 2:
+            elif self._bulk_paused and inflight <= self.low_water:
                 self._bulk_paused = False
                 self._consumer.hub.call_soon(self._consumer.add_task_queue, messages.BULK_QUEUE)
 
