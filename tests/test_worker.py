@@ -34,7 +34,9 @@ def stack(redis_server: EmbeddedRedis, s3_endpoint: str, tiny_registry: Path,
     env = worker_env(url, tiny_registry, "s3://worker-out", s3_endpoint_url=s3_endpoint,
                      s3_addressing_style="path", webhook_secret=SECRET)
     log = tmp_path_factory.mktemp("worker") / "worker.log"
-    worker = WorkerProcess(env, log, "--metrics-port", str(metrics_port), "--max-batch", "8").wait_ready()
+    # Bulk jobs go through two codec processes whatever this machine's core count (the default).
+    worker = WorkerProcess(env, log, "--metrics-port", str(metrics_port), "--max-batch", "8",
+                           "--codec-procs", "2").wait_ready()
     client = Client(redis_url=url, styles=tiny_registry, storage_url="s3://worker-out",
                     s3_endpoint_url=s3_endpoint, s3_addressing_style="path", allow_private_networks=True)
     yield {"client": client, "s3": s3, "worker": worker, "metrics": metrics_port, "url": url}

@@ -1,0 +1,178 @@
+"""The codec pool (worker/codec.py): real spawned child processes, file:// storage in a temp dir."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from stylequeue import JobState
+from stylequeue.config.settings import Settings
+from stylequeue.config.styles import StyleCatalog
+from stylequeue.embedded import EmbeddedRedis
+from stylequeue.errors import InternalError, InvalidInput, JobTimeout
+from stylequeue.pipeline.images import working_size
+from stylequeue.pipeline.process import Prepared
+from stylequeue.producer.client import Client
+from stylequeue.worker.codec import CodecPool
+from tests.conftest import empty_database
+from tests.workers import WorkerProcess, make_image, worker_env
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def roots(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    base = tmp_path_factory.mktemp("codec")
+    (base / "in").mkdir()
+    (base / "out").mkdir()
+    return base / "in", base / "out"
+
+
+@pytest.fixture(scope="module")
+def pool(roots: tuple[Path, Path]) -> Iterator[CodecPool]:
+    inputs, outputs = roots
+    settings = Settings(storage_url=f"file://{outputs}", input_roots=[inputs])
+    codec = CodecPool(settings, 2, timeout_s=5)
+    codec.warm()
+    yield codec
+    codec.close()
+
+
+@pytest.fixture(scope="module")
+def spec(tiny_registry: Path):
+    return StyleCatalog(tiny_registry).get("tiny")
+
+
+# --- functions the children run in the crash and timeout tests (children import this module) ---
+
+
+def exit_on_crash(items: list[str]) -> list[tuple[object, float]]:
+    if "crash" in items:
+        os._exit(3)  # what a segfaulting decoder looks like from the parent
+    return [(item.upper(), 0.0) for item in items]
+
+
+def sleep_for(items: list[float]) -> list[tuple[object, float]]:
+    time.sleep(max(items))
+    return [(True, 0.0) for _ in items]
+
+
+# --- tests ------------------------------------------------------------------------------------
+
+
+def test_load_and_store_a_group_with_one_bad_input(pool: CodecPool, roots: tuple[Path, Path], spec) -> None:
+    inputs, outputs = roots
+    (inputs / "a.png").write_bytes(make_image(40, 24))
+    (inputs / "bad.png").write_bytes(b"not an image at all")
+    (inputs / "b.jpg").write_bytes(make_image(64, 64, "JPEG"))
+    uris = [f"file://{inputs}/{name}" for name in ("a.png", "bad.png", "b.jpg", "missing.png")]
+    loaded = pool.load([(uri, spec) for uri in uris], max_pixels=10**7)
+    a, bad, b, missing = (outcome for outcome, _ in loaded)
+    assert isinstance(a, Prepared) and (a.width, a.height) == (40, 24)
+    assert a.pixels.dtype == np.uint8 and a.pixels.shape == (24, 40, 3)
+    assert isinstance(b, Prepared) and b.pixels.shape == (64, 64, 3)
+    assert isinstance(bad, InvalidInput)
+    assert missing.code == "input_not_found"
+    assert all(seconds >= 0 for _, seconds in loaded)
+
+    stored = pool.store([(f"file://{outputs}/a.png", a.pixels, spec), (f"file://{outputs}/b.png", b.pixels, spec)])
+    assert [size for size, _ in stored] == [(outputs / "a.png").stat().st_size, (outputs / "b.png").stat().st_size]
+    assert np.array_equal(np.asarray(Image.open(outputs / "a.png")), a.pixels)  # png: lossless round trip
+
+
+def test_store_outside_the_storage_root_is_refused(pool: CodecPool, spec, tmp_path: Path) -> None:
+    pixels = np.zeros((8, 8, 3), np.uint8)
+    [(error, _)] = pool.store([(f"file://{tmp_path}/elsewhere.png", pixels, spec)])
+    assert error.code == "input_forbidden"
+    assert not (tmp_path / "elsewhere.png").exists()
+
+
+def test_a_child_that_dies_costs_only_its_own_job(pool: CodecPool) -> None:
+    outcomes = pool._call(exit_on_crash, ["a", "crash", "b"], crashed="it died")
+    assert outcomes[0] == ("A", 0.0) and outcomes[2] == ("B", 0.0)
+    assert isinstance(outcomes[1][0], InternalError) and "it died" in outcomes[1][0].message
+    assert pool._call(exit_on_crash, ["c"], crashed="it died") == [("C", 0.0)]  # the pool was rebuilt
+
+
+def test_a_group_past_the_timeout_fails_with_timeout(roots: tuple[Path, Path]) -> None:
+    inputs, outputs = roots
+    codec = CodecPool(Settings(storage_url=f"file://{outputs}", input_roots=[inputs]), 1, timeout_s=0.5)
+    try:
+        outcomes = codec._call(sleep_for, [3.0, 0.0], crashed="")
+        assert [type(error) for error, _ in outcomes] == [JobTimeout, JobTimeout]
+        assert outcomes[0][0].transient
+    finally:
+        codec.close()
+
+
+def test_children_exit_when_the_worker_is_killed(tmp_path: Path) -> None:
+    script = textwrap.dedent(f"""
+        from stylequeue.config.settings import Settings
+        from stylequeue.worker.codec import CodecPool, _child_ping
+        if __name__ == "__main__":
+            pool = CodecPool(Settings(storage_url="file://{tmp_path}"), 2, timeout_s=5)
+            pool.warm()
+            pids = {{pool._pool.submit(_child_ping, 0.3).result() for _ in range(6)}}
+            print(" ".join(map(str, sorted(pids))), flush=True)
+            import time
+            time.sleep(600)
+    """)
+    (tmp_path / "parent.py").write_text(script)
+    parent = subprocess.Popen([sys.executable, str(tmp_path / "parent.py")], stdout=subprocess.PIPE, text=True)
+    try:
+        children = [int(pid) for pid in parent.stdout.readline().split()]
+        assert children and parent.pid not in children
+        os.kill(parent.pid, signal.SIGKILL)
+        parent.wait()
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and any(_alive(pid) for pid in children):
+            time.sleep(0.1)
+        assert not any(_alive(pid) for pid in children), "codec processes outlived their worker"
+    finally:
+        parent.kill()
+        parent.stdout.close()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"  # a zombie has exited
+
+
+def test_a_worker_without_codec_processes_runs_bulk_jobs_on_its_threads(
+        redis_server: EmbeddedRedis, tiny_registry: Path, tmp_path: Path) -> None:
+    url = empty_database(redis_server, 7)
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    uris = []
+    for i in range(12):
+        (inputs / f"{i}.png").write_bytes(make_image(20 + i, 30, seed=i))
+        uris.append(f"file://{inputs}/{i}.png")
+    (inputs / "bad.png").write_bytes(b"GIF89a broken")
+    uris.append(f"file://{inputs}/bad.png")
+    storage = f"file://{tmp_path}/store"
+    env = worker_env(url, tiny_registry, storage, input_roots=str(inputs))
+    worker = WorkerProcess(env, tmp_path / "worker.log", "--codec-procs", "0", "--max-batch", "4").wait_ready()
+    client = Client(redis_url=url, styles=tiny_registry, storage_url=storage, input_roots=str(inputs))
+    try:
+        jobs = [client.wait(job.id, timeout=60) for job in client.submit_many(uris, style="tiny")]
+        assert [job.state for job in jobs] == [JobState.SUCCEEDED] * 12 + [JobState.FAILED]
+        assert jobs[-1].error["code"] == "invalid_input"
+        for i, job in enumerate(jobs[:12]):
+            assert Image.open(job.output_uri[len("file://"):]).size == working_size(20 + i, 30, 64)
+        assert "codec processes" not in worker.output()
+    finally:
+        client.close()
+        assert worker.stop() == 0, worker.output()[-3000:]
