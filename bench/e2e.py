@@ -281,11 +281,13 @@ def queue_section(args: argparse.Namespace, work: Path, server: EmbeddedRedis) -
             ids = [j.id for j in client.submit_many(uris, style="bench")]
             bulk = len(ids) / (wait_all(client, ids) - started)
             bulk_failed = count_failed(client, ids)
-            singles = uris[: args.null_jobs // 5]
-            started = time.perf_counter()
-            ids = [client.submit(u, style="bench").id for u in singles]
-            interactive = len(ids) / (wait_all(client, ids) - started)
-            interactive_failed = count_failed(client, ids)
+            interactive, interactive_failed = float("nan"), 0
+            if not args.skip_interactive:
+                singles = uris[: args.null_jobs // 5]
+                started = time.perf_counter()
+                ids = [client.submit(u, style="bench").id for u in singles]
+                interactive = len(ids) / (wait_all(client, ids) - started)
+                interactive_failed = count_failed(client, ids)
         finally:
             worker.stop()
     finally:
@@ -314,6 +316,7 @@ def main() -> None:
     parser.add_argument("--skip-model", action="store_true")
     parser.add_argument("--skip-s3", action="store_true")
     parser.add_argument("--skip-queue", action="store_true")
+    parser.add_argument("--skip-interactive", action="store_true", help="queue path: bulk jobs only")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="sq-e2e-"))
     lines = [f"## bench/e2e.py — {cpu_name()}, {os.cpu_count()} cores, Python {platform.python_version()}\n"]

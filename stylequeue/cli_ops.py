@@ -24,6 +24,11 @@ def setup_logging(level: str) -> None:
     import logging
 
     logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if logging.getLogger().level > logging.DEBUG:
+        # Celery's two lines per message ("received", "succeeded") name task ids, not jobs, and a bulk
+        # run sends thousands: job progress is in the job store, so they show at debug level only.
+        for name in ("celery.worker.strategy", "celery.app.trace"):
+            logging.getLogger(name).setLevel(logging.WARNING)
 
 
 @app.command()

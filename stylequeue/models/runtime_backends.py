@@ -99,6 +99,12 @@ class NullRuntime:
     def run(self, batch: np.ndarray) -> np.ndarray:
         return _as_input(batch)
 
+    def run_pixels(self, pixels: np.ndarray) -> np.ndarray:
+        """uint8 [N, H, W, 3] in and out: returning its input, it has no float conversion to make."""
+        if pixels.ndim != 4 or pixels.shape[3] != 3 or pixels.dtype != np.uint8:
+            raise ValueError(f"expected uint8 [N, H, W, 3] pixels, got {pixels.dtype} {list(pixels.shape)}")
+        return pixels
+
     def close(self) -> None:
         pass
 

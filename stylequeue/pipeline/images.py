@@ -149,15 +149,24 @@ def to_pixels(image: Image.Image, size: tuple[int, int]) -> np.ndarray:
 
 def to_model_input(pixels: np.ndarray) -> np.ndarray:
     """uint8 [N, H, W, 3] -> float32 [N, 3, H, W] in [-1, 1] (the generator's input)."""
-    return np.ascontiguousarray(((pixels.astype(np.float32) - 127.5) / 127.5).transpose(0, 3, 1, 2))
+    batch = np.empty((pixels.shape[0], pixels.shape[3], pixels.shape[1], pixels.shape[2]), np.float32)
+    np.copyto(batch, pixels.transpose(0, 3, 1, 2))
+    batch *= np.float32(1 / 127.5)
+    batch -= np.float32(1)
+    return batch
 
 
 def from_model_output(array: np.ndarray) -> np.ndarray:
     """float [N, 3, H, W] in [-1, 1] -> uint8 [N, H, W, 3]; out-of-range values are clipped."""
     if array.ndim != 4 or array.shape[1] != 3:
         raise ValueError(f"expected a [N, 3, H, W] array, got shape {list(array.shape)}")
-    pixels = np.clip(np.rint(array * 127.5 + 127.5), 0, 255).astype(np.uint8)
-    return np.ascontiguousarray(pixels.transpose(0, 2, 3, 1))
+    scaled = array * np.float32(127.5)
+    scaled += np.float32(127.5)
+    np.clip(scaled, 0, 255, out=scaled)
+    np.rint(scaled, out=scaled)
+    pixels = np.empty((array.shape[0], array.shape[2], array.shape[3], 3), np.uint8)
+    np.copyto(pixels, scaled.transpose(0, 2, 3, 1), casting="unsafe")
+    return pixels
 
 
 def to_array(image: Image.Image, size: tuple[int, int]) -> np.ndarray:

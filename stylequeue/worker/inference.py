@@ -56,7 +56,7 @@ class InferencePool:
             stale = entry[1] if entry else None
             on_batch = self.on_batch
             batcher = DynamicBatcher(
-                _on_pixels(loaded.runtime.run), max_batch=self.max_batch, max_wait_ms=self.max_wait_ms, name=style,
+                _on_pixels(loaded.runtime), max_batch=self.max_batch, max_wait_ms=self.max_wait_ms, name=style,
                 on_batch=(lambda size, seconds: on_batch(style, size, seconds)) if on_batch else None,
             )
             self._batchers[style] = (loaded, batcher)
@@ -104,8 +104,12 @@ class InferencePool:
             batcher.close()
 
 
-def _on_pixels(run: Callable[[np.ndarray], np.ndarray]) -> Callable[[np.ndarray], np.ndarray]:
-    """A runtime's float [N,3,H,W] in [-1,1] model as uint8 [N,H,W,3] in and out: one conversion per batch."""
+def _on_pixels(runtime: Any) -> Callable[[np.ndarray], np.ndarray]:
+    """A runtime as uint8 [N,H,W,3] in and out: its own `run_pixels` where it has one (the null
+    runtime), else its float [N,3,H,W] `run` in [-1,1] with one conversion each way per batch."""
+    if hasattr(runtime, "run_pixels"):
+        return runtime.run_pixels
+    run = runtime.run
 
     def run_pixels(pixels: np.ndarray) -> np.ndarray:
         return from_model_output(run(to_model_input(pixels)))

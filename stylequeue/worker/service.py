@@ -80,7 +80,7 @@ class WorkerService:
                                             job_ttl_s=settings.job_ttl_s)
         # A paused queue takes a moment to resume (a poll cycle, then Celery's intake), so resuming
         # starts at three quarters of the mark, while the worker still holds work for that moment.
-        self.high_water = max(4 * settings.max_batch, 16 * messages.BULK_CHUNK_SIZE)
+        self.high_water = max(4 * settings.max_batch, 32 * messages.BULK_CHUNK_SIZE)
         self.low_water = self.high_water * 3 // 4
         self.metrics: WorkerMetrics | None = None
         self.pool: InferencePool | None = None
