@@ -54,6 +54,12 @@ class LocalStack:
             except subprocess.TimeoutExpired:
                 self.worker.kill()
                 self.worker.wait()
+        # The worker leads its own session; its codec processes exit on their own once it is gone,
+        # but a worker stopped while starting up may leave them importing for a moment.
+        try:
+            os.killpg(self.worker.pid, signal.SIGTERM)
+        except (ProcessLookupError, PermissionError):
+            pass
         self.redis.stop()
 
 

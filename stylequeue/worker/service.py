@@ -4,7 +4,8 @@ Celery tasks (worker/tasks.py) only hand job ids to `WorkerService.accept`; ever
 happens here and in the modules it wires. A message is acknowledged once its jobs are claimed (a
 lease in the job store protects them from then on), so the Celery pool is never tied up by a long
 job and an interactive message is always taken promptly. Backpressure: when this process holds more
-than `high_water` jobs it stops consuming `stylequeue.bulk` until it has worked down to `low_water`.
+than `high_water` jobs (about two seconds of its work) it stops consuming `stylequeue.bulk` until it
+has worked down to `low_water`.
 """
 
 from __future__ import annotations
@@ -35,6 +36,10 @@ if TYPE_CHECKING:
     from stylequeue.worker.metrics import WorkerMetrics
 
 log = logging.getLogger("stylequeue.worker")
+
+# Backpressure: a worker holds about HOLD_S seconds of claimed jobs, and never more than MAX_HELD.
+HOLD_S = 2.0
+MAX_HELD = 32 * messages.BULK_CHUNK_SIZE
 
 
 @dataclass
@@ -78,10 +83,15 @@ class WorkerService:
         self.worker_id = options.worker_id
         self.store = RedisJobStore.from_url(settings.redis_url, key_prefix=settings.key_prefix,
                                             job_ttl_s=settings.job_ttl_s)
+        # The mark follows the worker's speed: about HOLD_S seconds of work, within [min, MAX_HELD].
         # A paused queue takes a moment to resume (a poll cycle, then Celery's intake), so resuming
         # starts at three quarters of the mark, while the worker still holds work for that moment.
-        self.high_water = max(4 * settings.max_batch, 32 * messages.BULK_CHUNK_SIZE)
+        self.min_water = max(4 * settings.max_batch, 4 * messages.BULK_CHUNK_SIZE)
+        self.high_water = self.min_water
         self.low_water = self.high_water * 3 // 4
+        self._finished = 0
+        self._rate = 0.0
+        self._rate_since = (time.monotonic(), 0)
         self.metrics: WorkerMetrics | None = None
         self.pool: InferencePool | None = None
         self.executor: JobExecutor | None = None
@@ -221,12 +231,25 @@ class WorkerService:
             return
         inflight = self.executor.inflight()
         with self._flow_lock:
+            self._follow_rate()
             if not self._bulk_paused and inflight >= self.high_water:
                 self._bulk_paused = True
                 self._consumer.hub.call_soon(self._consumer.cancel_task_queue, messages.BULK_QUEUE)
             elif self._bulk_paused and inflight <= self.low_water:
                 self._bulk_paused = False
                 self._consumer.hub.call_soon(self._consumer.add_task_queue, messages.BULK_QUEUE)
+
+    def _follow_rate(self) -> None:
+        """Re-derive the marks from the jobs finished per second, at most once a second."""
+        now = time.monotonic()
+        since, finished = self._rate_since
+        if now - since < 1.0:
+            return
+        rate = (self._finished - finished) / (now - since)
+        self._rate = rate if self._rate == 0 else (self._rate + rate) / 2
+        self._rate_since = (now, self._finished)
+        self.high_water = int(min(MAX_HELD, max(self.min_water, HOLD_S * self._rate)))
+        self.low_water = self.high_water * 3 // 4
 
     def deliver_callback(self, job_id: str) -> None:
         from stylequeue.worker.callbacks import deliver_callback
@@ -244,6 +267,7 @@ class WorkerService:
     # --- hooks --------------------------------------------------------------------------------------
 
     def _on_finished(self, job: Job) -> None:
+        self._finished += 1
         if self.metrics is not None:
             self.metrics.jobs.labels(str(job.state), job.style).inc()
         if job.callback_url:
