@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import time
 
+import pytest
+
 from stylequeue.config.settings import Settings
 from stylequeue.worker.service import HOLD_S, MAX_HELD, WorkerOptions, WorkerService
 
@@ -44,3 +46,56 @@ def test_the_rate_is_re_derived_at_most_once_a_second() -> None:
     worker._finished += 10_000
     worker._follow_rate()  # less than a second later: unchanged
     assert worker.high_water == mark
+
+
+class FakeConsumer:
+    """Celery's consumer as the service sees it; its event loop runs pending callbacks in any order."""
+
+    def __init__(self) -> None:
+        self.consuming = {"stylequeue.interactive", "stylequeue.bulk"}
+        self.pending: list = []
+        self.hub = self
+        self.task_consumer = self
+
+    def call_soon(self, callback, *args) -> None:
+        self.pending.append((callback, args))
+
+    def consuming_from(self, queue: str) -> bool:
+        return queue in self.consuming
+
+    def cancel_task_queue(self, queue: str) -> None:
+        self.consuming.discard(queue)
+
+    def add_task_queue(self, queue: str) -> None:
+        self.consuming.add(queue)
+
+    def run_pending(self, reverse: bool) -> None:
+        pending, self.pending = self.pending, []
+        for callback, args in reversed(pending) if reverse else pending:
+            callback(*args)
+
+
+class FakeExecutor:
+    def __init__(self) -> None:
+        self.held = 0
+
+    def inflight(self) -> int:
+        return self.held
+
+
+@pytest.mark.parametrize("reverse", [False, True])
+def test_pause_then_resume_ends_consuming_whatever_order_the_loop_runs_them(reverse: bool) -> None:
+    worker = service()
+    consumer, executor = FakeConsumer(), FakeExecutor()
+    worker._consumer, worker.executor = consumer, executor
+    executor.held = worker.high_water
+    worker._flow()  # pause
+    executor.held = 0
+    worker._flow()  # resume, before the loop ran the pause
+    consumer.run_pending(reverse)
+    assert "stylequeue.bulk" in consumer.consuming and not worker._bulk_paused
+    executor.held = worker.high_water
+    worker._flow()
+    consumer.run_pending(reverse)
+    assert "stylequeue.bulk" not in consumer.consuming and worker._bulk_paused
+    assert "stylequeue.interactive" in consumer.consuming  # interactive jobs are never paused

@@ -234,10 +234,24 @@ class WorkerService:
             self._follow_rate()
             if not self._bulk_paused and inflight >= self.high_water:
                 self._bulk_paused = True
-                self._consumer.hub.call_soon(self._consumer.cancel_task_queue, messages.BULK_QUEUE)
             elif self._bulk_paused and inflight <= self.low_water:
                 self._bulk_paused = False
-                self._consumer.hub.call_soon(self._consumer.add_task_queue, messages.BULK_QUEUE)
+            else:
+                return
+        # Celery's event loop runs its pending callbacks in no particular order (a set), so it is told
+        # to reconcile with the wanted state, never to pause or resume: the last one to run is right.
+        self._consumer.hub.call_soon(self._apply_flow)
+
+    def _apply_flow(self) -> None:
+        """On Celery's event loop: consume from the bulk queue, or not, as `_bulk_paused` now says."""
+        consumer = self._consumer
+        with self._flow_lock:
+            paused = self._bulk_paused
+        consuming = consumer.task_consumer.consuming_from(messages.BULK_QUEUE)
+        if paused and consuming:
+            consumer.cancel_task_queue(messages.BULK_QUEUE)
+        elif not paused and not consuming:
+            consumer.add_task_queue(messages.BULK_QUEUE)
 
     def _follow_rate(self) -> None:
         """Re-derive the marks from the jobs finished per second, at most once a second."""
@@ -286,6 +300,8 @@ class WorkerService:
 
     def _heartbeat(self) -> dict[str, Any]:
         self._flow()
+        if self._consumer is not None and self.executor is not None:
+            self._consumer.hub.call_soon(self._apply_flow)  # cheap, and heals any missed change
         inflight = self.executor.inflight() if self.executor else 0
         if self.metrics is not None:
             self.metrics.inflight.set(inflight)
