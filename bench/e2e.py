@@ -31,6 +31,7 @@ from PIL import Image
 from stylequeue.embedded import EmbeddedRedis, free_port
 from stylequeue.jobs import RedisJobStore
 from stylequeue.producer.client import Client
+from stylequeue.worker.messages import BULK_CHUNK_SIZE
 
 HERE = Path(__file__).resolve().parent
 
@@ -297,7 +298,7 @@ def queue_section(args: argparse.Namespace, work: Path, server: EmbeddedRedis) -
         f"### Queue path: `null` runtime, 64 px {fmt.upper()} in and out, `file://` on tmpfs "
         f"({args.null_jobs} bulk jobs, {args.null_jobs // 5} interactive)\n",
         "| path | jobs/s | vs plain Celery no-op | failed |", "|---|---|---|---|",
-        f"| bulk (`submit_many`, 32 jobs/message) | {bulk:,.0f} | {bulk / noop:.1f}x | {bulk_failed} |",
+        f"| bulk (`submit_many`, {BULK_CHUNK_SIZE} jobs/message) | {bulk:,.0f} | {bulk / noop:.1f}x | {bulk_failed} |",
         f"| interactive (`submit`, 1 job/message) | {interactive:,.0f} | {interactive / noop:.1f}x | "
         f"{interactive_failed} |",
         f"| plain Celery no-op task ({args.noop_tasks} tasks) | {noop:,.0f} | 1.0x | - |",

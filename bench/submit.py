@@ -1,6 +1,6 @@
 """How fast producers enqueue: `Client.submit_many` and `Client.submit` against a private Redis.
 
-Prints a Markdown table: jobs/s for bulk submission (pipelined records, 32 jobs per message) and for
+Prints a Markdown table: jobs/s for bulk submission (pipelined records, BULK_CHUNK_SIZE jobs per message) and for
 single interactive submits, each next to a plain Celery `send_task` per job measured in the same run.
 
     python bench/submit.py [--jobs 20000]
@@ -16,6 +16,7 @@ from pathlib import Path
 
 from stylequeue.embedded import EmbeddedRedis
 from stylequeue.producer.client import Client
+from stylequeue.worker.messages import BULK_CHUNK_SIZE
 
 
 def cpu_name() -> str:
@@ -63,7 +64,7 @@ def main() -> None:
     print(f"# submit throughput — {cpu_name()}, {platform.python_version()}, Redis {server.url}\n")
     print("| path | jobs | seconds | jobs/s | vs plain Celery send_task |")
     print("|---|---|---|---|---|")
-    print(f"| `submit_many` (bulk, 32 jobs/message) | {args.jobs} | {bulk_s:.2f} | {bulk_rate:,.0f} | "
+    print(f"| `submit_many` (bulk, {BULK_CHUNK_SIZE} jobs/message) | {args.jobs} | {bulk_s:.2f} | {bulk_rate:,.0f} | "
           f"{bulk_rate / celery_rate:.1f}x |")
     print(f"| `submit` (interactive, 1 job/message) | {args.singles} | {single_s:.2f} | {single_rate:,.0f} | "
           f"{single_rate / celery_rate:.1f}x |")

@@ -7,9 +7,12 @@ this pool instead: `load` reads and prepares a group's inputs, `store` renders a
 outputs, each in a child process with its own `Storage`. Interactive jobs stay on the executor's
 threads: a single image should not wait behind queued bulk groups, nor pay the round trip.
 
-A child that dies (a decoder crashing on a hostile file) breaks the pool. It is rebuilt, and the
-group is retried one job at a time, so the job that crashes a child again fails alone.
-Children exit on their own when the worker process is gone (even after SIGKILL), never mid-write.
+Each child has its own pipe, and the job thread that checked it out talks to it directly: no
+manager or feeder thread in the worker process stands between a group and its child.
+A child that dies (a decoder crashing on a hostile file) is replaced, and its group retried one
+job at a time, so the job that kills a child again fails alone. A group past `timeout_s` fails
+this attempt with `timeout` (transient) and its child is replaced. Children exit when their pipe
+closes, so a worker killed with SIGKILL leaves none behind.
 """
 
 from __future__ import annotations
@@ -17,13 +20,13 @@ from __future__ import annotations
 import logging
 import multiprocessing
 import os
+import queue
 import signal
-import threading
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
-from concurrent.futures import TimeoutError as FutureTimeout
-from concurrent.futures.process import BrokenProcessPool
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from multiprocessing.connection import Connection
 from typing import Any
 
 import numpy as np
@@ -37,12 +40,20 @@ log = logging.getLogger("stylequeue.worker")
 # One item's outcome and the seconds it took: a `Prepared` (load) or the bytes written (store),
 # or the JobError that ended it.
 Outcome = tuple[Any, float]
+# spawn, not fork: the worker already runs threads (Celery, Redis, the batcher).
+_CONTEXT = multiprocessing.get_context("spawn")
 
 
 def default_processes() -> int:
     """Codec processes when not configured: one per core up to 4; none on a single core."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     return 0 if cores < 2 else min(4, cores)
+
+
+@dataclass
+class _Child:
+    process: Any  # multiprocessing.Process (spawn context)
+    conn: Connection
 
 
 class CodecPool:
@@ -60,25 +71,51 @@ class CodecPool:
         self.settings = settings
         self.processes = processes
         self.timeout_s = timeout_s
-        self._lock = threading.Lock()
-        self._pool = self._new_pool()
+        self._idle: queue.SimpleQueue[_Child] = queue.SimpleQueue()
+        self._children: list[_Child] = []
+        for _ in range(processes):
+            self._idle.put(self._spawn())
 
-    def _new_pool(self) -> ProcessPoolExecutor:
-        # spawn, not fork: the worker already runs threads (Celery, Redis, the batcher).
-        return ProcessPoolExecutor(self.processes, mp_context=multiprocessing.get_context("spawn"),
-                                   initializer=_child_init, initargs=(self.settings, os.getpid()))
+    def _spawn(self) -> _Child:
+        ours, theirs = _CONTEXT.Pipe()
+        process = _CONTEXT.Process(target=_child_main, args=(theirs, self.settings), name="stylequeue-codec",
+                                   daemon=True)
+        process.start()
+        theirs.close()
+        child = _Child(process, ours)
+        self._children.append(child)
+        return child
 
     def warm(self) -> None:
-        """Start every child now (imports take a moment), so the first bulk group does not wait."""
-        with self._lock:
-            pool = self._pool
-        futures = [pool.submit(_child_ping, 0.2) for _ in range(self.processes)]
-        for future in futures:
-            future.result(timeout=120)
+        """Wait until every child has started (imports take a moment), so the first group does not."""
+        children = [self._idle.get() for _ in range(self.processes)]
+        try:
+            for child in children:
+                child.conn.send((_child_ping, None))
+            for child in children:
+                if not child.conn.poll(120):
+                    raise TimeoutError("a codec process did not start within 120 s")
+                child.conn.recv()
+        finally:
+            for child in children:
+                self._idle.put(child)
+
+    def pids(self) -> list[int]:
+        return [child.process.pid for child in self._children if child.process.is_alive()]
 
     def close(self) -> None:
-        with self._lock:
-            self._pool.shutdown(wait=True, cancel_futures=True)
+        for child in self._children:
+            try:
+                child.conn.send(None)  # stop
+            except OSError:
+                pass
+        for child in self._children:
+            child.process.join(5)
+            if child.process.is_alive():
+                child.process.terminate()
+                child.process.join(5)
+            child.conn.close()
+        self._children.clear()
 
     # --- the two calls ------------------------------------------------------------------------
 
@@ -88,64 +125,77 @@ class CodecPool:
                           crashed="the image crashed the decoder")
 
     def store(self, items: Sequence[tuple[str, np.ndarray, StyleSpec]]) -> list[Outcome]:
-        """Render and write each (output URI, model output, style): bytes written, or its JobError."""
+        """Render and write each (output URI, output pixels, style): bytes written, or its JobError."""
         return self._call(_child_store, list(items), crashed="a codec process died while encoding this output")
 
     def _call(self, function: Callable[[list[Any]], list[Outcome]], items: list[Any], *, crashed: str) -> list[Outcome]:
+        """Run `function(items)` in a free child; one outcome per item, whatever happens to the child."""
         if not items:
             return []
-        with self._lock:
-            pool = self._pool
+        child: _Child | None = self._idle.get()
         try:
-            future: Future[list[Outcome]] = pool.submit(function, items)
-            return future.result(timeout=self.timeout_s)
-        except FutureTimeout:
-            error = JobTimeout(f"decoding or encoding took longer than {self.timeout_s:g} s")
-            return [(error, self.timeout_s)] * len(items)
-        except BrokenProcessPool:
-            self._replace(pool)
+            child.conn.send((function, items))
+            if not child.conn.poll(self.timeout_s):
+                self._replace(child)
+                child = None
+                error = JobTimeout(f"decoding or encoding took longer than {self.timeout_s:g} s")
+                return [(error, self.timeout_s)] * len(items)
+            return child.conn.recv()
+        except (EOFError, OSError):  # the child died
+            self._replace(child)
+            child = None
             if len(items) == 1:
                 log.warning("a codec process died on one job: %s", crashed)
                 return [(InvalidInput(crashed) if function is _child_load else InternalError(crashed), 0.0)]
-            # Some job in this group (or in another group in flight) killed a child: one at a time now.
+            # Some job in this group killed the child: one at a time now, so that one fails alone.
             return [self._call(function, [item], crashed=crashed)[0] for item in items]
+        finally:
+            if child is not None:
+                self._idle.put(child)
 
-    def _replace(self, broken: ProcessPoolExecutor) -> None:
-        with self._lock:
-            if self._pool is broken:  # another thread may have replaced it already
-                log.warning("a codec process died; starting a new pool")
-                broken.shutdown(wait=False, cancel_futures=True)
-                self._pool = self._new_pool()
+    def _replace(self, child: _Child) -> None:
+        """End a dead or stuck child and put a new one in its place."""
+        log.warning("codec process %s stopped or hung; starting a new one", child.process.pid)
+        if child.process.is_alive():
+            child.process.kill()
+        child.process.join(5)
+        child.conn.close()
+        self._children.remove(child)
+        self._idle.put(self._spawn())
 
 
 # --- the children -------------------------------------------------------------------------------
 
 _storage: Any = None
-_busy = threading.Lock()
 _io: ThreadPoolExecutor | None = None
 
 
-def _child_init(settings: Settings, parent: int) -> None:
+def _child_main(conn: Connection, settings: Settings) -> None:
     from stylequeue.pipeline.storage import Storage
 
     global _storage, _io
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group; the parent decides
     _storage = Storage(settings, max_pool_connections=16)
     _io = ThreadPoolExecutor(8, thread_name_prefix="codec-io")
-    threading.Thread(target=_watch_parent, args=(parent,), name="watch-parent", daemon=True).start()
-
-
-def _watch_parent(parent: int) -> None:
-    """Exit once the worker is gone; the lock waits for a call in progress (no half-written output)."""
     while True:
-        time.sleep(0.5)
-        if os.getppid() != parent:
-            with _busy:
-                os._exit(0)
+        try:
+            request = conn.recv()
+        except (EOFError, OSError):  # the worker is gone
+            return
+        if request is None:
+            return
+        function, items = request
+        try:
+            outcomes = function(items)
+        except Exception as exc:  # the functions catch per item; this is a last resort
+            outcomes = [(_as_job_error(exc), 0.0)] * len(items)
+        try:
+            conn.send(outcomes)
+        except OSError:  # the worker is gone
+            return
 
 
-def _child_ping(seconds: float) -> int:
-    time.sleep(seconds)  # long enough that each ping lands in a different child
+def _child_ping(_: object) -> int:
     return os.getpid()
 
 
@@ -167,27 +217,26 @@ def _read_one(uri: str) -> bytes | JobError:
 def _child_load(items: list[tuple[str, StyleSpec, int]]) -> list[Outcome]:
     from stylequeue.pipeline.process import prepare
 
-    with _busy:
-        started = time.perf_counter()
-        uris = [uri for uri, _, _ in items]
-        # Remote reads wait on the network: fetch them together, then decode one after another.
-        if _io is not None and len(uris) > 1 and any(map(_remote, uris)):
-            datas = list(_io.map(_read_one, uris))
-        else:
-            datas = [_read_one(uri) for uri in uris]
-        fetch_each = (time.perf_counter() - started) / len(items)
-        outcomes: list[Outcome] = []
-        for data, (_, spec, max_pixels) in zip(datas, items, strict=True):
-            began = time.perf_counter()
-            if isinstance(data, JobError):
-                outcomes.append((data, fetch_each))
-                continue
-            try:
-                result: Any = prepare(data, spec, max_pixels=max_pixels)
-            except Exception as exc:
-                result = _as_job_error(exc)
-            outcomes.append((result, fetch_each + time.perf_counter() - began))
-        return outcomes
+    started = time.perf_counter()
+    uris = [uri for uri, _, _ in items]
+    # Remote reads wait on the network: fetch them together, then decode one after another.
+    if _io is not None and len(uris) > 1 and any(map(_remote, uris)):
+        datas = list(_io.map(_read_one, uris))
+    else:
+        datas = [_read_one(uri) for uri in uris]
+    fetch_each = (time.perf_counter() - started) / len(items)
+    outcomes: list[Outcome] = []
+    for data, (_, spec, max_pixels) in zip(datas, items, strict=True):
+        began = time.perf_counter()
+        if isinstance(data, JobError):
+            outcomes.append((data, fetch_each))
+            continue
+        try:
+            result: Any = prepare(data, spec, max_pixels=max_pixels)
+        except Exception as exc:
+            result = _as_job_error(exc)
+        outcomes.append((result, fetch_each + time.perf_counter() - began))
+    return outcomes
 
 
 def _write_one(item: tuple[str, bytes, str]) -> JobError | None:
@@ -202,27 +251,26 @@ def _write_one(item: tuple[str, bytes, str]) -> JobError | None:
 def _child_store(items: list[tuple[str, np.ndarray, StyleSpec]]) -> list[Outcome]:
     from stylequeue.pipeline.process import render
 
-    with _busy:
-        encoded: list[tuple[bytes | JobError, float]] = []
-        for _, output, spec in items:
-            began = time.perf_counter()
-            try:
-                encoded.append((render(output, spec), time.perf_counter() - began))
-            except Exception as exc:
-                encoded.append((_as_job_error(exc), time.perf_counter() - began))
-        writes = [(uri, data, spec.content_type) for (uri, _, spec), (data, _) in zip(items, encoded, strict=True)
-                  if not isinstance(data, JobError)]
-        started = time.perf_counter()
-        if _io is not None and len(writes) > 1 and any(_remote(uri) for uri, _, _ in writes):
-            errors = iter(list(_io.map(_write_one, writes)))
-        else:
-            errors = iter([_write_one(write) for write in writes])
-        write_each = (time.perf_counter() - started) / max(1, len(writes))
-        outcomes: list[Outcome] = []
-        for data, seconds in encoded:
-            if isinstance(data, JobError):
-                outcomes.append((data, seconds))
-                continue
-            error = next(errors)
-            outcomes.append((error if error is not None else len(data), seconds + write_each))
-        return outcomes
+    encoded: list[tuple[bytes | JobError, float]] = []
+    for _, output, spec in items:
+        began = time.perf_counter()
+        try:
+            encoded.append((render(output, spec), time.perf_counter() - began))
+        except Exception as exc:
+            encoded.append((_as_job_error(exc), time.perf_counter() - began))
+    writes = [(uri, data, spec.content_type) for (uri, _, spec), (data, _) in zip(items, encoded, strict=True)
+              if not isinstance(data, JobError)]
+    started = time.perf_counter()
+    if _io is not None and len(writes) > 1 and any(_remote(uri) for uri, _, _ in writes):
+        errors = iter(list(_io.map(_write_one, writes)))
+    else:
+        errors = iter([_write_one(write) for write in writes])
+    write_each = (time.perf_counter() - started) / max(1, len(writes))
+    outcomes: list[Outcome] = []
+    for data, seconds in encoded:
+        if isinstance(data, JobError):
+            outcomes.append((data, seconds))
+            continue
+        error = next(errors)
+        outcomes.append((error if error is not None else len(data), seconds + write_each))
+    return outcomes

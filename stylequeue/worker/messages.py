@@ -24,7 +24,8 @@ BULK_TASK = "stylequeue.bulk"
 CALLBACK_TASK = "stylequeue.callback"
 
 # Bulk jobs travel several to a message: Celery's per-message cost (~1.8 ms, PERF.md) is paid per chunk.
-BULK_CHUNK_SIZE = 32
+# 64 rather than 32 gained ~10% on the null-model bulk path (bench/e2e.py); claims are per job anyway.
+BULK_CHUNK_SIZE = 64
 
 
 def send_job(app: Celery, job_id: str, priority: str) -> None:

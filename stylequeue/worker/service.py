@@ -39,7 +39,7 @@ log = logging.getLogger("stylequeue.worker")
 
 # Backpressure: a worker holds about HOLD_S seconds of claimed jobs, and never more than MAX_HELD.
 HOLD_S = 2.0
-MAX_HELD = 32 * messages.BULK_CHUNK_SIZE
+MAX_HELD = 1024
 
 
 @dataclass
@@ -86,7 +86,7 @@ class WorkerService:
         # The mark follows the worker's speed: about HOLD_S seconds of work, within [min, MAX_HELD].
         # A paused queue takes a moment to resume (a poll cycle, then Celery's intake), so resuming
         # starts at three quarters of the mark, while the worker still holds work for that moment.
-        self.min_water = max(4 * settings.max_batch, 4 * messages.BULK_CHUNK_SIZE)
+        self.min_water = max(4 * settings.max_batch, 2 * messages.BULK_CHUNK_SIZE)
         self.high_water = self.min_water
         self.low_water = self.high_water * 3 // 4
         self._finished = 0
