@@ -99,3 +99,4 @@ def test_pause_then_resume_ends_consuming_whatever_order_the_loop_runs_them(reve
     consumer.run_pending(reverse)
     assert "stylequeue.bulk" not in consumer.consuming and worker._bulk_paused
     assert "stylequeue.interactive" in consumer.consuming  # interactive jobs are never paused
+

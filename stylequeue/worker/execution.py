@@ -297,8 +297,10 @@ class JobExecutor:
 
     def _run_group_pooled(self, runnings: list[_Running]) -> None:
         """A bulk group through the codec pool: load all, infer all (batched), store all, finish all."""
-        works = [work for work in map(self._begin, runnings) if work is not None]
+        styles: dict[str, tuple[StyleSpec, str]] = {}
+        works = [work for work in (self._begin(running, styles) for running in runnings) if work is not None]
         loaded = self.codec.load([(w.running.job.input_uri, w.spec) for w in works], self.max_input_pixels)
+        cancelled = self._abandoned_among([w.running.job_id for w in works])  # while the inputs loaded
         submitted = []
         for work, (prepared, seconds) in zip(works, loaded, strict=True):
             if isinstance(prepared, Exception):
@@ -306,7 +308,7 @@ class JobExecutor:
                 continue
             work.prepared = prepared
             work.timings["fetch"] = self._record("fetch", seconds)
-            if self._is_abandoned(work.running.job_id):  # cancelled while its input loaded
+            if work.running.job_id in cancelled:
                 continue
             work.submitted = time.perf_counter()
             try:
@@ -315,16 +317,16 @@ class JobExecutor:
                 self._attempt_failed(work.running, exc)
                 continue
             submitted.append(work)
-        outputs = []
+        inferred = []
         for work in submitted:
             try:
-                output = self.models.result(work.future)
+                inferred.append((work, self.models.result(work.future)))
             except Exception as exc:
                 self._attempt_failed(work.running, exc)
                 continue
             work.timings["infer"] = self._stage("infer", work.submitted)
-            if not self._is_abandoned(work.running.job_id):
-                outputs.append((work, output))
+        cancelled = self._abandoned_among([w.running.job_id for w, _ in inferred])
+        outputs = [(work, output) for work, output in inferred if work.running.job_id not in cancelled]
         stored = self.codec.store([(w.running.job.output_uri, output, w.spec) for w, output in outputs])
         done = []
         for (work, _), (written, seconds) in zip(outputs, stored, strict=True):
@@ -336,8 +338,11 @@ class JobExecutor:
             done.append(work)
         self._succeed(done)
 
-    def _begin(self, running: _Running) -> _Work | None:
-        """A job's work record with its style resolved; None (the job handled) on an error or cancellation."""
+    def _begin(self, running: _Running, styles: dict[str, tuple[StyleSpec, str]] | None = None) -> _Work | None:
+        """A job's work record with its style resolved; None (the job handled) on an error or cancellation.
+
+        `styles` caches the style lookups of one group.
+        """
         job = running.job
         if self._is_abandoned(running.job_id):  # cancelled while it waited here
             return None
@@ -345,7 +350,12 @@ class JobExecutor:
         if job.started_at:
             work.timings["queued"] = round(max(0.0, parse_iso(job.started_at) - parse_iso(job.created_at)) * 1000, 1)
         try:
-            work.spec, work.model = self.models.spec_and_model(job.style)
+            if styles is None:
+                work.spec, work.model = self.models.spec_and_model(job.style)
+            else:
+                if job.style not in styles:
+                    styles[job.style] = self.models.spec_and_model(job.style)
+                work.spec, work.model = styles[job.style]
         except Exception as exc:
             self._attempt_failed(running, exc)
             return None
@@ -420,6 +430,10 @@ class JobExecutor:
     def _record(self, stage: str, seconds: float) -> float:
         self.on_stage(stage, seconds)
         return round(seconds * 1000, 1)
+
+    def _abandoned_among(self, job_ids: Sequence[str]) -> set[str]:
+        with self._lock:
+            return {j for j in job_ids if (r := self._running.get(j)) is None or r.abandoned}
 
     def _is_abandoned(self, job_id: str) -> bool:
         with self._lock:

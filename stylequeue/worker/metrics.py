@@ -30,6 +30,21 @@ class WorkerMetrics:
         self.inflight = Gauge("stylequeue_jobs_inflight", "Jobs this worker holds", registry=self.registry)
         self.model_load_seconds = Gauge("stylequeue_model_load_seconds", "Time to load and warm a style",
                                         ["style"], registry=self.registry)
+        # labels() looks a child up under a lock each call; per-job metrics keep their children here.
+        self._stages: dict[str, Any] = {}
+        self._jobs: dict[tuple[str, str], Any] = {}
+
+    def observe_stage(self, stage: str, seconds: float) -> None:
+        child = self._stages.get(stage)
+        if child is None:
+            child = self._stages.setdefault(stage, self.stage_seconds.labels(stage))
+        child.observe(seconds)
+
+    def count_job(self, state: str, style: str) -> None:
+        child = self._jobs.get((state, style))
+        if child is None:
+            child = self._jobs.setdefault((state, style), self.jobs.labels(state, style))
+        child.inc()
 
     def serve(self, port: int, addr: str = "0.0.0.0") -> Any:
         return start_http_server(port, addr=addr, registry=self.registry)

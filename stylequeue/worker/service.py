@@ -162,7 +162,7 @@ class WorkerService:
             lease_s=self.options.lease_s, max_input_pixels=self.settings.max_input_pixels,
             job_timeout_s=self.settings.job_timeout_s, threads=threads, group_size=self.settings.max_batch,
             on_finished=self._on_finished,
-            on_stage=lambda stage, seconds: metrics.stage_seconds.labels(stage).observe(seconds),
+            on_stage=metrics.observe_stage,
             codec=self.codec,
         )
 
@@ -283,7 +283,7 @@ class WorkerService:
     def _on_finished(self, job: Job) -> None:
         self._finished += 1
         if self.metrics is not None:
-            self.metrics.jobs.labels(str(job.state), job.style).inc()
+            self.metrics.count_job(str(job.state), job.style)
         if job.callback_url:
             from stylequeue.worker.callbacks import enqueue_callback
 
