@@ -113,3 +113,24 @@ def test_close_drains_queued_items() -> None:
     assert all(f.done() and not f.exception() for f in futures)
     with pytest.raises(RuntimeError):
         batcher.submit(img(1))
+
+
+def test_a_deep_mixed_backlog_forms_full_batches_in_order() -> None:
+    model = RecordingModel()
+    model.gate.clear()  # hold the first batch while the backlog builds
+    batcher = DynamicBatcher(model, max_batch=16, max_wait_ms=50)
+    futures = [(batcher.submit(img(i, 8 if i % 3 else 16)), i) for i in range(600)]
+    urgent = batcher.submit(img(-1.0, 16), priority=INTERACTIVE)
+    model.gate.set()
+    for future, i in futures:
+        assert future.result(10)[0, 0, 0] == 2 * i
+    assert urgent.result(10)[0, 0, 0] == -2.0
+    assert batcher.pending() == 0
+    # Apart from the held first batch, the interactive item ran first, then full batches of one shape.
+    assert model.batches[1][0] == -1.0
+    sizes = [len(b) for b in model.batches[2:]]
+    assert sum(sizes) + len(model.batches[0]) + len(model.batches[1]) == 601
+    assert sorted(sizes)[2:] == [16] * (len(sizes) - 2)  # at most one partial batch per shape
+    for batch in model.batches[2:]:
+        assert batch == sorted(batch)  # oldest first within a batch
+    batcher.close()

@@ -12,6 +12,7 @@ import itertools
 import logging
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
@@ -71,7 +72,10 @@ class DynamicBatcher:
         self.max_wait_s = max_wait_ms / 1000.0
         self.on_batch = on_batch
         self.stats = BatchStats()
-        self._items: list[_Item] = []
+        # Waiting items by shape, each shape with an interactive and a bulk FIFO: the head item (the
+        # oldest of the highest priority) and its batch-mates are found without scanning the backlog.
+        self._queues: dict[tuple[int, ...], tuple[deque[_Item], deque[_Item]]] = {}
+        self._count = 0
         self._seq = itertools.count()
         self._cond = threading.Condition()
         self._closed = False
@@ -79,22 +83,27 @@ class DynamicBatcher:
         self._thread.start()
 
     def submit(self, array: np.ndarray, *, priority: int = BULK) -> Future[np.ndarray]:
-        """Queue one image, float32 [3,H,W]; the future resolves to its output [3,H,W]."""
+        """Queue one image (in the worker: uint8 [H,W,3] pixels); the future resolves to its output."""
         future: Future[np.ndarray] = Future()
+        item = _Item(priority, next(self._seq), array, future)
         with self._cond:
             if self._closed:
                 raise RuntimeError("batcher is closed")
-            self._items.append(_Item(priority, next(self._seq), array, future))
+            pair = self._queues.get(item.shape)
+            if pair is None:
+                pair = self._queues[item.shape] = (deque(), deque())
+            pair[0 if priority == INTERACTIVE else 1].append(item)
+            self._count += 1
             # Wake the inference thread only when it has something new to decide: its first item, a
             # possibly full batch, or an interactive item. Otherwise its max_wait timer suffices, and
             # a thread wake-up per image (costly on VMs) is saved.
-            if len(self._items) == 1 or len(self._items) >= self.max_batch or priority == INTERACTIVE:
+            if self._count == 1 or len(pair[0]) + len(pair[1]) >= self.max_batch or priority == INTERACTIVE:
                 self._cond.notify()
         return future
 
     def pending(self) -> int:
         with self._cond:
-            return len(self._items)
+            return self._count
 
     def close(self, timeout: float | None = 30) -> None:
         """Stop after the items already queued have run."""
@@ -105,29 +114,37 @@ class DynamicBatcher:
 
     # --- the inference thread --------------------------------------------------------------------
 
+    def _head(self) -> _Item:
+        """The item to serve next: interactive first, then the oldest (one look per shape and priority)."""
+        return min(queue[0] for pair in self._queues.values() for queue in pair if queue)
+
     def _take_batch(self) -> list[_Item] | None:
         with self._cond:
-            while not self._items:
+            while not self._count:
                 if self._closed:
                     return None
                 self._cond.wait()
-            head = min(self._items)  # interactive first, then oldest
+            head = self._head()
             deadline = head.enqueued + self.max_wait_s
             while True:
-                mates = [i for i in self._items if i.shape == head.shape]
-                if len(mates) >= self.max_batch or self._closed:
+                interactive, bulk = self._queues[head.shape]
+                if len(interactive) + len(bulk) >= self.max_batch or self._closed:
                     break
                 left = deadline - time.monotonic()
                 if left <= 0:
                     break
                 self._cond.wait(left)
-                if min(self._items) is not head:  # an interactive item arrived: serve it first
-                    head = min(self._items)
+                if self._head() is not head:  # an interactive item arrived: serve it first
+                    head = self._head()
                     deadline = min(deadline, head.enqueued + self.max_wait_s)
-            mates.sort()
-            batch = mates[: self.max_batch]
-            chosen = {id(i) for i in batch}
-            self._items = [i for i in self._items if id(i) not in chosen]
+            pair = self._queues[head.shape]
+            batch: list[_Item] = []
+            for queue in pair:  # interactive mates first, then bulk, each oldest first
+                while queue and len(batch) < self.max_batch:
+                    batch.append(queue.popleft())
+            if not pair[0] and not pair[1]:
+                del self._queues[head.shape]
+            self._count -= len(batch)
             return batch
 
     def _loop(self) -> None:
