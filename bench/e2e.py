@@ -307,10 +307,10 @@ def queue_section(args: argparse.Namespace, work: Path, server: EmbeddedRedis) -
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--images", type=int, default=48)
+    parser.add_argument("--images", type=int, default=240)
     parser.add_argument("--side", type=int, default=256)
     parser.add_argument("--max-batch", type=int, default=8)
-    parser.add_argument("--null-jobs", type=int, default=5000)
+    parser.add_argument("--null-jobs", type=int, default=20000)
     parser.add_argument("--noop-tasks", type=int, default=1000)
     parser.add_argument("--null-format", choices=("jpeg", "png"), default="jpeg",
                         help="image format of the queue-path jobs (JPEG is the service's default output)")

@@ -40,7 +40,8 @@ def worker(
     max_wait_ms: Annotated[float | None, typer.Option(help="Longest wait for batch-mates.")] = None,
     concurrency: Annotated[int, typer.Option(help="Job threads for fetch/decode/encode/store (0 = auto).")] = 0,
     codec_procs: Annotated[int | None, typer.Option(
-        help="Processes that decode and encode bulk jobs (default: one per core, up to 4; 0 = none).")] = None,
+        help="Processes that decode and encode bulk jobs (default: one per core up to 4 on a GPU or with "
+             "the null runtime, none when the model runs on the CPU; 0 = none).")] = None,
     metrics_port: Annotated[int | None, typer.Option(help="Serve Prometheus metrics on this port.")] = None,
     no_callbacks: Annotated[bool, typer.Option("--no-callbacks", help="Do not deliver webhooks.")] = False,
     callbacks_only: Annotated[bool, typer.Option("--callbacks-only", help="Deliver webhooks only; no model.")] = False,

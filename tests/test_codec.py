@@ -176,3 +176,25 @@ def test_a_worker_without_codec_processes_runs_bulk_jobs_on_its_threads(
     finally:
         client.close()
         assert worker.stop() == 0, worker.output()[-3000:]
+
+
+@pytest.mark.parametrize(("runtime", "device", "expected"),
+                         [("auto", "cpu", 0), ("null", "cpu", 2), ("auto", "gpu:0", 2)])
+def test_codec_processes_by_default_only_where_the_model_leaves_the_cpu_free(
+        runtime: str, device: str, expected: int, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    from stylequeue.worker import codec as codec_module
+    from stylequeue.worker.service import WorkerOptions, WorkerService
+
+    monkeypatch.setattr(codec_module, "default_processes", lambda: 2)
+    settings = Settings(redis_url="redis://127.0.0.1:1/0", storage_url=f"file://{tmp_path}", runtime=runtime,
+                        device=device)
+    service = WorkerService(settings, WorkerOptions(), app=None)  # type: ignore[arg-type]
+    warming = service._start_codec()
+    try:
+        assert (service.codec.processes if service.codec else 0) == expected
+        if warming is not None:
+            warming.join()
+            assert len(service.codec.pids()) == expected
+    finally:
+        if service.codec is not None:
+            service.codec.close()

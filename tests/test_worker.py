@@ -131,7 +131,8 @@ def test_interactive_job_overtakes_a_bulk_backlog(stack: dict) -> None:
 def test_cancelling_a_queued_job_is_honoured(stack: dict) -> None:
     client, s3 = stack["client"], stack["s3"]
     uri = put(s3, "cancel/a.png", make_image(64, 64))
-    ahead = client.submit_many([uri] * 200, style="tiny")
+    # Enough ahead that backpressure (plus up to 8 prefetched messages of 64) stops short of the victim.
+    ahead = client.submit_many([uri] * 1200, style="tiny")
     victim = client.submit_many([uri], style="tiny")[0]
     assert client.cancel(victim.id).state == JobState.CANCELLED
     for job in ahead:

@@ -46,6 +46,7 @@ class InferencePool:
         self.on_batch = on_batch
         self._batchers: dict[str, tuple[LoadedStyle, DynamicBatcher]] = {}
         self._lock = threading.Lock()
+        self._measuring = threading.Lock()
 
     def _entry(self, style: str) -> tuple[LoadedStyle, DynamicBatcher]:
         loaded = self.registry.get(style)  # raises UnknownStyle; loads at most once per style
@@ -53,13 +54,20 @@ class InferencePool:
             entry = self._batchers.get(style)
             if entry is not None and entry[0] is loaded:
                 return entry
-            stale = entry[1] if entry else None
-            on_batch = self.on_batch
-            batcher = DynamicBatcher(
-                _on_pixels(loaded.runtime), max_batch=self.max_batch, max_wait_ms=self.max_wait_ms, name=style,
-                on_batch=(lambda size, seconds: on_batch(style, size, seconds)) if on_batch else None,
-            )
-            self._batchers[style] = (loaded, batcher)
+        with self._measuring:  # one runtime call at a time; a second thread waits, then finds the entry
+            with self._lock:
+                entry = self._batchers.get(style)
+                if entry is not None and entry[0] is loaded:
+                    return entry
+            max_batch = useful_batch(loaded, self.max_batch)
+            with self._lock:
+                stale = entry[1] if entry else None
+                on_batch = self.on_batch
+                batcher = DynamicBatcher(
+                    _on_pixels(loaded.runtime), max_batch=max_batch, max_wait_ms=self.max_wait_ms, name=style,
+                    on_batch=(lambda size, seconds: on_batch(style, size, seconds)) if on_batch else None,
+                )
+                self._batchers[style] = (loaded, batcher)
         if stale is not None:
             threading.Thread(target=stale.close, daemon=True).start()  # reloaded after eviction
         if entry is None and self.on_loaded:
@@ -115,3 +123,35 @@ def _on_pixels(runtime: Any) -> Callable[[np.ndarray], np.ndarray]:
         return from_model_output(run(to_model_input(pixels)))
 
     return run_pixels
+
+
+def useful_batch(loaded: LoadedStyle, max_batch: int) -> int:
+    """The largest batch worth forming for this style on this device: `max_batch`, or 1 where batching
+    does not pay (on CPUs a batch often runs slower per image than single images do).
+
+    Timed at load on a square probe of the style's working size (at most 256 px: the ratio is what
+    counts), best of two runs each, after a first run of each shape; recorded in the style's runtime
+    info (`batch`), which the worker publishes.
+    """
+    if max_batch <= 1:
+        loaded.info["batch"] = 1
+        return 1
+    run = _on_pixels(loaded.runtime)
+    side = max(8, min(256, loaded.spec.max_side) // 4 * 4)
+    probe = np.random.default_rng(0).integers(0, 256, size=(max_batch, side, side, 3), dtype=np.uint8)
+
+    def per_image(batch: np.ndarray) -> float:
+        run(batch)  # a new shape's first run compiles or allocates
+        best = float("inf")
+        for _ in range(2):
+            started = time.perf_counter()
+            run(batch)
+            best = min(best, time.perf_counter() - started)
+        return best / len(batch)
+
+    single, batched = per_image(probe[:1]), per_image(probe)
+    chosen = max_batch if batched < single * 0.95 else 1
+    loaded.info["batch"] = chosen
+    log.info("style %s: %.1f ms/image alone, %.1f ms/image in a batch of %d: batches of up to %d",
+             loaded.spec.name, single * 1000, batched * 1000, max_batch, chosen)
+    return chosen

@@ -48,7 +48,7 @@ class WorkerOptions:
 
     styles: list[str] | None = None  # preload these; None = every registered style
     threads: int = 0  # job threads (fetch/decode/encode/store); 0 = 2 * max_batch + 2
-    codec_processes: int | None = None  # processes decoding/encoding bulk jobs; None = one per core, up to 4
+    codec_processes: int | None = None  # processes decoding/encoding bulk jobs; None: see _start_codec
     models: bool = True  # False: --callbacks-only
     callbacks: bool = True  # False: --no-callbacks
     metrics_port: int | None = None
@@ -171,7 +171,13 @@ class WorkerService:
         from stylequeue.worker.codec import CodecPool, default_processes
 
         processes = self.options.codec_processes
-        processes = default_processes() if processes is None else processes
+        if processes is None:
+            # The pool pays where the model leaves the CPU to us: a GPU, or the null runtime (a model
+            # that costs nothing). A CPU model keeps every core busy; there, a codec process only
+            # preempts its threads (OpenVINO bf16 at 256 px: 0.96 of the raw runtime in-thread, 0.88
+            # with two codec processes, bench/e2e.py), so decoding stays on the job threads.
+            model_on_cpu = self.settings.device == "cpu" and self.settings.runtime != "null"
+            processes = 0 if model_on_cpu else default_processes()
         if processes < 1:
             return None
         self.codec = CodecPool(self.settings, processes, timeout_s=self.settings.job_timeout_s)
