@@ -22,6 +22,7 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(PY) bench/models.py
 	$(PY) bench/submit.py
+	$(PY) bench/codec.py
 	$(PY) bench/e2e.py
 
 clean:
