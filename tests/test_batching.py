@@ -126,11 +126,14 @@ def test_a_deep_mixed_backlog_forms_full_batches_in_order() -> None:
         assert future.result(10)[0, 0, 0] == 2 * i
     assert urgent.result(10)[0, 0, 0] == -2.0
     assert batcher.pending() == 0
-    # Apart from the held first batch, the interactive item ran first, then full batches of one shape.
-    assert model.batches[1][0] == -1.0
-    sizes = [len(b) for b in model.batches[2:]]
-    assert sum(sizes) + len(model.batches[0]) + len(model.batches[1]) == 601
-    assert sorted(sizes)[2:] == [16] * (len(sizes) - 2)  # at most one partial batch per shape
-    for batch in model.batches[2:]:
-        assert batch == sorted(batch)  # oldest first within a batch
+    # The interactive item led the first batch formed after it arrived (the first or second batch,
+    # depending on whether the inference thread took a batch before the backlog was queued).
+    urgent_batch = next(k for k, batch in enumerate(model.batches) if -1.0 in batch)
+    assert urgent_batch <= 1 and model.batches[urgent_batch][0] == -1.0
+    assert sum(len(batch) for batch in model.batches) == 601
+    # Full batches of one shape, at most one partial batch per shape besides the first one taken.
+    assert sum(1 for batch in model.batches[1:] if len(batch) < 16) <= 2
+    for batch in model.batches:
+        rest = [value for value in batch if value != -1.0]
+        assert rest == sorted(rest)  # oldest first within a batch
     batcher.close()

@@ -338,11 +338,9 @@ class JobExecutor:
             done.append(work)
         self._succeed(done)
 
-    def _begin(self, running: _Running, styles: dict[str, tuple[StyleSpec, str]] | None = None) -> _Work | None:
-        """A job's work record with its style resolved; None (the job handled) on an error or cancellation.
-
-        `styles` caches the style lookups of one group.
-        """
+    def _begin(self, running: _Running, styles: dict[str, tuple[StyleSpec, str]]) -> _Work | None:
+        """A job's work record with its style resolved (through `styles`, the lookups of one group);
+        None (the job handled) on an error or cancellation."""
         job = running.job
         if self._is_abandoned(running.job_id):  # cancelled while it waited here
             return None
@@ -350,12 +348,9 @@ class JobExecutor:
         if job.started_at:
             work.timings["queued"] = round(max(0.0, parse_iso(job.started_at) - parse_iso(job.created_at)) * 1000, 1)
         try:
-            if styles is None:
-                work.spec, work.model = self.models.spec_and_model(job.style)
-            else:
-                if job.style not in styles:
-                    styles[job.style] = self.models.spec_and_model(job.style)
-                work.spec, work.model = styles[job.style]
+            if job.style not in styles:
+                styles[job.style] = self.models.spec_and_model(job.style)
+            work.spec, work.model = styles[job.style]
         except Exception as exc:
             self._attempt_failed(running, exc)
             return None
@@ -363,7 +358,7 @@ class JobExecutor:
 
     def _start(self, running: _Running) -> _Work | None:
         """Fetch, decode, submit for inference; None (the job handled) on an error or cancellation."""
-        work = self._begin(running)
+        work = self._begin(running, {})
         if work is None:
             return None
         job = running.job

@@ -173,21 +173,24 @@ class WorkerService:
         processes = self.options.codec_processes
         if processes is None:
             # The pool pays where the model leaves the CPU to us: a GPU, or the null runtime (a model
-            # that costs nothing). A CPU model keeps every core busy; there, a codec process only
-            # preempts its threads (OpenVINO bf16 at 256 px: 0.96 of the raw runtime in-thread, 0.88
-            # with two codec processes, bench/e2e.py), so decoding stays on the job threads.
+            # that costs nothing). A CPU model keeps every core busy; there, codec processes only
+            # preempt its threads (OpenVINO bf16 at 256 px on 2 cores: 75 ms per image beside two
+            # codec processes, 69 ms without), so decoding stays on the job threads.
             model_on_cpu = self.settings.device == "cpu" and self.settings.runtime != "null"
             processes = 0 if model_on_cpu else default_processes()
         if processes < 1:
             return None
         self.codec = CodecPool(self.settings, processes, timeout_s=self.settings.job_timeout_s)
 
+        codec = self.codec
+
         def warm() -> None:
             try:
-                self.codec.warm()  # type: ignore[union-attr]
+                codec.warm()
             except Exception as exc:  # bulk jobs still run, on the job threads
                 log.warning("codec processes did not start (%s); decoding on job threads instead", exc)
                 self.codec = None
+                codec.close()
 
         thread = threading.Thread(target=warm, name="codec-warm", daemon=True)
         thread.start()
