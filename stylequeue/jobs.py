@@ -225,6 +225,7 @@ if ttl > 0 then
   redis.call('EXPIRE', KEYS[1], ttl)
   local idem = redis.call('HGET', KEYS[1], 'idem_key')
   if idem and idem ~= 'null' then redis.call('EXPIRE', cjson.decode(idem), ttl) end
+  __OWE_CALLBACK__
 end
 return 1
 """
@@ -251,6 +252,7 @@ if attempts >= tonumber(ARGV[5]) then
   redis.call('EXPIRE', KEYS[1], tonumber(ARGV[9]))
   local idem = redis.call('HGET', KEYS[1], 'idem_key')
   if idem and idem ~= 'null' then redis.call('EXPIRE', cjson.decode(idem), tonumber(ARGV[9])) end
+  __OWE_CALLBACK__
   return {'failed', '"failed"'}
 end
 redis.call('HSET', KEYS[1], 'state', '"running"', 'owner', ARGV[2], 'lease_until', ARGV[4],
@@ -296,11 +298,24 @@ if attempts >= tonumber(ARGV[3]) then
   redis.call('EXPIRE', KEYS[1], tonumber(ARGV[6]))
   local idem = redis.call('HGET', KEYS[1], 'idem_key')
   if idem and idem ~= 'null' then redis.call('EXPIRE', cjson.decode(idem), tonumber(ARGV[6])) end
+  __OWE_CALLBACK__
   return 'failed'
 end
 redis.call('HSET', KEYS[1], 'state', '"queued"', 'owner', 'null', 'lease_until', 'null')
 return 'requeued'
 """
+
+# The `callback` record a job owes from the moment it reaches a final state with a callback_url.
+CALLBACK_PENDING: dict[str, Any] = {"state": "pending", "attempts": 0, "last_status": None, "next_attempt_at": None}
+# Set in the same script as the final state, so nobody polling ever sees a finished job that has a
+# callback_url but no `callback` record yet; the delivery message is sent afterwards.
+_OWE_CALLBACK = """local cb_url = redis.call('HGET', KEYS[1], 'callback_url')
+  if cb_url and cb_url ~= 'null' then
+    local cb = redis.call('HGET', KEYS[1], 'callback')
+    if (not cb) or cb == 'null' then redis.call('HSET', KEYS[1], 'callback', [[__PENDING__]]) end
+  end""".replace("__PENDING__", json.dumps(CALLBACK_PENDING))
+_TRANSITION, _CLAIM, _REAP = (script.replace("__OWE_CALLBACK__", _OWE_CALLBACK)
+                              for script in (_TRANSITION, _CLAIM, _REAP))
 
 # Take due members of a schedule zset, pushing their score `claim_s` ahead so a worker that dies
 # before sending them leaves them due again rather than lost. KEYS: zset. ARGV: now, limit, claim_s.

@@ -85,14 +85,15 @@ def test_load_and_store_a_group_with_one_bad_input(pool: CodecPool, roots: tuple
     assert missing.code == "input_not_found"
     assert all(seconds >= 0 for _, seconds in loaded)
 
-    stored = pool.store([(f"file://{outputs}/a.png", a.pixels, spec), (f"file://{outputs}/b.png", b.pixels, spec)])
+    stored = pool.store([(f"file://{outputs}/a.png", a.pixels, spec, False),
+                         (f"file://{outputs}/b.png", b.pixels, spec, False)])
     assert [size for size, _ in stored] == [(outputs / "a.png").stat().st_size, (outputs / "b.png").stat().st_size]
     assert np.array_equal(np.asarray(Image.open(outputs / "a.png")), a.pixels)  # png: lossless round trip
 
 
 def test_store_outside_the_storage_root_is_refused(pool: CodecPool, spec, tmp_path: Path) -> None:
     pixels = np.zeros((8, 8, 3), np.uint8)
-    [(error, _)] = pool.store([(f"file://{tmp_path}/elsewhere.png", pixels, spec)])
+    [(error, _)] = pool.store([(f"file://{tmp_path}/elsewhere.png", pixels, spec, False)])
     assert error.code == "input_forbidden"
     assert not (tmp_path / "elsewhere.png").exists()
 

@@ -13,6 +13,7 @@ import redis
 from stylequeue.embedded import free_port
 from stylequeue.errors import InvalidTransition, JobNotFound, RedisUnavailable
 from stylequeue.jobs import (
+    CALLBACK_PENDING,
     PUBLIC_FIELDS,
     RETRY_KEY,
     TERMINAL_STATES,
@@ -244,3 +245,28 @@ def test_unreachable_redis_names_the_server() -> None:
     store = RedisJobStore.from_url(f"redis://127.0.0.1:{port}/0")
     with pytest.raises(RedisUnavailable, match=f"127.0.0.1:{port}"):
         store.get("j_x")
+
+
+def test_a_final_state_owes_the_callback_in_the_same_step(store: RedisJobStore) -> None:
+    hooked, plain = make_job(callback_url="https://example.com/hook"), make_job()
+    store.create(hooked)
+    store.create(plain)
+    for job in (hooked, plain):
+        store.claim(job.id, "w1", lease_s=30)
+        assert store.get(job.id).callback is None  # running: nothing owed yet
+        assert store.transition(job.id, JobState.RUNNING, JobState.SUCCEEDED, owner="w1")
+    assert store.get(hooked.id).callback == CALLBACK_PENDING
+    assert store.get(plain.id).callback is None
+    # The other ways to a final state: a cancel, and the last lost attempt (at claim and at reaping).
+    cancelled, lost, reaped = (make_job(callback_url="https://example.com/hook") for _ in range(3))
+    for job in (cancelled, lost, reaped):
+        store.create(job)
+    assert store.transition(cancelled.id, JobState.QUEUED, JobState.CANCELLED)
+    now = time.time()
+    for attempt in range(3):
+        store.claim(lost.id, f"w{attempt}", lease_s=10, now=now + attempt * 20)
+        store.claim(reaped.id, f"w{attempt}", lease_s=10, now=now + attempt * 20)
+    assert store.claim(lost.id, "w9", lease_s=10, now=now + 100).outcome == "failed"
+    assert store.reap(reaped.id, now=now + 100) == "failed"
+    for job in (cancelled, lost, reaped):
+        assert store.get(job.id).callback == CALLBACK_PENDING

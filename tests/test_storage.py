@@ -212,6 +212,23 @@ def test_file_write_is_atomic_and_leaves_no_temp_files(roots: tuple[Path, Path])
     assert not storage.exists(uri)
 
 
+def test_a_retried_write_sweeps_the_temp_files_a_killed_writer_left(roots: tuple[Path, Path]) -> None:
+    inside, _ = roots
+    storage = file_storage(inside)
+    folder = inside.parent / "data" / "outputs" / "ink"
+    folder.mkdir(parents=True)
+    stray = folder / ".j_1.png.k1ll3d.sqtmp"  # what a writer killed between write and rename leaves
+    other = folder / ".j_2.png.alive.sqtmp"  # another job's write in progress: not ours to touch
+    stray.write_bytes(b"half")
+    other.write_bytes(b"half")
+    uri = join_uri(f"file://{inside.parent / 'data'}", "outputs", "ink", "j_1.png")
+    storage.write(uri, b"first attempt", "image/png")
+    assert stray.exists()  # a first attempt does not list the directory
+    storage.write(uri, b"retry", "image/png", sweep=True)
+    assert sorted(os.listdir(folder)) == [".j_2.png.alive.sqtmp", "j_1.png"]
+    assert (folder / "j_1.png").read_bytes() == b"retry"
+
+
 def test_file_write_outside_storage_and_input_roots_is_forbidden(roots: tuple[Path, Path]) -> None:
     inside, outside = roots
     storage = file_storage(inside)

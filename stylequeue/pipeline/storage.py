@@ -15,6 +15,7 @@ URIs are taken literally (no percent-decoding): `s3://bucket/a b.jpg` names the 
 from __future__ import annotations
 
 import functools
+import glob
 import http.client
 import os
 import re
@@ -410,11 +411,17 @@ class Storage:
 
     # --- writes ----------------------------------------------------------------------------------
 
-    def write(self, uri: str, data: bytes, content_type: str) -> None:
-        """Store `data` at `uri`: file:// atomically (temp file + rename), s3:// in one PUT with `content_type`."""
+    def write(self, uri: str, data: bytes, content_type: str, *, sweep: bool = False) -> None:
+        """Store `data` at `uri`: file:// atomically (temp file + rename), s3:// in one PUT with `content_type`.
+
+        `sweep` (a retried job): also remove the temp files an earlier writer of `uri` left behind when
+        it was killed mid-write. It lists the directory, so first attempts skip it.
+        """
         scheme, rest = _check_common(uri)
         if scheme == "file":
             self._write_file(uri, data)
+            if sweep:
+                self._sweep_temps(uri)
             return
         if scheme != "s3":
             raise InputForbidden(f"cannot write to {scheme}:// URIs: outputs go to file:// or s3://")
@@ -462,6 +469,16 @@ class Storage:
                     os.unlink(temp)
                 except OSError:
                     pass
+
+    def _sweep_temps(self, uri: str) -> None:
+        final = self._writable_path(uri)
+        directory, name = os.path.split(final)
+        pattern = os.path.join(glob.escape(directory), f".{glob.escape(name)}.*{_TEMP_SUFFIX}")
+        for stale in glob.glob(pattern):
+            try:
+                os.unlink(stale)
+            except OSError:
+                pass
 
     def delete(self, uri: str) -> None:
         """Remove the object or file at `uri`; nothing happens when it does not exist."""

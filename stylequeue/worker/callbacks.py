@@ -17,7 +17,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from stylequeue.errors import JobNotFound
-from stylequeue.jobs import CALLBACK_DUE_KEY, Job, RedisJobStore, iso_now
+from stylequeue.jobs import CALLBACK_DUE_KEY, CALLBACK_PENDING, Job, RedisJobStore, iso_now
 from stylequeue.worker import messages
 
 if TYPE_CHECKING:
@@ -39,7 +39,7 @@ def mark_pending(store: RedisJobStore, job_id: str) -> bool:
         return False
     if not job.callback_url:
         return False
-    store.update(job_id, callback={"state": "pending", "attempts": 0, "last_status": None, "next_attempt_at": None})
+    store.update(job_id, callback=CALLBACK_PENDING)
     return True
 
 

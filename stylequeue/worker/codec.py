@@ -124,8 +124,9 @@ class CodecPool:
         return self._call(_child_load, [(uri, spec, max_pixels) for uri, spec in items],
                           crashed="the image crashed the decoder")
 
-    def store(self, items: Sequence[tuple[str, np.ndarray, StyleSpec]]) -> list[Outcome]:
-        """Render and write each (output URI, output pixels, style): bytes written, or its JobError."""
+    def store(self, items: Sequence[tuple[str, np.ndarray, StyleSpec, bool]]) -> list[Outcome]:
+        """Render and write each (output URI, output pixels, style, sweep: a retried job's write, see
+        `Storage.write`): bytes written, or its JobError."""
         return self._call(_child_store, list(items), crashed="a codec process died while encoding this output")
 
     def _call(self, function: Callable[[list[Any]], list[Outcome]], items: list[Any], *, crashed: str) -> list[Outcome]:
@@ -239,29 +240,30 @@ def _child_load(items: list[tuple[str, StyleSpec, int]]) -> list[Outcome]:
     return outcomes
 
 
-def _write_one(item: tuple[str, bytes, str]) -> JobError | None:
-    uri, data, content_type = item
+def _write_one(item: tuple[str, bytes, str, bool]) -> JobError | None:
+    uri, data, content_type, sweep = item
     try:
-        _storage.write(uri, data, content_type)
+        _storage.write(uri, data, content_type, sweep=sweep)
     except Exception as exc:
         return _as_job_error(exc)
     return None
 
 
-def _child_store(items: list[tuple[str, np.ndarray, StyleSpec]]) -> list[Outcome]:
+def _child_store(items: list[tuple[str, np.ndarray, StyleSpec, bool]]) -> list[Outcome]:
     from stylequeue.pipeline.process import render
 
     encoded: list[tuple[bytes | JobError, float]] = []
-    for _, output, spec in items:
+    for _, output, spec, _ in items:
         began = time.perf_counter()
         try:
             encoded.append((render(output, spec), time.perf_counter() - began))
         except Exception as exc:
             encoded.append((_as_job_error(exc), time.perf_counter() - began))
-    writes = [(uri, data, spec.content_type) for (uri, _, spec), (data, _) in zip(items, encoded, strict=True)
+    writes = [(uri, data, spec.content_type, sweep)
+              for (uri, _, spec, sweep), (data, _) in zip(items, encoded, strict=True)
               if not isinstance(data, JobError)]
     started = time.perf_counter()
-    if _io is not None and len(writes) > 1 and any(_remote(uri) for uri, _, _ in writes):
+    if _io is not None and len(writes) > 1 and any(_remote(uri) for uri, _, _, _ in writes):
         errors = iter(list(_io.map(_write_one, writes)))
     else:
         errors = iter([_write_one(write) for write in writes])

@@ -327,7 +327,8 @@ class JobExecutor:
             work.timings["infer"] = self._stage("infer", work.submitted)
         cancelled = self._abandoned_among([w.running.job_id for w, _ in inferred])
         outputs = [(work, output) for work, output in inferred if work.running.job_id not in cancelled]
-        stored = self.codec.store([(w.running.job.output_uri, output, w.spec) for w, output in outputs])
+        stored = self.codec.store([(w.running.job.output_uri, output, w.spec, w.running.attempts > 1)
+                                   for w, output in outputs])
         done = []
         for (work, _), (written, seconds) in zip(outputs, stored, strict=True):
             if isinstance(written, Exception):
@@ -384,7 +385,7 @@ class JobExecutor:
                 return False
             started = time.perf_counter()
             encoded = render(output, spec)
-            self.storage.write(running.job.output_uri, encoded, spec.content_type)
+            self.storage.write(running.job.output_uri, encoded, spec.content_type, sweep=running.attempts > 1)
             work.output_bytes = len(encoded)
             work.timings["store"] = self._stage("store", started)
         except Exception as exc:
