@@ -1,4 +1,4 @@
-"""The operator's commands of `stylequeue`: worker, demo, serve, train, export, models import.
+"""The operator's commands of `stylequeue`: worker, demo, serve, api, train, export, models import.
 
 They register on the same Typer app as the job commands in cli.py (which imports this module).
 """
@@ -153,6 +153,36 @@ def serve(
         from stylequeue.demo import run_serve
 
         return run_serve(data, worker_args=["--styles", styles] if styles else None)
+
+    run(debug, body)
+
+
+@app.command()
+def api(
+    host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on.")] = 8000,
+    config: ConfigOpt = None,
+    debug: DebugOpt = False,
+) -> None:
+    """HTTP gateway (SPEC section 8): the job API over HTTP, bearer tokens from STYLEQUEUE_API_TOKENS."""
+
+    def body() -> int:
+        from stylequeue.config.settings import load_settings
+
+        settings = load_settings(config)
+        try:
+            import uvicorn
+
+            from stylequeue.producer.gateway import make_app
+        except ImportError as exc:
+            raise ConfigError(f"the HTTP gateway needs its extra: pip install 'stylequeue[api]' ({exc})") from None
+        from stylequeue.producer.client import Client
+
+        tokens = [token.get_secret_value() for token in settings.api_tokens or []]
+        gateway = make_app(Client(settings=settings), tokens)
+        setup_logging("info")
+        uvicorn.run(gateway, host=host, port=port, log_level="info")
+        return EXIT_OK
 
     run(debug, body)
 

@@ -158,6 +158,7 @@ class Job:
     lease_until: float | None = None
     idem_key: str | None = None
     output_bytes: int | None = None
+    tenant: str | None = None  # the HTTP gateway token (its id) that created the job
 
     @property
     def finished(self) -> bool:

@@ -62,8 +62,10 @@ class Settings(BaseSettings):
     # worker's claim on a running job lasts without renewal (a killed worker's jobs return after it).
     cache_dir: Path = Path(os.path.expanduser("~/.cache/stylequeue"))
     lease_s: float = Field(30, ge=1, le=3600)
+    # SPEC section 8's "configured tokens" of the HTTP gateway (`stylequeue api`), comma-separated.
+    api_tokens: Annotated[list[SecretStr] | None, NoDecode] = None
 
-    @field_validator("input_roots", mode="before")
+    @field_validator("input_roots", "api_tokens", mode="before")
     @classmethod
     def _roots_from_commas(cls, value: Any) -> Any:
         return _split_commas(value)

@@ -95,7 +95,7 @@ class Client:
         return spec
 
     def _new_job(self, spec: StyleSpec, input_uri: str, output_uri: str | None, callback_url: str | None,
-                 priority: str, metadata: dict[str, Any] | None) -> Job:
+                 priority: str, metadata: dict[str, Any] | None, tenant: str | None = None) -> Job:
         job_id = new_job_id()
         return Job(
             id=job_id,
@@ -105,14 +105,24 @@ class Client:
             priority=priority,
             callback_url=callback_url,
             metadata=dict(metadata or {}),
+            tenant=tenant,
         )
+
+    def check_submit(self, input_uri: str, style: str, callback_url: str | None = None,
+                     output_uri: str | None = None, priority: str = "interactive",
+                     metadata: dict[str, Any] | None = None) -> None:
+        """Raise what `submit` would raise for these arguments, creating nothing (all-or-nothing batches)."""
+        self._validate(input_uri, style, output_uri, callback_url, priority, metadata)
 
     def submit(self, input_uri: str, style: str, callback_url: str | None = None, output_uri: str | None = None,
                priority: str = "interactive", idempotency_key: str | None = None,
-               metadata: dict[str, Any] | None = None) -> Job:
-        """Create one job and enqueue it. With an `idempotency_key` seen within the job TTL, return that job."""
+               metadata: dict[str, Any] | None = None, *, tenant: str | None = None) -> Job:
+        """Create one job and enqueue it. With an `idempotency_key` seen within the job TTL, return that job.
+
+        `tenant` is for the HTTP gateway: the id of the API token the job belongs to.
+        """
         spec = self._validate(input_uri, style, output_uri, callback_url, priority, metadata)
-        job = self._new_job(spec, input_uri, output_uri, callback_url, priority, metadata)
+        job = self._new_job(spec, input_uri, output_uri, callback_url, priority, metadata, tenant)
         job, created = self.store.create(job, idempotency_key)
         if created:
             self.send_or_fail(lambda: messages.send_job(self.app, job.id, priority), [job])
