@@ -146,8 +146,9 @@ class JobExecutor:
         self.job_timeout_s = job_timeout_s
         self.on_finished = on_finished or (lambda job: None)
         self.on_stage = on_stage or (lambda stage, seconds: None)
-        # Items are groups of job ids: one interactive job, or up to `group_size` jobs of a bulk chunk,
-        # which a job thread runs together (one wake-up per group, one Redis round trip to finish them).
+        # Items are groups of job ids: one interactive job, or bulk jobs of one chunk (`group_size` of
+        # them, or the whole chunk with a codec pool), which a job thread runs together (one wake-up per
+        # group, one Redis round trip to finish them).
         self._queue = GroupQueue()
         self.group_size = group_size
         self._running: dict[str, _Running] = {}
@@ -188,7 +189,12 @@ class JobExecutor:
             else:
                 log.info("job %s: %s, message dropped", job_id, claim.outcome if claim.outcome == "busy"
                          else f"already {claim.state}")
-        size = 1 if priority == INTERACTIVE else self.group_size
+        # Interactive jobs run alone. Bulk jobs run in batch-sized groups on the job threads, or as one
+        # group per message through the codec pool: one load and one store call, one finishing round trip.
+        if priority == INTERACTIVE:
+            size = 1
+        else:
+            size = self.group_size if self.codec is None else max(1, len(claimed))
         for start in range(0, len(claimed), size):
             self._queue.put(priority, tuple(claimed[start:start + size]))
         return []
