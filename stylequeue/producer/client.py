@@ -213,10 +213,8 @@ class Client:
             if job.finished:
                 return job
             if self.store.transition(job_id, job.state, JobState.CANCELLED, owner=None):
-                if job.callback_url:
-                    from stylequeue.worker.callbacks import enqueue_callback
-
-                    enqueue_callback(self.store, self.app, job_id)
+                if job.callback_url:  # the cancelling script recorded the callback as pending
+                    messages.send_callback(self.app, job_id)
                 return self.store.get(job_id)
 
     def to_json(self, job: Job) -> dict[str, Any]:

@@ -1,11 +1,12 @@
 """Where a job is reported: webhook delivery as its own task on `stylequeue.callbacks` (SPEC section 7).
 
-A finished job with a `callback_url` gets `callback = {"state": "pending", ...}` and a message on
-the callbacks queue. Each delivery is one signed POST (stylequeue/webhooks.py). A failed attempt is
-scheduled again in the `callbacks:due` sorted set (5 s, 30 s, 2 min, 10 min, 30 min, or the
-receiver's Retry-After) and moved back onto the queue by a worker's lease keeper when due — never a
-Celery countdown, which over Redis would outlive the visibility timeout and be delivered twice.
-Delivery never changes the job's state. Light at import: the producer's `cancel` uses it.
+A finished job with a `callback_url` gets `callback = {"state": "pending", ...}` in the same Lua
+script that finishes it (jobs.py), then a message on the callbacks queue. Each delivery is one
+signed POST (stylequeue/webhooks.py). A failed attempt is scheduled again in the `callbacks:due`
+sorted set (5 s, 30 s, 2 min, 10 min, 30 min, or the receiver's Retry-After) and moved back onto
+the queue by a worker's lease keeper when due — never a Celery countdown, which over Redis would
+outlive the visibility timeout and be delivered twice.
+Delivery never changes the job's state.
 """
 
 from __future__ import annotations
@@ -14,14 +15,10 @@ import json
 import logging
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from stylequeue.errors import JobNotFound
-from stylequeue.jobs import CALLBACK_DUE_KEY, CALLBACK_PENDING, Job, RedisJobStore, iso_now
-from stylequeue.worker import messages
-
-if TYPE_CHECKING:
-    from celery import Celery
+from stylequeue.jobs import CALLBACK_DUE_KEY, Job, RedisJobStore, iso_now
 
 log = logging.getLogger("stylequeue.worker.callbacks")
 
@@ -29,24 +26,6 @@ log = logging.getLogger("stylequeue.worker.callbacks")
 def message_id(job: Job) -> str:
     """`webhook-id`: unique per job and event, the same on every retry (receivers deduplicate on it)."""
     return f"msg_{job.id}_{job.state}"
-
-
-def mark_pending(store: RedisJobStore, job_id: str) -> bool:
-    """Record that a callback is owed; False if the job has no callback_url (or is gone)."""
-    try:
-        job = store.get(job_id)
-    except JobNotFound:
-        return False
-    if not job.callback_url:
-        return False
-    store.update(job_id, callback=CALLBACK_PENDING)
-    return True
-
-
-def enqueue_callback(store: RedisJobStore, app: Celery, job_id: str) -> None:
-    """A job just finished: owe its callback and put the delivery on the callbacks queue."""
-    if mark_pending(store, job_id):
-        messages.send_callback(app, job_id)
 
 
 def deliver_callback(store: RedisJobStore, job_id: str, *, secret: str | None, allow_private: bool,

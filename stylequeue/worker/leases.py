@@ -86,9 +86,8 @@ class LeaseKeeper:
                 self.send_job(job_id, job.priority)
             elif outcome == "failed":
                 log.warning("job %s: lease expired on its last attempt; failed (internal)", job_id)
-                job = self.store.get(job_id)
-                if job.callback_url:
-                    self.send_callback_for(job_id)
+                if self.store.get(job_id).callback_url:  # the reaping script recorded it as pending
+                    self.send_callback(job_id)
 
     def send_due(self, now: float | None = None) -> None:
         due_jobs = self.store.take_due(RETRY_KEY, now=now)
@@ -107,10 +106,4 @@ class LeaseKeeper:
         for job_id in due_callbacks:
             self.send_callback(job_id)
         self.store.done_due(CALLBACK_DUE_KEY, due_callbacks)
-
-    def send_callback_for(self, job_id: str) -> None:
-        from stylequeue.worker.callbacks import mark_pending
-
-        if mark_pending(self.store, job_id):
-            self.send_callback(job_id)
 

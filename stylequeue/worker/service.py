@@ -293,10 +293,8 @@ class WorkerService:
         self._finished += 1
         if self.metrics is not None:
             self.metrics.count_job(str(job.state), job.style)
-        if job.callback_url:
-            from stylequeue.worker.callbacks import enqueue_callback
-
-            enqueue_callback(self.store, self.app, job.id)
+        if job.callback_url:  # the script that finished the job recorded the callback as pending
+            messages.send_callback(self.app, job.id)
         self._flow()
 
     def _published(self, style: str, loaded: LoadedStyle) -> None:
