@@ -177,6 +177,16 @@ def _confine(path: str, roots: Sequence[str], uri: str, what: str) -> str:
     return real
 
 
+def _sweep_temps(final: str) -> None:
+    """Remove the temp files that writers of `final` killed mid-write left beside it."""
+    directory, name = os.path.split(final)
+    for stale in glob.glob(os.path.join(glob.escape(directory), f".{glob.escape(name)}.*{_TEMP_SUFFIX}")):
+        try:
+            os.unlink(stale)
+        except OSError:
+            pass
+
+
 def _client_error(exc: ClientError, uri: str, *, reading: bool) -> JobError:
     """The typed error for an S3 error answer."""
     error = exc.response.get("Error", {})
@@ -419,9 +429,9 @@ class Storage:
         """
         scheme, rest = _check_common(uri)
         if scheme == "file":
-            self._write_file(uri, data)
+            final = self._write_file(uri, data)
             if sweep:
-                self._sweep_temps(uri)
+                _sweep_temps(final)
             return
         if scheme != "s3":
             raise InputForbidden(f"cannot write to {scheme}:// URIs: outputs go to file:// or s3://")
@@ -447,7 +457,8 @@ class Storage:
         # Checked again now that the directories exist: one of them may be a symlink.
         return os.path.join(_confine(parent, roots, uri, _MANAGED), os.path.basename(path))
 
-    def _write_file(self, uri: str, data: bytes) -> None:
+    def _write_file(self, uri: str, data: bytes) -> str:
+        """Write atomically; returns the real path written."""
         final = self._writable_path(uri)
         temp: str | None = None
         try:
@@ -469,16 +480,7 @@ class Storage:
                     os.unlink(temp)
                 except OSError:
                     pass
-
-    def _sweep_temps(self, uri: str) -> None:
-        final = self._writable_path(uri)
-        directory, name = os.path.split(final)
-        pattern = os.path.join(glob.escape(directory), f".{glob.escape(name)}.*{_TEMP_SUFFIX}")
-        for stale in glob.glob(pattern):
-            try:
-                os.unlink(stale)
-            except OSError:
-                pass
+        return final
 
     def delete(self, uri: str) -> None:
         """Remove the object or file at `uri`; nothing happens when it does not exist."""
