@@ -34,7 +34,8 @@ def stack(redis_server: EmbeddedRedis, s3_endpoint: str, tiny_registry: Path,
     env = worker_env(url, tiny_registry, "s3://worker-out", s3_endpoint_url=s3_endpoint,
                      s3_addressing_style="path", webhook_secret=SECRET)
     log = tmp_path_factory.mktemp("worker") / "worker.log"
-    # Bulk jobs go through two codec processes whatever this machine's core count (the default).
+    # Bulk jobs go through two codec processes here (a CPU worker's default is none), so the pool
+    # path runs over the real components on any machine.
     worker = WorkerProcess(env, log, "--metrics-port", str(metrics_port), "--max-batch", "8",
                            "--codec-procs", "2").wait_ready()
     client = Client(redis_url=url, styles=tiny_registry, storage_url="s3://worker-out",
