@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import http.server
 import os
+import shutil
+import stat
 import threading
 import urllib.request
 from collections.abc import Iterator
@@ -210,6 +212,28 @@ def test_file_write_is_atomic_and_leaves_no_temp_files(roots: tuple[Path, Path])
     assert storage.exists(uri)
     storage.delete(uri)
     assert not storage.exists(uri)
+
+
+def test_a_write_after_its_directory_was_removed_makes_it_again(roots: tuple[Path, Path]) -> None:
+    inside, _ = roots
+    storage = file_storage(inside)
+    data_dir = inside.parent / "data"
+    first, second = (join_uri(f"file://{data_dir}", "outputs", "ink", name) for name in ("j_1.png", "j_2.png"))
+    storage.write(first, b"one", "image/png")
+    shutil.rmtree(data_dir / "outputs")  # an operator's cleanup while the worker runs
+    storage.write(second, b"two", "image/png")
+    assert sorted(os.listdir(data_dir / "outputs" / "ink")) == ["j_2.png"]
+    assert (data_dir / "outputs" / "ink" / "j_2.png").read_bytes() == b"two"
+    assert stat.S_IMODE((data_dir / "outputs" / "ink" / "j_2.png").stat().st_mode) == 0o644
+
+
+def test_a_large_file_reads_back_whole(roots: tuple[Path, Path]) -> None:
+    inside, _ = roots
+    blob = os.urandom(3 << 20)
+    (inside / "big.bin").write_bytes(blob)
+    assert file_storage(inside).read(f"file://{inside}/big.bin") == blob
+    with pytest.raises(InputTooLarge):
+        file_storage(inside, max_input_bytes=len(blob) - 1).read(f"file://{inside}/big.bin")
 
 
 def test_a_retried_write_sweeps_the_temp_files_a_killed_writer_left(roots: tuple[Path, Path]) -> None:

@@ -22,7 +22,6 @@ import re
 import socket
 import ssl
 import stat
-import tempfile
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -137,6 +136,38 @@ def _writable_roots(settings: Settings) -> list[str]:
     return roots
 
 
+def _file_path(uri: str) -> str:
+    """`file_uri_path` as a plain string: the worker's hot path (every input and output) skips pathlib."""
+    rest = uri[len("file://") :] or "."
+    return os.path.abspath(os.path.expanduser(rest) if rest.startswith("~") else rest)
+
+
+def _create_temp(directory: str, name: str) -> tuple[int, str]:
+    """A new, empty, private temp file beside `name` in `directory`: (fd, path)."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+    for _ in range(16):
+        temp = os.path.join(directory, f".{name}.{os.urandom(6).hex()}{_TEMP_SUFFIX}")
+        try:
+            return os.open(temp, flags, 0o600), temp
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"no free temp name beside {os.path.join(directory, name)}")
+
+
+def _read_all(fd: int, size_hint: int, cap: int) -> bytes:
+    """Read `fd` to its end, stopping once more than `cap` bytes came (the caller checks the length)."""
+    chunks: list[bytes] = []
+    total = 0
+    want = min(size_hint, cap) + 1  # one read for a file that did not grow since fstat, one to see EOF
+    while total <= cap:
+        chunk = os.read(fd, max(want - total, 1 << 16))
+        if not chunk:
+            break
+        chunks.append(chunk)
+        total += len(chunk)
+    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
 @functools.lru_cache(maxsize=256)
 def _real_root(root: str) -> str:
     return os.path.realpath(root)
@@ -248,6 +279,9 @@ class Storage:
         self._max_pool_connections = max_pool_connections
         self._ssl_context = ssl_context
         self._lock = threading.Lock()
+        self._writable_roots = _writable_roots(settings)
+        # Output directories this process made and confined lately: parent path -> (when, real path).
+        self._ready_dirs: dict[str, tuple[float, str]] = {}
         self._client: Any = None
         self._public_client: Any = None
 
@@ -323,7 +357,7 @@ class Storage:
         roots = [str(root) for root in self.settings.input_roots or []]
         if not roots:
             raise InputForbidden(_no_roots_message())
-        real = _confine(str(file_uri_path(uri)), roots, uri, "STYLEQUEUE_INPUT_ROOTS")
+        real = _confine(_file_path(uri), roots, uri, "STYLEQUEUE_INPUT_ROOTS")
         cap = self.settings.max_input_bytes
         try:
             # O_NOFOLLOW: a symlink swapped in after the check above fails instead of being followed.
@@ -340,8 +374,12 @@ class Storage:
             if not stat.S_ISREG(info.st_mode):
                 raise InputNotFound(f"{uri} is not a regular file")
             raise self._too_large(uri, info.st_size)
-        with os.fdopen(fd, "rb") as handle:
-            data = handle.read(cap + 1)
+        try:
+            data = _read_all(fd, info.st_size, cap)
+        except OSError as exc:
+            raise _os_error(exc, uri) from None
+        finally:
+            os.close(fd)
         if len(data) > cap:
             raise self._too_large(uri, None)
         return data
@@ -441,37 +479,53 @@ class Storage:
 
     def _managed_path(self, uri: str) -> str:
         """The real path of a file:// URI under the storage root or the input roots (else InputForbidden)."""
-        return _confine(str(file_uri_path(uri)), _writable_roots(self.settings), uri, _MANAGED)
+        return _confine(_file_path(uri), self._writable_roots, uri, _MANAGED)
 
     def _writable_path(self, uri: str) -> str:
-        path = str(file_uri_path(uri))
-        if uri.endswith("/") or not os.path.basename(path):
+        path = _file_path(uri)
+        parent, name = os.path.split(path)
+        if uri.endswith("/") or not name:
             raise InputForbidden(f"{uri} names a directory, not a file")
-        roots = _writable_roots(self.settings)
+        roots = self._writable_roots
         _confine(path, roots, uri, _MANAGED)
-        parent = os.path.dirname(path)
+        now = time.monotonic()
+        ready = self._ready_dirs.get(parent)
+        if ready is not None and now - ready[0] <= _DIR_CACHE_TTL_S:
+            return os.path.join(ready[1], name)
         try:
             os.makedirs(parent, exist_ok=True)
         except OSError as exc:
             raise _os_error(exc, uri) from None
         # Checked again now that the directories exist: one of them may be a symlink.
-        return os.path.join(_confine(parent, roots, uri, _MANAGED), os.path.basename(path))
+        real_parent = _confine(parent, roots, uri, _MANAGED)
+        if len(self._ready_dirs) > 4096:
+            self._ready_dirs.clear()
+        self._ready_dirs[parent] = (now, real_parent)
+        return os.path.join(real_parent, name)
 
-    def _write_file(self, uri: str, data: bytes) -> str:
+    def _write_file(self, uri: str, data: bytes, *, retry: bool = True) -> str:
         """Write atomically; returns the real path written."""
         final = self._writable_path(uri)
         temp: str | None = None
         try:
-            fd, temp = tempfile.mkstemp(dir=os.path.dirname(final), prefix=f".{os.path.basename(final)}.",
-                                        suffix=_TEMP_SUFFIX)
-            with os.fdopen(fd, "wb") as handle:
-                handle.write(data)
-                handle.flush()
+            fd, temp = _create_temp(*os.path.split(final))
+            try:
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view) :]
+                os.fchmod(fd, 0o644)
                 # The job is marked succeeded after this returns, so its output must survive a crash.
-                os.fsync(handle.fileno())
-            os.chmod(temp, 0o644)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
             os.replace(temp, final)
             temp = None
+        except FileNotFoundError as exc:
+            if not retry or not self._ready_dirs:
+                raise _os_error(exc, uri) from None
+            # A directory this process made went away since (a cleanup): forget them all, make it again.
+            self._ready_dirs.clear()
+            return self._write_file(uri, data, retry=False)
         except OSError as exc:
             raise _os_error(exc, uri) from None
         finally:
@@ -516,8 +570,8 @@ class Storage:
             request["ContinuationToken"] = token
 
     def _list_files(self, prefix_uri: str) -> Iterator[str]:
-        roots = _writable_roots(self.settings)
-        prefix = str(file_uri_path(prefix_uri))
+        roots = self._writable_roots
+        prefix = _file_path(prefix_uri)
         if prefix_uri.endswith("/") or os.path.isdir(prefix):
             top, name_prefix = _confine(prefix, roots, prefix_uri, _MANAGED), ""
         else:
