@@ -172,7 +172,10 @@ class Job:
         return {name: data[name] for name in PUBLIC_FIELDS}
 
     def to_redis(self) -> dict[str, str]:
-        return {name: encode_value(getattr(self, name)) for name in _JOB_FIELDS}
+        """The fields of a new record. Unset ones (None, empty, zero attempts) are left out: `from_redis`
+        and the Lua scripts read a missing field as its default, and a bulk submit writes a third as much."""
+        return {name: encode_value(value) for name in _JOB_FIELDS
+                if (value := getattr(self, name)) is not None and value != {} and (name != "attempts" or value)}
 
     @classmethod
     def from_redis(cls, raw: dict[bytes, bytes]) -> Job:

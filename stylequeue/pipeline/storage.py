@@ -90,7 +90,7 @@ def check_input_uri(uri: str, settings: Settings) -> None:
         roots = [os.path.abspath(root) for root in settings.input_roots or []]
         if not roots:
             raise InputForbidden(_no_roots_message())
-        if not _inside(os.path.normpath(file_uri_path(uri)), roots):
+        if not _inside(_file_path(uri), roots):
             raise InputForbidden(f"{uri} is outside STYLEQUEUE_INPUT_ROOTS ({', '.join(roots)})")
     elif scheme == "s3":
         _s3_parts(rest, uri)
@@ -105,7 +105,7 @@ def check_output_uri(uri: str, settings: Settings) -> None:
     scheme, rest = _check_common(uri)
     if scheme == "file":
         roots = [os.path.abspath(root) for root in _writable_roots(settings)]
-        if not _inside(os.path.normpath(file_uri_path(uri)), roots):
+        if not _inside(_file_path(uri), roots):
             raise InputForbidden(f"{uri} is outside {_MANAGED}")
     elif scheme == "s3":
         _s3_parts(rest, uri)
