@@ -204,68 +204,87 @@ redis.call('HSET', KEYS[1], unpack(ARGV, 2))
 return false
 """
 
-# KEYS: job, running zset. ARGV: job id, JSON list of allowed (JSON-encoded) from-states, JSON
-# to-state, expected owner (JSON) or "", ttl seconds (0 = keep), lease score or "", extra zset key
-# or "", its score, then field/value pairs.
-# Returns 1 on success, 0 wrong state, -1 no such job, -2 another owner.
+# Both scripts below change many jobs in one call: the per-job work is a Lua function, run once per
+# job key. KEYS: running zset, then one key per job. One call per bulk group instead of one per job
+# spares the worker most of its Redis client work.
+
+# Compare-and-set a job's state. Per job, ARGV holds a count n and then n arguments: job id, JSON list
+# of allowed (JSON-encoded) from-states, JSON to-state, expected owner (JSON) or "", ttl seconds
+# (0 = keep), lease score or "", extra zset key or "", its score, then field/value pairs.
+# Returns one result per job: 1 on success, 0 wrong state, -1 no such job, -2 another owner.
 _TRANSITION = """
-local state = redis.call('HGET', KEYS[1], 'state')
-if not state then return -1 end
-local allowed = cjson.decode(ARGV[2])
-local ok = false
-for _, s in ipairs(allowed) do if s == state then ok = true end end
-if not ok then return 0 end
-if ARGV[4] ~= '' and redis.call('HGET', KEYS[1], 'owner') ~= ARGV[4] then return -2 end
-redis.call('HSET', KEYS[1], 'state', ARGV[3])
-if #ARGV > 8 then redis.call('HSET', KEYS[1], unpack(ARGV, 9)) end
-if ARGV[6] ~= '' then
-  redis.call('ZADD', KEYS[2], ARGV[6], ARGV[1])
-else
-  redis.call('ZREM', KEYS[2], ARGV[1])
+local function transition(key, running, A)
+  local state = redis.call('HGET', key, 'state')
+  if not state then return -1 end
+  local allowed = cjson.decode(A[2])
+  local ok = false
+  for _, s in ipairs(allowed) do if s == state then ok = true end end
+  if not ok then return 0 end
+  if A[4] ~= '' and redis.call('HGET', key, 'owner') ~= A[4] then return -2 end
+  redis.call('HSET', key, 'state', A[3])
+  if #A > 8 then redis.call('HSET', key, unpack(A, 9)) end
+  if A[6] ~= '' then
+    redis.call('ZADD', running, A[6], A[1])
+  else
+    redis.call('ZREM', running, A[1])
+  end
+  if A[7] ~= '' then redis.call('ZADD', A[7], A[8], A[1]) end
+  local ttl = tonumber(A[5])
+  if ttl > 0 then
+    redis.call('EXPIRE', key, ttl)
+    local idem = redis.call('HGET', key, 'idem_key')
+    if idem and idem ~= 'null' then redis.call('EXPIRE', cjson.decode(idem), ttl) end
+    __OWE_CALLBACK__
+  end
+  return 1
 end
-if ARGV[7] ~= '' then redis.call('ZADD', ARGV[7], ARGV[8], ARGV[1]) end
-local ttl = tonumber(ARGV[5])
-if ttl > 0 then
-  redis.call('EXPIRE', KEYS[1], ttl)
-  local idem = redis.call('HGET', KEYS[1], 'idem_key')
-  if idem and idem ~= 'null' then redis.call('EXPIRE', cjson.decode(idem), ttl) end
-  __OWE_CALLBACK__
+local results, at = {}, 1
+for i = 2, #KEYS do
+  local n = tonumber(ARGV[at])
+  results[i - 1] = transition(KEYS[i], KEYS[1], {unpack(ARGV, at + 1, at + n)})
+  at = at + n + 1
 end
-return 1
+return results
 """
 
-# Start an attempt. KEYS: job, running zset. ARGV: job id, worker (JSON), now, lease_until,
-# max attempts, started_at (JSON), failure error (JSON), finished_at (JSON), ttl.
-# Returns {outcome, state-or-attempts}: claimed | busy | done | failed | missing; a claim also returns
-# the job's fields (so the worker needs no second round trip to read it).
+# Start an attempt: queued -> running, or take over a running job whose lease expired. ARGV: worker
+# (JSON), now, lease_until, max attempts, started_at (JSON), failure error (JSON), finished_at (JSON),
+# ttl, then one id per job key. Returns per job {outcome, detail, ...}: claimed (detail: attempts, then
+# the values of CLAIM_FIELDS, so the worker needs no second round trip) | busy | done | failed | missing.
 _CLAIM = """
-local state = redis.call('HGET', KEYS[1], 'state')
-if not state then return {'missing', ''} end
-local now = tonumber(ARGV[3])
-if state == '"running"' then
-  local lease = tonumber(redis.call('HGET', KEYS[1], 'lease_until')) or 0
-  if lease > now then return {'busy', state} end
-elseif state ~= '"queued"' then
-  return {'done', state}
+local running, now = KEYS[1], tonumber(ARGV[2])
+local function claim(key, id)
+  local state = redis.call('HGET', key, 'state')
+  if not state then return {'missing', ''} end
+  if state == '"running"' then
+    local lease = tonumber(redis.call('HGET', key, 'lease_until')) or 0
+    if lease > now then return {'busy', state} end
+  elseif state ~= '"queued"' then
+    return {'done', state}
+  end
+  local attempts = tonumber(redis.call('HGET', key, 'attempts')) or 0
+  if attempts >= tonumber(ARGV[4]) then
+    redis.call('HSET', key, 'state', '"failed"', 'error', ARGV[6], 'finished_at', ARGV[7],
+               'owner', 'null', 'lease_until', 'null')
+    redis.call('ZREM', running, id)
+    redis.call('EXPIRE', key, tonumber(ARGV[8]))
+    local idem = redis.call('HGET', key, 'idem_key')
+    if idem and idem ~= 'null' then redis.call('EXPIRE', cjson.decode(idem), tonumber(ARGV[8])) end
+    __OWE_CALLBACK__
+    return {'failed', '"failed"'}
+  end
+  redis.call('HSET', key, 'state', '"running"', 'owner', ARGV[1], 'lease_until', ARGV[3],
+             'started_at', ARGV[5], 'attempts', attempts + 1, 'error', 'null')
+  redis.call('ZADD', running, ARGV[3], id)
+  return {'claimed', tostring(attempts + 1), unpack(redis.call('HMGET', key, __CLAIM_FIELDS__))}
 end
-local attempts = tonumber(redis.call('HGET', KEYS[1], 'attempts')) or 0
-if attempts >= tonumber(ARGV[5]) then
-  redis.call('HSET', KEYS[1], 'state', '"failed"', 'error', ARGV[7], 'finished_at', ARGV[8],
-             'owner', 'null', 'lease_until', 'null')
-  redis.call('ZREM', KEYS[2], ARGV[1])
-  redis.call('EXPIRE', KEYS[1], tonumber(ARGV[9]))
-  local idem = redis.call('HGET', KEYS[1], 'idem_key')
-  if idem and idem ~= 'null' then redis.call('EXPIRE', cjson.decode(idem), tonumber(ARGV[9])) end
-  __OWE_CALLBACK__
-  return {'failed', '"failed"'}
-end
-redis.call('HSET', KEYS[1], 'state', '"running"', 'owner', ARGV[2], 'lease_until', ARGV[4],
-           'started_at', ARGV[6], 'attempts', attempts + 1, 'error', 'null')
-redis.call('ZADD', KEYS[2], ARGV[4], ARGV[1])
-local claimed = {'claimed', tostring(attempts + 1)}
-for _, item in ipairs(redis.call('HGETALL', KEYS[1])) do table.insert(claimed, item) end
-return claimed
+local results = {}
+for i = 2, #KEYS do results[i - 1] = claim(KEYS[i], ARGV[7 + i]) end
+return results
 """
+
+# What a claim returns of a job besides its id and attempt: what a worker needs to run it and report it.
+CLAIM_FIELDS = ("style", "input_uri", "output_uri", "priority", "callback_url", "created_at")
 
 # Renew leases. KEYS: running zset. ARGV: key prefix of jobs, owner (JSON), lease_until, job ids...
 # Returns the ids this owner no longer holds.
@@ -318,8 +337,10 @@ _OWE_CALLBACK = """local cb_url = redis.call('HGET', KEYS[1], 'callback_url')
     local cb = redis.call('HGET', KEYS[1], 'callback')
     if (not cb) or cb == 'null' then redis.call('HSET', KEYS[1], 'callback', [[__PENDING__]]) end
   end""".replace("__PENDING__", json.dumps(CALLBACK_PENDING))
-_TRANSITION, _CLAIM, _REAP = (script.replace("__OWE_CALLBACK__", _OWE_CALLBACK)
-                              for script in (_TRANSITION, _CLAIM, _REAP))
+_TRANSITION, _CLAIM = (script.replace("__OWE_CALLBACK__", _OWE_CALLBACK.replace("KEYS[1]", "key"))
+                       for script in (_TRANSITION, _CLAIM))
+_CLAIM = _CLAIM.replace("__CLAIM_FIELDS__", ", ".join(f"'{name}'" for name in CLAIM_FIELDS))
+_REAP = _REAP.replace("__OWE_CALLBACK__", _OWE_CALLBACK)
 
 # Take due members of a schedule zset, pushing their score `claim_s` ahead so a worker that dies
 # before sending them leaves them due again rather than lost. KEYS: zset. ARGV: now, limit, claim_s.
@@ -341,7 +362,11 @@ return 1
 
 @dataclass(frozen=True)
 class Claim:
-    """Outcome of `RedisJobStore.claim`: `claimed` (run it), `busy`, `done`, `failed` or `missing`."""
+    """Outcome of `RedisJobStore.claim`: `claimed` (run it), `busy`, `done`, `failed` or `missing`.
+
+    A claimed `job` carries what a worker needs (CLAIM_FIELDS, its state, attempt and owner), not the
+    whole record: read that with `get`.
+    """
 
     outcome: str
     attempts: int = 0
@@ -451,7 +476,8 @@ class RedisJobStore:
         """
         args = self._transition_args(job_id, from_state, to_state, owner, schedule, values)
         with redis_errors(self):
-            result = self._transition(keys=[self.job_key(job_id), self.key(RUNNING_KEY)], args=args)
+            result = self._call(self._transition, [self.key(RUNNING_KEY), self.job_key(job_id)],
+                                [str(len(args)), *args])[0]
         if result == -1:
             raise JobNotFound(job_id)
         return bool(result == 1)
@@ -459,35 +485,30 @@ class RedisJobStore:
     def transition_many(
         self, changes: Sequence[tuple[str, JobState, JobState, str | None, dict[str, Any]]]
     ) -> list[bool]:
-        """Several `transition(job_id, from, to, owner=owner, **values)` in one pipelined round trip.
+        """Several `transition(job_id, from, to, owner=owner, **values)` in one script call.
 
         Each is its own compare-and-set; a job whose record is gone counts as not moved.
         """
         if not changes:
             return []
-        calls = [([self.job_key(job_id), self.key(RUNNING_KEY)],
-                  self._transition_args(job_id, from_state, to_state, owner, None, dict(values)))
-                 for job_id, from_state, to_state, owner, values in changes]
+        keys, argv = [self.key(RUNNING_KEY)], []
+        for job_id, from_state, to_state, owner, values in changes:
+            args = self._transition_args(job_id, from_state, to_state, owner, None, dict(values))
+            keys.append(self.job_key(job_id))
+            argv += [str(len(args)), *args]
         with redis_errors(self):
-            return [result == 1 for result in self._pipelined(self._transition, calls)]
+            return [result == 1 for result in self._call(self._transition, keys, argv)]
 
-    def _pipelined(self, script: Any, calls: Sequence[tuple[list[str], list[Any]]]) -> list[Any]:
-        """Run one Lua script once per (keys, args) in one round trip.
+    def _call(self, script: Any, keys: list[str], args: list[str]) -> Any:
+        """Run a Lua script by SHA; load it first if Redis lost its script cache (a restart).
 
-        By SHA only: redis-py's own pipelined scripts cost a SCRIPT EXISTS round trip per pipeline. If
-        Redis lost its script cache (a restart), no call ran; the script is loaded and the calls sent again.
+        redis-py's own Script object costs a SCRIPT EXISTS round trip in pipelines; this never pipelines.
         """
-        for attempt in (1, 2):
-            pipe = self.redis.pipeline(transaction=False)
-            for keys, args in calls:
-                pipe.evalsha(script.sha, len(keys), *keys, *args)
-            try:
-                return pipe.execute()
-            except NoScriptError:
-                if attempt == 2:
-                    raise
-                self.redis.script_load(script.script)
-        raise AssertionError("unreachable")
+        try:
+            return self.redis.evalsha(script.sha, len(keys), *keys, *args)
+        except NoScriptError:
+            self.redis.script_load(script.script)
+            return self.redis.evalsha(script.sha, len(keys), *keys, *args)
 
     def _transition_args(self, job_id: str, from_state: JobState | Iterable[JobState], to_state: JobState,
                          owner: str | None, schedule: tuple[str, float] | None, values: dict[str, Any]) -> list[str]:
@@ -527,19 +548,22 @@ class RedisJobStore:
         now = time.time() if now is None else now
         error = json.dumps({"code": str(ErrorCode.INTERNAL),
                             "message": f"worker lost during the last of {max_attempts} attempts"})
-        stamp = json.dumps(iso_now(now))
+        started_at = iso_now(now)
+        stamp = json.dumps(started_at)
         common = [json.dumps(worker_id), repr(now), repr(now + lease_s), str(max_attempts), stamp, error, stamp,
                   str(self.job_ttl_s)]
-        calls = [([self.job_key(job_id), self.key(RUNNING_KEY)], [job_id, *common]) for job_id in job_ids]
+        keys = [self.key(RUNNING_KEY), *map(self.job_key, job_ids)]
         with redis_errors(self):
-            results = self._pipelined(self._claim, calls)
+            results = self._call(self._claim, keys, [*common, *job_ids]) if job_ids else []
         claims = []
-        for result in results:
+        for job_id, result in zip(job_ids, results, strict=True):
             outcome, detail = result[0].decode(), result[1].decode()
             if outcome == "claimed":
-                raw = dict(zip(result[2::2], result[3::2], strict=True))
-                claims.append(Claim("claimed", attempts=int(detail), state=JobState.RUNNING,
-                                    job=Job.from_redis(raw)))
+                values = {name: decode_value(raw) for name, raw in zip(CLAIM_FIELDS, result[2:], strict=True)
+                          if raw is not None}
+                job = Job(id=job_id, state=JobState.RUNNING, attempts=int(detail), started_at=started_at,
+                          owner=worker_id, **values)
+                claims.append(Claim("claimed", attempts=int(detail), state=JobState.RUNNING, job=job))
             else:
                 claims.append(Claim(outcome, state=JobState(json.loads(detail)) if detail else None))
         return claims

@@ -270,3 +270,33 @@ def test_a_final_state_owes_the_callback_in_the_same_step(store: RedisJobStore) 
     assert store.reap(reaped.id, now=now + 100) == "failed"
     for job in (cancelled, lost, reaped):
         assert store.get(job.id).callback == CALLBACK_PENDING
+
+
+def test_a_group_claims_and_finishes_in_one_call_each_even_after_redis_lost_its_scripts(
+        store: RedisJobStore) -> None:
+    jobs = [make_job(callback_url="https://example.com/hook" if i == 0 else None) for i in range(3)]
+    for job in jobs:
+        store.create(job)
+    store.transition(jobs[2].id, JobState.QUEUED, JobState.CANCELLED)
+    store.redis.script_flush()  # what a Redis restart does to the script cache
+    claims = store.claim_many([j.id for j in jobs] + ["j_missing"], "w1", lease_s=30)
+    assert [c.outcome for c in claims] == ["claimed", "claimed", "done", "missing"]
+    first = claims[0].job
+    assert first is not None
+    assert (first.id, first.state, first.attempts, first.owner) == (jobs[0].id, "running", 1, "w1")
+    assert (first.style, first.input_uri, first.output_uri, first.callback_url, first.created_at) == (
+        jobs[0].style, jobs[0].input_uri, jobs[0].output_uri, jobs[0].callback_url, jobs[0].created_at)
+    assert first.started_at == store.get(jobs[0].id).started_at
+    assert claims[1].job is not None and claims[1].job.callback_url is None
+    store.redis.script_flush()
+    moved = store.transition_many([
+        (jobs[0].id, JobState.RUNNING, JobState.SUCCEEDED, "w1", {"width": 64, "timings_ms": {"infer": 1.5}}),
+        (jobs[1].id, JobState.RUNNING, JobState.SUCCEEDED, "w2", {"width": 64}),  # not its owner
+        (jobs[2].id, JobState.RUNNING, JobState.SUCCEEDED, "w1", {}),  # cancelled meanwhile
+        ("j_missing", JobState.RUNNING, JobState.SUCCEEDED, "w1", {}),
+    ])
+    assert moved == [True, False, False, False]
+    done = store.get(jobs[0].id)
+    assert done.state == JobState.SUCCEEDED and done.width == 64 and done.timings_ms == {"infer": 1.5}
+    assert done.callback == CALLBACK_PENDING and done.owner is None
+    assert store.get(jobs[1].id).state == JobState.RUNNING
