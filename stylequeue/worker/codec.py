@@ -20,8 +20,10 @@ from __future__ import annotations
 import logging
 import multiprocessing
 import os
+import pickle
 import queue
 import signal
+import struct
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -42,6 +44,35 @@ log = logging.getLogger("stylequeue.worker")
 Outcome = tuple[Any, float]
 # spawn, not fork: the worker already runs threads (Celery, Redis, the batcher).
 _CONTEXT = multiprocessing.get_context("spawn")
+
+
+def _send(conn: Connection, message: Any) -> None:
+    """Send a message whose pixel arrays travel as raw bytes beside the pickle, not inside it.
+
+    Pickle protocol 5 hands numpy's buffers out of band; they follow the pickle in the same message.
+    For a group of 64 small images this costs a fifth of what `Connection.send` does (which copies
+    each array into the pickle stream).
+    """
+    buffers: list[pickle.PickleBuffer] = []
+    body = pickle.dumps(message, protocol=5, buffer_callback=buffers.append)
+    raws = [buffer.raw() for buffer in buffers]
+    head = struct.pack(f"<{2 + len(raws)}Q", len(body), len(raws), *(raw.nbytes for raw in raws))
+    conn.send_bytes(b"".join([head, body, *raws]))
+
+
+def _recv(conn: Connection) -> Any:
+    """What `_send` sent; its arrays are read-only views of the received bytes (no copy)."""
+    data = memoryview(conn.recv_bytes())
+    body_size, count = struct.unpack_from("<2Q", data)
+    sizes = struct.unpack_from(f"<{count}Q", data, 16)
+    position = 16 + 8 * count
+    body = data[position:position + body_size]
+    position += body_size
+    buffers = []
+    for size in sizes:
+        buffers.append(data[position:position + size])
+        position += size
+    return pickle.loads(body, buffers=buffers)
 
 
 def default_processes() -> int:
@@ -91,11 +122,11 @@ class CodecPool:
         children = [self._idle.get() for _ in range(self.processes)]
         try:
             for child in children:
-                child.conn.send((_child_ping, None))
+                _send(child.conn, (_child_ping, None))
             for child in children:
                 if not child.conn.poll(120):
                     raise TimeoutError("a codec process did not start within 120 s")
-                child.conn.recv()
+                _recv(child.conn)
         finally:
             for child in children:
                 self._idle.put(child)
@@ -106,7 +137,7 @@ class CodecPool:
     def close(self) -> None:
         for child in self._children:
             try:
-                child.conn.send(None)  # stop
+                _send(child.conn, None)  # stop
             except OSError:
                 pass
         for child in self._children:
@@ -135,13 +166,14 @@ class CodecPool:
             return []
         child: _Child | None = self._idle.get()
         try:
-            child.conn.send((function, items))
+            _send(child.conn, (function, items))
             if not child.conn.poll(self.timeout_s):
                 self._replace(child)
                 child = None
                 error = JobTimeout(f"decoding or encoding took longer than {self.timeout_s:g} s")
                 return [(error, self.timeout_s)] * len(items)
-            return child.conn.recv()
+            outcomes: list[Outcome] = _recv(child.conn)
+            return outcomes
         except (EOFError, OSError):  # the child died
             self._replace(child)
             child = None
@@ -180,7 +212,7 @@ def _child_main(conn: Connection, settings: Settings) -> None:
     _io = ThreadPoolExecutor(8, thread_name_prefix="codec-io")
     while True:
         try:
-            request = conn.recv()
+            request = _recv(conn)
         except (EOFError, OSError):  # the worker is gone
             return
         if request is None:
@@ -191,7 +223,7 @@ def _child_main(conn: Connection, settings: Settings) -> None:
         except Exception as exc:  # the functions catch per item; this is a last resort
             outcomes = [(_as_job_error(exc), 0.0)] * len(items)
         try:
-            conn.send(outcomes)
+            _send(conn, outcomes)
         except OSError:  # the worker is gone
             return
 
