@@ -7,7 +7,7 @@ import time
 import pytest
 
 from stylequeue.config.settings import Settings
-from stylequeue.worker.service import HOLD_S, MAX_HELD, WorkerOptions, WorkerService
+from stylequeue.worker.service import HOLD_S, MAX_HELD, RATE_WINDOW_S, WorkerOptions, WorkerService
 
 
 def service(max_batch: int = 8) -> WorkerService:
@@ -17,11 +17,10 @@ def service(max_batch: int = 8) -> WorkerService:
 
 
 def finish(worker: WorkerService, jobs: int, seconds: float) -> None:
-    """Pretend `jobs` finished over the last `seconds`, then let the marks follow."""
-    since, count = worker._rate_since
-    worker._rate_since = (time.monotonic() - seconds, count)
+    """Pretend `jobs` finished over the last `seconds` of busy time, then let the marks follow."""
+    worker._busy_s += seconds
     worker._finished += jobs
-    worker._follow_rate()
+    worker._follow_rate(busy=True)
 
 
 def test_the_mark_starts_small_and_grows_with_the_finish_rate() -> None:
@@ -39,13 +38,24 @@ def test_a_slow_worker_holds_the_minimum() -> None:
     assert worker.high_water == worker.min_water == 256
 
 
-def test_the_rate_is_re_derived_at_most_once_a_second() -> None:
+def test_the_rate_is_re_derived_once_per_window_of_busy_time() -> None:
     worker = service()
     finish(worker, 300, 1.0)
     mark = worker.high_water
     worker._finished += 10_000
-    worker._follow_rate()  # less than a second later: unchanged
+    worker._follow_rate(busy=True)  # a moment later: the window has not filled again
     assert worker.high_water == mark
+
+
+def test_idle_time_does_not_read_as_a_slow_worker() -> None:
+    worker = service()
+    worker._clock = (time.monotonic() - 30, False)  # idle for half a minute before a burst
+    worker._follow_rate(busy=True)  # the burst's first jobs arrive
+    assert worker._busy_s < RATE_WINDOW_S and worker.high_water == worker.min_water
+    worker._clock = (time.monotonic() - RATE_WINDOW_S, True)  # half a second busy since, 1,000 jobs done
+    worker._finished += 1000
+    worker._follow_rate(busy=True)
+    assert worker.high_water == MAX_HELD  # 2,000 jobs/s, not 1,000 jobs over 30 s
 
 
 class FakeConsumer:

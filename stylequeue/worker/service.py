@@ -40,6 +40,8 @@ log = logging.getLogger("stylequeue.worker")
 # Backpressure: a worker holds about HOLD_S seconds of claimed jobs, and never more than MAX_HELD.
 HOLD_S = 2.0
 MAX_HELD = 1024
+# The finish rate is re-measured over every RATE_WINDOW_S of busy time (time holding jobs).
+RATE_WINDOW_S = 0.5
 
 
 @dataclass
@@ -91,7 +93,9 @@ class WorkerService:
         self.low_water = self.high_water * 3 // 4
         self._finished = 0
         self._rate = 0.0
-        self._rate_since = (time.monotonic(), 0)
+        self._rate_base = 0  # jobs finished when the current window began
+        self._busy_s = 0.0  # busy seconds in the current window
+        self._clock: tuple[float, bool] = (time.monotonic(), False)  # last look: when, and busy then
         self.metrics: WorkerMetrics | None = None
         self.pool: InferencePool | None = None
         self.executor: JobExecutor | None = None
@@ -240,7 +244,7 @@ class WorkerService:
             return
         inflight = self.executor.inflight()
         with self._flow_lock:
-            self._follow_rate()
+            self._follow_rate(busy=inflight > 0)
             if not self._bulk_paused and inflight >= self.high_water:
                 self._bulk_paused = True
             elif self._bulk_paused and inflight <= self.low_water:
@@ -262,15 +266,22 @@ class WorkerService:
         elif not paused and not consuming:
             consumer.add_task_queue(messages.BULK_QUEUE)
 
-    def _follow_rate(self) -> None:
-        """Re-derive the marks from the jobs finished per second, at most once a second."""
+    def _follow_rate(self, busy: bool) -> None:
+        """Re-derive the marks from the jobs finished per busy second, once per RATE_WINDOW_S of it.
+
+        Only time spent holding jobs counts: a worker idle before a burst must not read as a slow one
+        (it would then hold the minimum for seconds into the burst). Called on every intake and finish.
+        """
         now = time.monotonic()
-        since, finished = self._rate_since
-        if now - since < 1.0:
+        last, was_busy = self._clock
+        self._clock = (now, busy)
+        if was_busy:
+            self._busy_s += now - last
+        if self._busy_s < RATE_WINDOW_S:
             return
-        rate = (self._finished - finished) / (now - since)
+        rate = (self._finished - self._rate_base) / self._busy_s
         self._rate = rate if self._rate == 0 else (self._rate + rate) / 2
-        self._rate_since = (now, self._finished)
+        self._busy_s, self._rate_base = 0.0, self._finished
         self.high_water = int(min(MAX_HELD, max(self.min_water, HOLD_S * self._rate)))
         self.low_water = self.high_water * 3 // 4
 
