@@ -20,6 +20,7 @@ step, so two workers racing on a job cannot both win.
 from __future__ import annotations
 
 import base64
+import functools
 import json
 import re
 import secrets
@@ -381,6 +382,20 @@ def _encode_fields(values: dict[str, Any]) -> list[str]:
     return flat
 
 
+@functools.lru_cache(maxsize=64)
+def _json_text(text: str) -> str:
+    return json.dumps(text)
+
+
+@functools.lru_cache(maxsize=64)
+def _transition_head(sources: tuple[JobState, ...], to_state: JobState) -> tuple[str, str]:
+    """(allowed from-states, to-state) as the transition script reads them; InvalidTransition if forbidden."""
+    for source in sources:
+        if to_state not in TRANSITIONS[source]:
+            raise InvalidTransition(f"{source} -> {to_state} is not an allowed job transition")
+    return json.dumps([json.dumps(str(s)) for s in sources]), json.dumps(str(to_state))
+
+
 class RedisJobStore:
     """Job records in Redis: create, get, compare-and-set transitions, leases, schedules."""
 
@@ -492,8 +507,9 @@ class RedisJobStore:
         if not changes:
             return []
         keys, argv = [self.key(RUNNING_KEY)], []
+        finished_at = iso_now()
         for job_id, from_state, to_state, owner, values in changes:
-            args = self._transition_args(job_id, from_state, to_state, owner, None, dict(values))
+            args = self._transition_args(job_id, from_state, to_state, owner, None, dict(values), finished_at)
             keys.append(self.job_key(job_id))
             argv += [str(len(args)), *args]
         with redis_errors(self):
@@ -511,22 +527,21 @@ class RedisJobStore:
             return self.redis.evalsha(script.sha, len(keys), *keys, *args)
 
     def _transition_args(self, job_id: str, from_state: JobState | Iterable[JobState], to_state: JobState,
-                         owner: str | None, schedule: tuple[str, float] | None, values: dict[str, Any]) -> list[str]:
-        sources = [from_state] if isinstance(from_state, JobState) else list(from_state)
-        for source in sources:
-            if to_state not in TRANSITIONS[source]:
-                raise InvalidTransition(f"{source} -> {to_state} is not an allowed job transition")
+                         owner: str | None, schedule: tuple[str, float] | None, values: dict[str, Any],
+                         finished_at: str | None = None) -> list[str]:
+        sources = (from_state,) if isinstance(from_state, JobState) else tuple(from_state)
+        allowed, target = _transition_head(sources, to_state)
         if to_state in TERMINAL_STATES:
-            values.setdefault("finished_at", iso_now())
+            values.setdefault("finished_at", finished_at or iso_now())
         if to_state != JobState.RUNNING:
             values.setdefault("owner", None)
             values.setdefault("lease_until", None)
         lease = values.get("lease_until") if to_state == JobState.RUNNING else None
         return [
             job_id,
-            json.dumps([json.dumps(str(s)) for s in sources]),
-            json.dumps(str(to_state)),
-            json.dumps(owner) if owner is not None else "",
+            allowed,
+            target,
+            _json_text(owner) if owner is not None else "",
             str(self.job_ttl_s if to_state in TERMINAL_STATES else 0),
             repr(lease) if lease is not None else "",
             self.key(schedule[0]) if schedule else "",

@@ -56,6 +56,18 @@ def test_items_arriving_together_form_batches() -> None:
     batcher.close()
 
 
+def test_a_group_handed_over_at_once_runs_in_full_batches_per_shape() -> None:
+    model = RecordingModel()
+    batcher = DynamicBatcher(model, max_batch=4, max_wait_ms=10_000)  # only full batches run early
+    arrays = [img(i, size=8 if i % 3 else 16) for i in range(12)]  # 8 of one shape, 4 of another
+    futures = batcher.submit_many(arrays, priority=BULK)
+    outputs = [f.result(5) for f in futures]
+    assert [float(o[0, 0, 0]) for o in outputs] == [2.0 * i for i in range(12)]
+    assert [o.shape[-1] for o in outputs] == [a.shape[-1] for a in arrays]
+    assert sorted(map(sorted, model.batches)) == [[0, 3, 6, 9], [1, 2, 4, 5], [7, 8, 10, 11]]
+    batcher.close()
+
+
 def test_a_lone_item_runs_after_max_wait() -> None:
     batcher = DynamicBatcher(RecordingModel(), max_batch=8, max_wait_ms=20)
     started = time.monotonic()

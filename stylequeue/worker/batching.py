@@ -13,7 +13,7 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 
@@ -84,22 +84,29 @@ class DynamicBatcher:
 
     def submit(self, array: np.ndarray, *, priority: int = BULK) -> Future[np.ndarray]:
         """Queue one image (in the worker: uint8 [H,W,3] pixels); the future resolves to its output."""
-        future: Future[np.ndarray] = Future()
-        item = _Item(priority, next(self._seq), array, future)
+        return self.submit_many([array], priority=priority)[0]
+
+    def submit_many(self, arrays: Sequence[np.ndarray], *, priority: int = BULK) -> list[Future[np.ndarray]]:
+        """Queue several images at once (one lock, at most one wake-up); one future per image, in order."""
+        now = time.monotonic()
+        items = [_Item(priority, next(self._seq), array, Future(), now) for array in arrays]
         with self._cond:
             if self._closed:
                 raise RuntimeError("batcher is closed")
-            pair = self._queues.get(item.shape)
-            if pair is None:
-                pair = self._queues[item.shape] = (deque(), deque())
-            pair[0 if priority == INTERACTIVE else 1].append(item)
-            self._count += 1
-            # Wake the inference thread only when it has something new to decide: its first item, a
-            # possibly full batch, or an interactive item. Otherwise its max_wait timer suffices, and
-            # a thread wake-up per image (costly on VMs) is saved.
-            if self._count == 1 or len(pair[0]) + len(pair[1]) >= self.max_batch or priority == INTERACTIVE:
+            wake = self._count == 0 or priority == INTERACTIVE
+            for item in items:
+                pair = self._queues.get(item.shape)
+                if pair is None:
+                    pair = self._queues[item.shape] = (deque(), deque())
+                pair[0 if priority == INTERACTIVE else 1].append(item)
+                # Wake the inference thread only when it has something new to decide: its first item,
+                # a possibly full batch, or an interactive item. Otherwise its max_wait timer suffices,
+                # and a thread wake-up per image (costly on VMs) is saved.
+                wake = wake or len(pair[0]) + len(pair[1]) >= self.max_batch
+            self._count += len(items)
+            if wake:
                 self._cond.notify()
-        return future
+        return [item.future for item in items]
 
     def pending(self) -> int:
         with self._cond:

@@ -13,7 +13,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import numpy as np
@@ -36,6 +36,8 @@ class Models(Protocol):
     def spec_and_model(self, style: str) -> tuple[StyleSpec, str]: ...
 
     def submit(self, style: str, pixels: np.ndarray, priority: int) -> Future[np.ndarray]: ...
+
+    def submit_many(self, style: str, pixels: Sequence[np.ndarray], priority: int) -> list[Future[np.ndarray]]: ...
 
     def result(self, future: Future[np.ndarray]) -> np.ndarray: ...
 
@@ -307,22 +309,27 @@ class JobExecutor:
         works = [work for work in (self._begin(running, styles) for running in runnings) if work is not None]
         loaded = self.codec.load([(w.running.job.input_uri, w.spec) for w in works], self.max_input_pixels)
         cancelled = self._abandoned_among([w.running.job_id for w in works])  # while the inputs loaded
-        submitted = []
+        by_style: dict[str, list[_Work]] = {}
         for work, (prepared, seconds) in zip(works, loaded, strict=True):
             if isinstance(prepared, Exception):
                 self._attempt_failed(work.running, prepared)
                 continue
             work.prepared = prepared
             work.timings["fetch"] = self._record("fetch", seconds)
-            if work.running.job_id in cancelled:
-                continue
-            work.submitted = time.perf_counter()
+            if work.running.job_id not in cancelled:
+                by_style.setdefault(work.running.job.style, []).append(work)
+        submitted = []
+        for style, group in by_style.items():  # one hand-over to the batcher per style
+            began = time.perf_counter()
             try:
-                work.future = self.models.submit(work.running.job.style, prepared.pixels, BULK)
+                futures = self.models.submit_many(style, [w.prepared.pixels for w in group], BULK)
             except Exception as exc:
-                self._attempt_failed(work.running, exc)
+                for work in group:
+                    self._attempt_failed(work.running, exc)
                 continue
-            submitted.append(work)
+            for work, future in zip(group, futures, strict=True):
+                work.submitted, work.future = began, future
+            submitted += group
         inferred = []
         for work in submitted:
             try:
@@ -422,7 +429,11 @@ class JobExecutor:
             job = work.running.job
             if ok:
                 log.debug("job %s: succeeded in %.0f ms -> %s", job.id, sum(work.timings.values()), job.output_uri)
-                self._notify(job.id, replace(job, state=JobState.SUCCEEDED, **result))
+                # The claimed record is this executor's own copy, and the job is done with it.
+                job.state = JobState.SUCCEEDED
+                for name, value in result.items():
+                    setattr(job, name, value)
+                self._notify(job.id, job)
             else:
                 self._discard(job.id, job.output_uri)
 

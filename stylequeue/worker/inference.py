@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Future
 from typing import TYPE_CHECKING, Any
 
@@ -92,6 +92,11 @@ class InferencePool:
         """Queue one image (uint8 [H,W,3]) for the style's batcher; `result()` waits for its output pixels."""
         _, batcher = self._entry(style)
         return batcher.submit(pixels, priority=priority)
+
+    def submit_many(self, style: str, pixels: Sequence[np.ndarray], priority: int) -> list[Future[np.ndarray]]:
+        """`submit` for several images of one style at once (a bulk group): one hand-over to the batcher."""
+        _, batcher = self._entry(style)
+        return batcher.submit_many(pixels, priority=priority)
 
     def result(self, future: Future[np.ndarray]) -> np.ndarray:
         try:
