@@ -47,6 +47,17 @@ def test_the_rate_is_re_derived_once_per_window_of_busy_time() -> None:
     assert worker.high_water == mark
 
 
+def test_a_fast_worker_is_measured_within_a_fifth_of_the_window() -> None:
+    worker = service()
+    finish(worker, worker.min_water, RATE_WINDOW_S / 10)  # too soon to judge
+    assert worker.high_water == worker.min_water
+    finish(worker, 2 * worker.min_water, RATE_WINDOW_S / 5)  # 384 jobs in 0.15 s: plainly fast
+    assert worker.high_water == MAX_HELD
+    slow = service()
+    finish(slow, 10, RATE_WINDOW_S / 2)  # few jobs: it waits for the whole window
+    assert slow.high_water == slow.min_water and slow._busy_s > 0
+
+
 def test_idle_time_does_not_read_as_a_slow_worker() -> None:
     worker = service()
     worker._clock = (time.monotonic() - 30, False)  # idle for half a minute before a burst

@@ -40,7 +40,8 @@ log = logging.getLogger("stylequeue.worker")
 # Backpressure: a worker holds about HOLD_S seconds of claimed jobs, and never more than MAX_HELD.
 HOLD_S = 2.0
 MAX_HELD = 1024
-# The finish rate is re-measured over every RATE_WINDOW_S of busy time (time holding jobs).
+# The finish rate is re-measured over every RATE_WINDOW_S of busy time (time holding jobs), or over a
+# fifth of it once the worker finished min_water jobs in that time.
 RATE_WINDOW_S = 0.5
 
 
@@ -277,9 +278,12 @@ class WorkerService:
         self._clock = (now, busy)
         if was_busy:
             self._busy_s += now - last
-        if self._busy_s < RATE_WINDOW_S:
+        done = self._finished - self._rate_base
+        # A full window, or sooner where the evidence is already plain: a fast worker that finished
+        # the whole minimum mark within a tenth of a second need not hold the minimum for half a second.
+        if self._busy_s < RATE_WINDOW_S and (self._busy_s < RATE_WINDOW_S / 5 or done < self.min_water):
             return
-        rate = (self._finished - self._rate_base) / self._busy_s
+        rate = done / self._busy_s
         self._rate = rate if self._rate == 0 else (self._rate + rate) / 2
         self._busy_s, self._rate_base = 0.0, self._finished
         self.high_water = int(min(MAX_HELD, max(self.min_water, HOLD_S * self._rate)))
