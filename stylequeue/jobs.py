@@ -222,16 +222,20 @@ return false
 # (0 = keep), lease score or "", extra zset key or "", its score, then field/value pairs.
 # Returns one result per job: 1 on success, 0 wrong state, -1 no such job, -2 another owner.
 _TRANSITION = """
+local decoded = {}  -- allowed-state lists, decoded once per call
 local function transition(key, running, A)
-  local state = redis.call('HGET', key, 'state')
+  local now = redis.call('HMGET', key, 'state', 'owner', 'idem_key', 'callback_url', 'callback')
+  local state = now[1]
   if not state then return -1 end
-  local allowed = cjson.decode(A[2])
-  local ok = false
-  for _, s in ipairs(allowed) do if s == state then ok = true end end
-  if not ok then return 0 end
-  if A[4] ~= '' and redis.call('HGET', key, 'owner') ~= A[4] then return -2 end
-  redis.call('HSET', key, 'state', A[3])
-  if #A > 8 then redis.call('HSET', key, unpack(A, 9)) end
+  local allowed = decoded[A[2]]
+  if not allowed then
+    allowed = {}
+    for _, s in ipairs(cjson.decode(A[2])) do allowed[s] = true end
+    decoded[A[2]] = allowed
+  end
+  if not allowed[state] then return 0 end
+  if A[4] ~= '' and now[2] ~= A[4] then return -2 end
+  redis.call('HSET', key, 'state', A[3], unpack(A, 9))
   if A[6] ~= '' then
     redis.call('ZADD', running, A[6], A[1])
   else
@@ -241,9 +245,10 @@ local function transition(key, running, A)
   local ttl = tonumber(A[5])
   if ttl > 0 then
     redis.call('EXPIRE', key, ttl)
-    local idem = redis.call('HGET', key, 'idem_key')
-    if idem and idem ~= 'null' then redis.call('EXPIRE', cjson.decode(idem), ttl) end
-    __OWE_CALLBACK__
+    if now[3] and now[3] ~= 'null' then redis.call('EXPIRE', cjson.decode(now[3]), ttl) end
+    if now[4] and now[4] ~= 'null' and ((not now[5]) or now[5] == 'null') then
+      redis.call('HSET', key, 'callback', [[__PENDING__]])
+    end
   end
   return 1
 end
@@ -263,15 +268,16 @@ return results
 _CLAIM = """
 local running, now = KEYS[1], tonumber(ARGV[2])
 local function claim(key, id)
-  local state = redis.call('HGET', key, 'state')
+  local current = redis.call('HMGET', key, 'state', 'lease_until', 'attempts')
+  local state = current[1]
   if not state then return {'missing', ''} end
   if state == '"running"' then
-    local lease = tonumber(redis.call('HGET', key, 'lease_until')) or 0
+    local lease = tonumber(current[2]) or 0
     if lease > now then return {'busy', state} end
   elseif state ~= '"queued"' then
     return {'done', state}
   end
-  local attempts = tonumber(redis.call('HGET', key, 'attempts')) or 0
+  local attempts = tonumber(current[3]) or 0
   if attempts >= tonumber(ARGV[4]) then
     redis.call('HSET', key, 'state', '"failed"', 'error', ARGV[6], 'finished_at', ARGV[7],
                'owner', 'null', 'lease_until', 'null')
@@ -346,8 +352,8 @@ _OWE_CALLBACK = """local cb_url = redis.call('HGET', KEYS[1], 'callback_url')
     local cb = redis.call('HGET', KEYS[1], 'callback')
     if (not cb) or cb == 'null' then redis.call('HSET', KEYS[1], 'callback', [[__PENDING__]]) end
   end""".replace("__PENDING__", json.dumps(CALLBACK_PENDING))
-_TRANSITION, _CLAIM = (script.replace("__OWE_CALLBACK__", _OWE_CALLBACK.replace("KEYS[1]", "key"))
-                       for script in (_TRANSITION, _CLAIM))
+_TRANSITION = _TRANSITION.replace("__PENDING__", json.dumps(CALLBACK_PENDING))
+_CLAIM = _CLAIM.replace("__OWE_CALLBACK__", _OWE_CALLBACK.replace("KEYS[1]", "key"))
 _CLAIM = _CLAIM.replace("__CLAIM_FIELDS__", ", ".join(f"'{name}'" for name in CLAIM_FIELDS))
 _REAP = _REAP.replace("__OWE_CALLBACK__", _OWE_CALLBACK)
 
