@@ -60,11 +60,29 @@ def test_a_group_handed_over_at_once_runs_in_full_batches_per_shape() -> None:
     model = RecordingModel()
     batcher = DynamicBatcher(model, max_batch=4, max_wait_ms=10_000)  # only full batches run early
     arrays = [img(i, size=8 if i % 3 else 16) for i in range(12)]  # 8 of one shape, 4 of another
-    futures = batcher.submit_many(arrays, priority=BULK)
-    outputs = [f.result(5) for f in futures]
+    outputs = batcher.submit_many(arrays, priority=BULK).result(5)
     assert [float(o[0, 0, 0]) for o in outputs] == [2.0 * i for i in range(12)]
     assert [o.shape[-1] for o in outputs] == [a.shape[-1] for a in arrays]
     assert sorted(map(sorted, model.batches)) == [[0, 3, 6, 9], [1, 2, 4, 5], [7, 8, 10, 11]]
+    batcher.close()
+
+
+def test_a_group_gets_each_outcome_and_a_poison_image_fails_alone() -> None:
+    batcher = DynamicBatcher(RecordingModel(poison=3.0), max_batch=4, max_wait_ms=5)
+    outcomes = batcher.submit_many([img(i) for i in range(6)]).result(5)
+    assert isinstance(outcomes[3], ValueError)
+    assert [float(o[0, 0, 0]) for i, o in enumerate(outcomes) if i != 3] == [0.0, 2.0, 4.0, 8.0, 10.0]
+    assert batcher.submit_many([]).result(0) == []
+    stuck = RecordingModel()
+    stuck.gate.clear()
+    slow = DynamicBatcher(stuck, max_batch=2, max_wait_ms=1)
+    group = slow.submit_many([img(1), img(2), img(3)])
+    with pytest.raises(TimeoutError):
+        group.result(0.05)
+    group.cancel()  # what a timed-out job does: its images not yet run are skipped
+    stuck.gate.set()
+    slow.close()
+    assert [len(b) for b in stuck.batches] == [2] and not group.done()
     batcher.close()
 
 

@@ -1,9 +1,9 @@
 """Dynamic batching: one class, two knobs (`max_batch`, `max_wait_ms`), futures out.
 
-Callers hand in one image array at a time and get a Future of their own output; they never see a
-batch. One inference thread per batcher (per loaded model) groups waiting items of the same shape,
-interactive items first, and runs them. If a batch raises, its items are run one by one, so a
-poison image fails alone.
+Callers hand in one image array and get a Future of its output, or several at once (a bulk group)
+and get one GroupFuture for all of them; they never see a batch. One inference thread per batcher
+(per loaded model) groups waiting items of the same shape, interactive items first, and runs them.
+If a batch raises, its items are run one by one, so a poison image fails alone.
 """
 
 from __future__ import annotations
@@ -24,17 +24,81 @@ log = logging.getLogger("stylequeue.worker.batching")
 INTERACTIVE, BULK = 0, 1
 
 
+class GroupFuture:
+    """The outputs of images handed over together (`submit_many`): one wait for the whole group.
+
+    `result()` gives one entry per image, in order: its output array, or the exception its batch (or,
+    after a failed batch, its own run) raised. Cheaper than a Future per image, which a bulk group of
+    64 paid for in locks and condition variables.
+    """
+
+    __slots__ = ("_outcomes", "_left", "_done", "cancelled")
+
+    def __init__(self, size: int) -> None:
+        self._outcomes: list[np.ndarray | Exception | None] = [None] * size
+        self._left = size
+        self._done = threading.Event()
+        self.cancelled = False
+        if size == 0:
+            self._done.set()
+
+    def _claim(self) -> bool:
+        return not self.cancelled
+
+    def _set(self, index: int, outcome: np.ndarray | Exception) -> None:
+        # Only the batcher's one inference thread calls this, so the count needs no lock.
+        self._outcomes[index] = outcome
+        self._left -= 1
+        if self._left == 0:
+            self._done.set()
+
+    def done(self) -> bool:
+        return self._done.is_set()
+
+    def result(self, timeout: float | None = None) -> list[np.ndarray | Exception]:
+        """Wait for every image; raises TimeoutError (the builtin) after `timeout` seconds."""
+        if not self._done.wait(timeout):
+            raise TimeoutError(f"{self._left} of {len(self._outcomes)} images still waiting")
+        return self._outcomes  # type: ignore[return-value]
+
+    def cancel(self) -> None:
+        """Images not yet run are skipped (a group whose jobs timed out)."""
+        self.cancelled = True
+
+
+class _FutureSink:
+    """One image's Future (`submit`) as the batcher's sink: same protocol as GroupFuture."""
+
+    __slots__ = ("future",)
+
+    def __init__(self) -> None:
+        self.future: Future[np.ndarray] = Future()
+
+    def _claim(self) -> bool:
+        return self.future.set_running_or_notify_cancel()
+
+    def _set(self, _index: int, outcome: np.ndarray | Exception) -> None:
+        if isinstance(outcome, Exception):
+            self.future.set_exception(outcome)
+        else:
+            self.future.set_result(outcome)
+
+
 @dataclass(order=True)
 class _Item:
     priority: int
     seq: int
     array: np.ndarray = field(compare=False)
-    future: Future[np.ndarray] = field(compare=False)
+    sink: GroupFuture | _FutureSink = field(compare=False)
+    index: int = field(compare=False)
     enqueued: float = field(compare=False, default_factory=time.monotonic)
 
     @property
     def shape(self) -> tuple[int, ...]:
         return tuple(self.array.shape)
+
+    def finish(self, outcome: np.ndarray | Exception) -> None:
+        self.sink._set(self.index, outcome)
 
 
 @dataclass
@@ -84,12 +148,19 @@ class DynamicBatcher:
 
     def submit(self, array: np.ndarray, *, priority: int = BULK) -> Future[np.ndarray]:
         """Queue one image (in the worker: uint8 [H,W,3] pixels); the future resolves to its output."""
-        return self.submit_many([array], priority=priority)[0]
+        sink = _FutureSink()
+        self._enqueue([_Item(priority, next(self._seq), array, sink, 0, time.monotonic())], priority)
+        return sink.future
 
-    def submit_many(self, arrays: Sequence[np.ndarray], *, priority: int = BULK) -> list[Future[np.ndarray]]:
-        """Queue several images at once (one lock, at most one wake-up); one future per image, in order."""
+    def submit_many(self, arrays: Sequence[np.ndarray], *, priority: int = BULK) -> GroupFuture:
+        """Queue several images at once (one lock, at most one wake-up); one GroupFuture for them all."""
+        group = GroupFuture(len(arrays))
         now = time.monotonic()
-        items = [_Item(priority, next(self._seq), array, Future(), now) for array in arrays]
+        self._enqueue([_Item(priority, next(self._seq), array, group, index, now)
+                       for index, array in enumerate(arrays)], priority)
+        return group
+
+    def _enqueue(self, items: list[_Item], priority: int) -> None:
         with self._cond:
             if self._closed:
                 raise RuntimeError("batcher is closed")
@@ -106,7 +177,6 @@ class DynamicBatcher:
             self._count += len(items)
             if wake:
                 self._cond.notify()
-        return [item.future for item in items]
 
     def pending(self) -> int:
         with self._cond:
@@ -159,7 +229,7 @@ class DynamicBatcher:
             batch = self._take_batch()
             if batch is None:
                 return
-            live = [item for item in batch if item.future.set_running_or_notify_cancel()]
+            live = [item for item in batch if item.sink._claim()]
             if live:
                 self._run(live)
 
@@ -171,7 +241,7 @@ class DynamicBatcher:
                 raise RuntimeError(f"model returned {outputs.shape[0]} outputs for a batch of {len(batch)}")
         except Exception as exc:
             if len(batch) == 1:
-                batch[0].future.set_exception(exc)
+                batch[0].finish(exc)
                 return
             log.warning("batch of %d failed (%s); running its items one by one", len(batch), exc)
             for item in batch:
@@ -181,13 +251,13 @@ class DynamicBatcher:
         if self.on_batch:
             self.on_batch(len(batch), time.perf_counter() - started)
         for item, output in zip(batch, outputs, strict=True):
-            item.future.set_result(output)
+            item.finish(output)
 
     def _run_single(self, item: _Item) -> None:
         try:
             output = self.run_batch(item.array[None])[0]
         except Exception as exc:
-            item.future.set_exception(exc)
+            item.finish(exc)
         else:
             self.stats.record(1)
-            item.future.set_result(output)
+            item.finish(output)

@@ -22,7 +22,7 @@ from stylequeue.config.styles import StyleSpec
 from stylequeue.errors import InternalError, JobError, JobTimeout, StyleQueueError
 from stylequeue.jobs import MAX_ATTEMPTS, RETRY_KEY, Job, JobState, RedisJobStore, parse_iso
 from stylequeue.pipeline.process import prepare, render
-from stylequeue.worker.batching import BULK, INTERACTIVE
+from stylequeue.worker.batching import BULK, INTERACTIVE, GroupFuture
 
 log = logging.getLogger("stylequeue.worker")
 
@@ -37,7 +37,9 @@ class Models(Protocol):
 
     def submit(self, style: str, pixels: np.ndarray, priority: int) -> Future[np.ndarray]: ...
 
-    def submit_many(self, style: str, pixels: Sequence[np.ndarray], priority: int) -> list[Future[np.ndarray]]: ...
+    def submit_many(self, style: str, pixels: Sequence[np.ndarray], priority: int) -> GroupFuture: ...
+
+    def results(self, group: GroupFuture) -> list[np.ndarray | Exception]: ...
 
     def result(self, future: Future[np.ndarray]) -> np.ndarray: ...
 
@@ -318,26 +320,23 @@ class JobExecutor:
             work.timings["fetch"] = self._record("fetch", seconds)
             if work.running.job_id not in cancelled:
                 by_style.setdefault(work.running.job.style, []).append(work)
-        submitted = []
+        inferred = []
         for style, group in by_style.items():  # one hand-over to the batcher per style
             began = time.perf_counter()
             try:
-                futures = self.models.submit_many(style, [w.prepared.pixels for w in group], BULK)
-            except Exception as exc:
+                outcomes = self.models.results(
+                    self.models.submit_many(style, [w.prepared.pixels for w in group], BULK))
+            except Exception as exc:  # a timeout, or the style could not be loaded
                 for work in group:
                     self._attempt_failed(work.running, exc)
                 continue
-            for work, future in zip(group, futures, strict=True):
-                work.submitted, work.future = began, future
-            submitted += group
-        inferred = []
-        for work in submitted:
-            try:
-                inferred.append((work, self.models.result(work.future)))
-            except Exception as exc:
-                self._attempt_failed(work.running, exc)
-                continue
-            work.timings["infer"] = self._stage("infer", work.submitted)
+            seconds = time.perf_counter() - began
+            for work, outcome in zip(group, outcomes, strict=True):
+                if isinstance(outcome, Exception):
+                    self._attempt_failed(work.running, outcome)
+                    continue
+                work.timings["infer"] = self._record("infer", seconds)
+                inferred.append((work, outcome))
         cancelled = self._abandoned_among([w.running.job_id for w, _ in inferred])
         outputs = [(work, output) for work, output in inferred if work.running.job_id not in cancelled]
         stored = self.codec.store([(w.running.job.output_uri, output, w.spec, w.running.attempts > 1)

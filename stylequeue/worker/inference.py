@@ -18,7 +18,7 @@ import numpy as np
 from stylequeue.config.styles import StyleSpec
 from stylequeue.errors import JobTimeout
 from stylequeue.pipeline.images import from_model_output, to_model_input
-from stylequeue.worker.batching import DynamicBatcher
+from stylequeue.worker.batching import DynamicBatcher, GroupFuture
 
 if TYPE_CHECKING:
     from stylequeue.models.registry import LoadedStyle, ModelRegistry
@@ -93,10 +93,19 @@ class InferencePool:
         _, batcher = self._entry(style)
         return batcher.submit(pixels, priority=priority)
 
-    def submit_many(self, style: str, pixels: Sequence[np.ndarray], priority: int) -> list[Future[np.ndarray]]:
-        """`submit` for several images of one style at once (a bulk group): one hand-over to the batcher."""
+    def submit_many(self, style: str, pixels: Sequence[np.ndarray], priority: int) -> GroupFuture:
+        """`submit` for several images of one style at once (a bulk group): one hand-over to the batcher;
+        `results()` waits for them all."""
         _, batcher = self._entry(style)
         return batcher.submit_many(pixels, priority=priority)
+
+    def results(self, group: GroupFuture) -> list[np.ndarray | Exception]:
+        """Each image's output pixels, or the exception that ended it; JobTimeout for the whole group."""
+        try:
+            return group.result(timeout=self.timeout_s)
+        except TimeoutError:
+            group.cancel()
+            raise JobTimeout(f"inference did not finish within {self.timeout_s:g} s") from None
 
     def result(self, future: Future[np.ndarray]) -> np.ndarray:
         try:
