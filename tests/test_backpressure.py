@@ -7,6 +7,7 @@ import time
 import pytest
 
 from stylequeue.config.settings import Settings
+from stylequeue.worker.messages import BULK_CHUNK_SIZE
 from stylequeue.worker.service import HOLD_S, MAX_HELD, RATE_WINDOW_S, WorkerOptions, WorkerService
 
 
@@ -25,7 +26,8 @@ def finish(worker: WorkerService, jobs: int, seconds: float) -> None:
 
 def test_the_mark_starts_small_and_grows_with_the_finish_rate() -> None:
     worker = service()
-    assert worker.high_water == worker.min_water == 128 and worker.low_water == 96  # 2 chunks of 64
+    assert worker.high_water == worker.min_water == 2 * BULK_CHUNK_SIZE  # one chunk in hand, one arriving
+    assert worker.low_water == worker.high_water * 3 // 4
     finish(worker, 300, 1.0)  # 300 jobs/s: hold about two seconds of them
     assert abs(worker.high_water - HOLD_S * 300) <= 3 and worker.low_water == worker.high_water * 3 // 4
     finish(worker, 5000, 1.0)  # very fast: capped

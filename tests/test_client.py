@@ -15,7 +15,7 @@ import redis
 from stylequeue import Client, ConfigError, InputForbidden, JobNotFound, JobState, UnknownStyle, WaitTimeout
 from stylequeue.embedded import free_port
 from stylequeue.errors import RedisUnavailable
-from stylequeue.worker.messages import BULK_QUEUE, INTERACTIVE_QUEUE
+from stylequeue.worker.messages import BULK_CHUNK_SIZE, BULK_QUEUE, INTERACTIVE_QUEUE
 
 
 @pytest.fixture
@@ -65,17 +65,17 @@ def test_idempotent_submit_returns_the_same_job_once(client: Client, redis_url: 
 
 
 def test_submit_many_chunks_bulk_messages(client: Client, redis_url: str) -> None:
-    uris = [f"s3://photos/{i}.jpg" for i in range(70)]
+    uris = [f"s3://photos/{i}.jpg" for i in range(BULK_CHUNK_SIZE + 6)]
     jobs = client.submit_many(uris, style="tiny", output_prefix="s3://out/run1/")
     assert [j.input_uri for j in jobs] == uris
     assert all(j.priority == "bulk" and j.output_uri == f"s3://out/run1/{j.id}.png" for j in jobs)
     messages = queued_messages(redis_url, BULK_QUEUE)
     raw = redis.Redis.from_url(redis_url).lrange(BULK_QUEUE, 0, -1)
     shown = sorted(json.loads(m)["headers"]["argsrepr"] for m in raw)
-    assert sorted(len(m["args"][0]) for m in messages) == [6, 64]
+    assert sorted(len(m["args"][0]) for m in messages) == [6, BULK_CHUNK_SIZE]
     assert sorted(i for m in messages for i in m["args"][0]) == sorted(j.id for j in jobs)
     assert all(j is not None and j.state == JobState.QUEUED for j in client.get_many([j.id for j in jobs]))
-    # Flower shows a summary, not 64 ids.
+    # Flower shows a summary, not every id.
     assert shown == sorted(f"[[{m['args'][0][0]!r}, ... {len(m['args'][0])} job ids]]" for m in messages)
 
 

@@ -23,9 +23,11 @@ INTERACTIVE_TASK = "stylequeue.interactive"
 BULK_TASK = "stylequeue.bulk"
 CALLBACK_TASK = "stylequeue.callback"
 
-# Bulk jobs travel several to a message: Celery's per-message cost (~1.8 ms, PERF.md) is paid per chunk.
-# 64 rather than 32 gained ~10% on the null-model bulk path (bench/e2e.py); claims are per job anyway.
-BULK_CHUNK_SIZE = 64
+# Bulk jobs travel several to a message: Celery's per-message cost (~1.8 ms, PERF.md) is paid per chunk,
+# and a busy worker's event loop, sharing the GIL with its job threads, takes messages in slowly enough
+# to starve it between chunks. 64 rather than 32, then 128 rather than 64, each gained ~10% on the
+# null-model bulk path (bench/e2e.py, 2-core machines). Claims and leases are per job anyway.
+BULK_CHUNK_SIZE = 128
 
 
 def send_job(app: Celery, job_id: str, priority: str) -> None:
