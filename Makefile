@@ -24,6 +24,7 @@ bench: $(STAMP)
 	$(PY) bench/submit.py
 	$(PY) bench/codec.py
 	$(PY) bench/e2e.py
+	$(PY) bench/queue_cpu.py
 
 clean:
 	rm -rf $(VENV) stylequeue-demo stylequeue-data
