@@ -42,7 +42,7 @@ def roots(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
 def pool(roots: tuple[Path, Path]) -> Iterator[CodecPool]:
     inputs, outputs = roots
     settings = Settings(storage_url=f"file://{outputs}", input_roots=[inputs])
-    codec = CodecPool(settings, 2, timeout_s=5)
+    codec = CodecPool(settings, 2, timeout_s=60)  # a replaced child starts (imports) within this, even under load
     codec.warm()
     yield codec
     codec.close()
