@@ -4,7 +4,9 @@
    the raw runtime's img/s (best of batch 1 and batch MAX_BATCH, in this process, nothing else running;
    the mean of a measurement before the workers and one after, since these machines drift) vs. a
    `stylequeue worker` fed through Redis with `file://` storage on tmpfs, and through a moto S3 server
-   on the same machine.
+   on the same machine. The worker's own metrics also give the share of its wall time spent inside
+   the model ("model busy"), which the machine's drift does not move. `--ngf 32` runs the model 4x
+   faster: a stand-in for a faster CPU, where the same work beside the model weighs 4x more.
 2. Queue path, `null` runtime (returns its input), 64 px JPEGs on tmpfs: bulk and interactive jobs/s
    vs. a plain Celery no-op task (acks_late, prefetch 1, solo pool, Redis result backend).
 
@@ -18,11 +20,13 @@ import argparse
 import io
 import os
 import platform
+import re
 import shutil
 import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -154,14 +158,30 @@ def raw_runtime(registry: Path, cache_dir: Path, side: int, images: int,
                                  "precision": selection.info["precision"]}
 
 
-def worker_rate(env: dict[str, str], client: Client, uris: list[str], log: Path, max_batch: int) -> tuple[float, int]:
-    worker = Worker(env, log, "--max-batch", str(max_batch))
+def model_seconds(port: int) -> tuple[float, float]:
+    """(seconds inside the model, images run) so far, from the worker's own metrics."""
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+
+    def total(name: str) -> float:
+        return sum(float(m.group(1)) for m in re.finditer(rf"^{name}{{[^}}]*}} (\S+)$", text, re.M))
+
+    return total("stylequeue_batch_seconds_sum"), total("stylequeue_batch_size_sum")
+
+
+def worker_rate(env: dict[str, str], client: Client, uris: list[str], log: Path,
+                max_batch: int) -> tuple[float, int, float, float]:
+    """(img/s, failed, share of the wall time the model was running, ms per image inside the model)."""
+    port = free_port()
+    worker = Worker(env, log, "--max-batch", str(max_batch), "--metrics-port", str(port))
     try:
         wait_all(client, [j.id for j in client.submit_many(uris[:max_batch], style="bench")])  # warm this shape
+        seconds_before, images_before = model_seconds(port)
         started = time.perf_counter()
         ids = [j.id for j in client.submit_many(uris, style="bench")]
         finished = wait_all(client, ids)
-        return len(ids) / (finished - started), count_failed(client, ids)
+        seconds, images = (a - b for a, b in zip(model_seconds(port), (seconds_before, images_before), strict=True))
+        wall = finished - started
+        return len(ids) / wall, count_failed(client, ids), seconds / wall, 1000 * seconds / max(images, 1)
     finally:
         worker.stop()
 
@@ -195,12 +215,16 @@ def model_section(args: argparse.Namespace, work: Path, server: EmbeddedRedis) -
     raw = (before + after) / 2
     shown = ", ".join(f"batch {size} {rate:.2f}" for size, rate in rates.items())
     rows = [f"| raw runtime, in process ({raw_info['runtime']} {raw_info['precision']}; before the workers: "
-            f"{shown}; after: {after:.2f}) | {raw:.2f} | 1.00 | - |"]
-    rows += [f"| {name} | {rate:.2f} | {rate / raw:.2f} | {failed} |" for name, rate, failed in workers]
+            f"{shown}; after: {after:.2f}) | {raw:.2f} | 1.00 | {1000 / raw:.1f} | - | - |"]
+    rows += [f"| {name} | {rate:.2f} | {rate / raw:.2f} | {per_image:.1f} | {100 * busy:.1f}% | {failed} |"
+             for name, rate, failed, busy, per_image in workers]
     header = [f"### Model path: {args.side}x{args.side}, ngf {args.ngf} / {args.n_blocks} blocks, "
               f"{args.images} images, max batch {args.max_batch}\n",
-              "| path | img/s | vs raw runtime | failed |", "|---|---|---|---|"]
-    return header + rows
+              "| path | img/s | vs raw runtime | ms per image in the model | model busy | failed |",
+              "|---|---|---|---|---|---|"]
+    notes = ["", "*model busy*: the share of the worker's wall time spent inside the model (its own metrics). "
+             "It does not depend on how fast the machine happened to be during the raw measurement."]
+    return header + rows + notes
 
 
 def s3_worker_rate(args: argparse.Namespace, work: Path, server: EmbeddedRedis, registry: Path, cache_dir: Path,
