@@ -123,8 +123,13 @@ class Settings(BaseSettings):
 
 def file_uri_path(uri: str) -> Path:
     """`file:///abs/dir` or `file://./rel/dir` -> an absolute Path."""
-    rest = uri[len("file://") :]
-    return Path(os.path.abspath(os.path.expanduser(rest or ".")))
+    return Path(file_uri_str(uri))
+
+
+def file_uri_str(uri: str) -> str:
+    """`file_uri_path` as a plain string (storage's hot path, every input and output, skips pathlib)."""
+    rest = uri[len("file://") :] or "."
+    return os.path.abspath(os.path.expanduser(rest) if rest.startswith("~") else rest)
 
 
 def read_toml(path: Path, what: str, named_by: str) -> dict[str, Any]:

@@ -28,7 +28,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
-from stylequeue.config.settings import Settings, file_uri_path
+from stylequeue.config.settings import Settings, file_uri_str
 from stylequeue.errors import InputForbidden, InputNotFound, InputTooLarge, JobError, StorageError
 from stylequeue.pipeline import netguard
 
@@ -90,7 +90,7 @@ def check_input_uri(uri: str, settings: Settings) -> None:
         roots = [os.path.abspath(root) for root in settings.input_roots or []]
         if not roots:
             raise InputForbidden(_no_roots_message())
-        if not _inside(_file_path(uri), roots):
+        if not _inside(file_uri_str(uri), roots):
             raise InputForbidden(f"{uri} is outside STYLEQUEUE_INPUT_ROOTS ({', '.join(roots)})")
     elif scheme == "s3":
         _s3_parts(rest, uri)
@@ -105,7 +105,7 @@ def check_output_uri(uri: str, settings: Settings) -> None:
     scheme, rest = _check_common(uri)
     if scheme == "file":
         roots = [os.path.abspath(root) for root in _writable_roots(settings)]
-        if not _inside(_file_path(uri), roots):
+        if not _inside(file_uri_str(uri), roots):
             raise InputForbidden(f"{uri} is outside {_MANAGED}")
     elif scheme == "s3":
         _s3_parts(rest, uri)
@@ -132,14 +132,8 @@ def _no_roots_message() -> str:
 def _writable_roots(settings: Settings) -> list[str]:
     roots = [str(root) for root in settings.input_roots or []]
     if settings.storage_url.startswith("file://"):
-        roots.append(str(file_uri_path(settings.storage_url)))
+        roots.append(file_uri_str(settings.storage_url))
     return roots
-
-
-def _file_path(uri: str) -> str:
-    """`file_uri_path` as a plain string: the worker's hot path (every input and output) skips pathlib."""
-    rest = uri[len("file://") :] or "."
-    return os.path.abspath(os.path.expanduser(rest) if rest.startswith("~") else rest)
 
 
 def _create_temp(directory: str, name: str) -> tuple[int, str]:
@@ -357,7 +351,7 @@ class Storage:
         roots = [str(root) for root in self.settings.input_roots or []]
         if not roots:
             raise InputForbidden(_no_roots_message())
-        real = _confine(_file_path(uri), roots, uri, "STYLEQUEUE_INPUT_ROOTS")
+        real = _confine(file_uri_str(uri), roots, uri, "STYLEQUEUE_INPUT_ROOTS")
         cap = self.settings.max_input_bytes
         try:
             # O_NOFOLLOW: a symlink swapped in after the check above fails instead of being followed.
@@ -479,10 +473,10 @@ class Storage:
 
     def _managed_path(self, uri: str) -> str:
         """The real path of a file:// URI under the storage root or the input roots (else InputForbidden)."""
-        return _confine(_file_path(uri), self._writable_roots, uri, _MANAGED)
+        return _confine(file_uri_str(uri), self._writable_roots, uri, _MANAGED)
 
     def _writable_path(self, uri: str) -> str:
-        path = _file_path(uri)
+        path = file_uri_str(uri)
         parent, name = os.path.split(path)
         if uri.endswith("/") or not name:
             raise InputForbidden(f"{uri} names a directory, not a file")
@@ -571,7 +565,7 @@ class Storage:
 
     def _list_files(self, prefix_uri: str) -> Iterator[str]:
         roots = self._writable_roots
-        prefix = _file_path(prefix_uri)
+        prefix = file_uri_str(prefix_uri)
         if prefix_uri.endswith("/") or os.path.isdir(prefix):
             top, name_prefix = _confine(prefix, roots, prefix_uri, _MANAGED), ""
         else:
