@@ -224,7 +224,7 @@ return false
 _TRANSITION = """
 local decoded = {}  -- allowed-state lists, decoded once per call
 local function transition(key, running, A)
-  local now = redis.call('HMGET', key, 'state', 'owner', 'idem_key', 'callback_url', 'callback')
+  local now = redis.call('HMGET', key, 'state', 'owner', 'idem_key')
   local state = now[1]
   if not state then return -1 end
   local allowed = decoded[A[2]]
@@ -246,9 +246,7 @@ local function transition(key, running, A)
   if ttl > 0 then
     redis.call('EXPIRE', key, ttl)
     if now[3] and now[3] ~= 'null' then redis.call('EXPIRE', cjson.decode(now[3]), ttl) end
-    if now[4] and now[4] ~= 'null' and ((not now[5]) or now[5] == 'null') then
-      redis.call('HSET', key, 'callback', [[__PENDING__]])
-    end
+    __OWE_CALLBACK__
   end
   return 1
 end
@@ -352,8 +350,8 @@ _OWE_CALLBACK = """local cb_url = redis.call('HGET', KEYS[1], 'callback_url')
     local cb = redis.call('HGET', KEYS[1], 'callback')
     if (not cb) or cb == 'null' then redis.call('HSET', KEYS[1], 'callback', [[__PENDING__]]) end
   end""".replace("__PENDING__", json.dumps(CALLBACK_PENDING))
-_TRANSITION = _TRANSITION.replace("__PENDING__", json.dumps(CALLBACK_PENDING))
-_CLAIM = _CLAIM.replace("__OWE_CALLBACK__", _OWE_CALLBACK.replace("KEYS[1]", "key"))
+_TRANSITION, _CLAIM = (script.replace("__OWE_CALLBACK__", _OWE_CALLBACK.replace("KEYS[1]", "key"))
+                       for script in (_TRANSITION, _CLAIM))
 _CLAIM = _CLAIM.replace("__CLAIM_FIELDS__", ", ".join(f"'{name}'" for name in CLAIM_FIELDS))
 _REAP = _REAP.replace("__OWE_CALLBACK__", _OWE_CALLBACK)
 
