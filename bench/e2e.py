@@ -33,10 +33,10 @@ import numpy as np
 import redis
 from PIL import Image
 
+from stylequeue.broker import BULK_CHUNK_SIZE
 from stylequeue.embedded import EmbeddedRedis, free_port
-from stylequeue.jobs import RedisJobStore
+from stylequeue.jobs import Presence, RedisJobStore
 from stylequeue.producer.client import Client
-from stylequeue.worker.messages import BULK_CHUNK_SIZE
 
 HERE = Path(__file__).resolve().parent
 
@@ -80,7 +80,7 @@ class Worker:
         store = RedisJobStore(redis.Redis.from_url(env["STYLEQUEUE_REDIS_URL"]),
                               key_prefix=env.get("STYLEQUEUE_KEY_PREFIX", "sq:"))
         deadline = time.monotonic() + 900
-        while not any(w.get("pid") == self.process.pid and w.get("ready") for w in store.workers().values()):
+        while not any(w.get("pid") == self.process.pid and w.get("ready") for w in Presence(store).workers().values()):
             if self.process.poll() is not None or time.monotonic() > deadline:
                 raise SystemExit(f"worker did not start; see {log}")
             time.sleep(0.2)

@@ -14,9 +14,9 @@ import tempfile
 import time
 from pathlib import Path
 
+from stylequeue.broker import BULK_CHUNK_SIZE
 from stylequeue.embedded import EmbeddedRedis
 from stylequeue.producer.client import Client
-from stylequeue.worker.messages import BULK_CHUNK_SIZE
 
 
 def cpu_name() -> str:

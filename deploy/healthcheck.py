@@ -23,7 +23,7 @@ import redis
 
 from stylequeue.config.settings import load_settings
 from stylequeue.errors import StyleQueueError
-from stylequeue.jobs import RedisJobStore
+from stylequeue.jobs import Presence, RedisJobStore
 
 
 def local_heartbeats(store: RedisJobStore, hostname: str, max_age_s: float) -> dict[str, dict[str, object]]:
@@ -31,7 +31,7 @@ def local_heartbeats(store: RedisJobStore, hostname: str, max_age_s: float) -> d
     prefix = f"{hostname}-"
     return {
         worker_id: info
-        for worker_id, info in store.workers(max_age_s=max_age_s).items()
+        for worker_id, info in Presence(store).workers(max_age_s=max_age_s).items()
         if worker_id.startswith(prefix) and worker_id[len(prefix):].isdigit()
     }
 

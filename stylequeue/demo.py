@@ -29,6 +29,7 @@ from rich.table import Table
 from stylequeue.config.styles import BUNDLED_REGISTRY, StyleCatalog
 from stylequeue.embedded import EmbeddedRedis
 from stylequeue.errors import ConfigError
+from stylequeue.jobs.presence import Presence
 
 DEMO_ASSETS = Path(__file__).parent / "demo_assets"
 PHOTO_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
@@ -83,7 +84,7 @@ def wait_worker_ready(stack: LocalStack, store: Any, timeout: float = 300) -> No
         if stack.worker.poll() is not None:
             tail = "\n".join(stack.worker_log().splitlines()[-15:])
             raise ConfigError(f"the worker exited with code {stack.worker.returncode}:\n{tail}")
-        if any(w.get("pid") == stack.worker.pid and w.get("ready") for w in store.workers().values()):
+        if any(w.get("pid") == stack.worker.pid and w.get("ready") for w in Presence(store).workers().values()):
             return
         time.sleep(0.2)
     raise ConfigError(f"the worker was not ready within {timeout:.0f} s; see {stack.log_path}")
@@ -216,9 +217,9 @@ def run_demo(out_dir: Path, *, style: str | None = None, photos: list[Path] | No
     client = None
     try:
         client = Client(redis_url=stack.redis.url, styles=registry, storage_url=f"file://{out_dir}",
-                        input_roots=str(inputs), key_prefix="sqdemo:")
+                        input_roots=str(inputs), key_prefix="sqdemo:", allow_private_networks=True)
         wait_worker_ready(stack, client.store)
-        runtime = next(iter(client.store.runtimes().get(style, {}).values()), {})
+        runtime = next(iter(client.presence.runtimes().get(style, {}).values()), {})
         console.print(f"worker ready: runtime [cyan]{runtime.get('runtime')}/{runtime.get('precision')}[/]")
         jobs, names = [], {}
         for photo in photos:

@@ -20,6 +20,7 @@ class ErrorCode(StrEnum):
     UNKNOWN_STYLE = "unknown_style"
     STORAGE_ERROR = "storage_error"
     TIMEOUT = "timeout"
+    EXPIRED = "expired"
     INTERNAL = "internal"
 
 
@@ -47,6 +48,10 @@ class JobNotFound(StyleQueueError, KeyError):
 
 class RedisUnavailable(StyleQueueError):
     """The job store's Redis cannot be reached (CLI exit 4)."""
+
+
+class BrokerUnavailable(RedisUnavailable):
+    """The broker refused a message (CLI exit 4, HTTP 503): the submit was undone, nothing was created."""
 
 
 class WaitTimeout(StyleQueueError, TimeoutError):

@@ -126,13 +126,18 @@ def parse_retry_after(value: str | None, now: float | None = None) -> float | No
 
 
 def deliver(url: str, body: bytes, headers: Mapping[str, str], *, allow_private: bool,
-            timeout_s: float = DEFAULT_TIMEOUT_S, ssl_context: ssl.SSLContext | None = None) -> DeliveryResult:
-    """POST `body` (JSON) to `url` once, through the network guard, never following a redirect."""
+            timeout_s: float = DEFAULT_TIMEOUT_S, connect_timeout_s: float | None = None,
+            ssl_context: ssl.SSLContext | None = None) -> DeliveryResult:
+    """POST `body` (JSON) to `url` once, through the network guard, never following a redirect.
+
+    `connect_timeout_s` (default: a third of `timeout_s`, at most 5 s) is kept well under the read timeout,
+    so a receiver host that does not answer at all costs seconds, not the whole attempt.
+    """
     sent = {name: value for name, value in headers.items() if name.lower() != "content-type"}
     sent["Content-Type"] = "application/json"
     try:
         with netguard.request("POST", url, allow_private=allow_private, headers=sent, body=body, max_redirects=0,
-                              connect_timeout_s=min(5.0, timeout_s), read_timeout_s=timeout_s,
+                              connect_timeout_s=connect_timeout_s or min(5.0, timeout_s / 3), read_timeout_s=timeout_s,
                               total_timeout_s=timeout_s, ssl_context=ssl_context) as response:
             status = response.status
             retry_after = parse_retry_after(response.headers.get("Retry-After"))

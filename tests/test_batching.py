@@ -8,7 +8,10 @@ import time
 import numpy as np
 import pytest
 
-from stylequeue.worker.batching import BULK, INTERACTIVE, DynamicBatcher
+from stylequeue.jobs import Priority
+from stylequeue.worker.batching import DynamicBatcher
+
+INTERACTIVE, BULK = Priority.INTERACTIVE, Priority.BULK
 
 
 class RecordingModel:

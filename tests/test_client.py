@@ -13,9 +13,9 @@ import pytest
 import redis
 
 from stylequeue import Client, ConfigError, InputForbidden, JobNotFound, JobState, UnknownStyle, WaitTimeout
+from stylequeue.broker import BULK_CHUNK_SIZE, BULK_QUEUE, INTERACTIVE_QUEUE
 from stylequeue.embedded import free_port
 from stylequeue.errors import RedisUnavailable
-from stylequeue.worker.messages import BULK_CHUNK_SIZE, BULK_QUEUE, INTERACTIVE_QUEUE
 
 
 @pytest.fixture

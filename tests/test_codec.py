@@ -23,7 +23,7 @@ from stylequeue.errors import InternalError, InvalidInput, JobTimeout
 from stylequeue.pipeline.images import working_size
 from stylequeue.pipeline.process import Prepared
 from stylequeue.producer.client import Client
-from stylequeue.worker.codec import CodecPool
+from stylequeue.worker.codec import CodecPool, Done, LoadItem, PromoteItem, StageItem
 from tests.conftest import empty_database
 from tests.workers import WorkerProcess, make_image, worker_env
 
@@ -59,12 +59,12 @@ def spec(tiny_registry: Path):
 def exit_on_crash(items: list[str]) -> list[tuple[object, float]]:
     if "crash" in items:
         os._exit(3)  # what a segfaulting decoder looks like from the parent
-    return [(item.upper(), 0.0) for item in items]
+    return [Done(item.upper()) for item in items]
 
 
-def sleep_for(items: list[float]) -> list[tuple[object, float]]:
+def sleep_for(items: list[float]) -> list[Done]:
     time.sleep(max(items))
-    return [(True, 0.0) for _ in items]
+    return [Done(True) for _ in items]
 
 
 # --- tests ------------------------------------------------------------------------------------
@@ -76,33 +76,39 @@ def test_load_and_store_a_group_with_one_bad_input(pool: CodecPool, roots: tuple
     (inputs / "bad.png").write_bytes(b"not an image at all")
     (inputs / "b.jpg").write_bytes(make_image(64, 64, "JPEG"))
     uris = [f"file://{inputs}/{name}" for name in ("a.png", "bad.png", "b.jpg", "missing.png")]
-    loaded = pool.load([(uri, spec) for uri in uris], max_pixels=10**7)
-    a, bad, b, missing = (outcome for outcome, _ in loaded)
+    loaded = pool.load([LoadItem(uri, spec, 10**7) for uri in uris])
+    a, bad, b, missing = (done.value for done in loaded)
     assert isinstance(a, Prepared) and (a.width, a.height) == (40, 24)
     assert a.pixels.dtype == np.uint8 and a.pixels.shape == (24, 40, 3)
     assert isinstance(b, Prepared) and b.pixels.shape == (64, 64, 3)
     assert isinstance(bad, InvalidInput)
     assert missing.code == "input_not_found"
-    assert all(seconds >= 0 for _, seconds in loaded)
+    assert all(done.seconds >= 0 for done in loaded)
 
-    stored = pool.store([(f"file://{outputs}/a.png", a.pixels, spec, False),
-                         (f"file://{outputs}/b.png", b.pixels, spec, False)])
-    assert [size for size, _ in stored] == [(outputs / "a.png").stat().st_size, (outputs / "b.png").stat().st_size]
+    staged = pool.stage([StageItem(f"file://{outputs}/a.png", a.pixels, spec, "a1"),
+                         StageItem(f"file://{outputs}/b.png", b.pixels, spec, "a1")])
+    assert not (outputs / "a.png").exists()  # staged beside it, not yet in place
+    errors = pool.promote([PromoteItem(done.value.staged_uri, f"file://{outputs}/{name}")
+                           for done, name in zip(staged, ("a.png", "b.png"), strict=True)])
+    assert [done.error for done in errors] == [None, None]
+    assert [done.value.size for done in staged] == [(outputs / "a.png").stat().st_size,
+                                                     (outputs / "b.png").stat().st_size]
     assert np.array_equal(np.asarray(Image.open(outputs / "a.png")), a.pixels)  # png: lossless round trip
+    assert sorted(p.name for p in outputs.iterdir()) == ["a.png", "b.png"]  # nothing staged is left
 
 
 def test_store_outside_the_storage_root_is_refused(pool: CodecPool, spec, tmp_path: Path) -> None:
     pixels = np.zeros((8, 8, 3), np.uint8)
-    [(error, _)] = pool.store([(f"file://{tmp_path}/elsewhere.png", pixels, spec, False)])
-    assert error.code == "input_forbidden"
+    [done] = pool.stage([StageItem(f"file://{tmp_path}/elsewhere.png", pixels, spec, "a1")])
+    assert done.error is not None and done.error.code == "input_forbidden"
     assert not (tmp_path / "elsewhere.png").exists()
 
 
 def test_a_child_that_dies_costs_only_its_own_job(pool: CodecPool) -> None:
     outcomes = pool._call(exit_on_crash, ["a", "crash", "b"], crashed="it died")
-    assert outcomes[0] == ("A", 0.0) and outcomes[2] == ("B", 0.0)
-    assert isinstance(outcomes[1][0], InternalError) and "it died" in outcomes[1][0].message
-    assert pool._call(exit_on_crash, ["c"], crashed="it died") == [("C", 0.0)]  # the pool was rebuilt
+    assert outcomes[0] == Done("A") and outcomes[2] == Done("B")
+    assert isinstance(outcomes[1].value, InternalError) and "it died" in outcomes[1].value.message
+    assert pool._call(exit_on_crash, ["c"], crashed="it died") == [Done("C")]  # the pool was rebuilt
 
 
 def test_a_group_past_the_timeout_fails_with_timeout(roots: tuple[Path, Path]) -> None:
@@ -110,10 +116,10 @@ def test_a_group_past_the_timeout_fails_with_timeout(roots: tuple[Path, Path]) -
     codec = CodecPool(Settings(storage_url=f"file://{outputs}", input_roots=[inputs]), 1, timeout_s=0.5)
     try:
         outcomes = codec._call(sleep_for, [3.0, 0.0], crashed="")
-        assert [type(error) for error, _ in outcomes] == [JobTimeout, JobTimeout]
-        assert outcomes[0][0].transient
+        assert [type(done.value) for done in outcomes] == [JobTimeout, JobTimeout]
+        assert outcomes[0].value.transient
         codec.warm()  # the replacement's start-up (imports) must not count against the 0.5 s under load
-        assert codec._call(sleep_for, [0.0], crashed="") == [(True, 0.0)]  # the stuck child was replaced
+        assert codec._call(sleep_for, [0.0], crashed="") == [Done(True)]  # the stuck child was replaced
     finally:
         codec.close()
 
@@ -121,7 +127,7 @@ def test_a_group_past_the_timeout_fails_with_timeout(roots: tuple[Path, Path]) -
 def test_children_exit_when_the_worker_is_killed(tmp_path: Path) -> None:
     script = textwrap.dedent(f"""
         from stylequeue.config.settings import Settings
-        from stylequeue.worker.codec import CodecPool
+        from stylequeue.worker.codec import CodecPool, Done, LoadItem, PromoteItem, StageItem
         if __name__ == "__main__":
             pool = CodecPool(Settings(storage_url="file://{tmp_path}"), 2, timeout_s=5)
             pool.warm()

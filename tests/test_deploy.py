@@ -28,7 +28,8 @@ from packaging.requirements import Requirement
 
 from stylequeue.config.settings import CONFIG_ENV, ENV_PREFIX, Settings, load_settings
 from stylequeue.embedded import free_port
-from stylequeue.jobs import WORKERS_KEY, RedisJobStore
+from stylequeue.jobs import Presence, RedisJobStore
+from stylequeue.jobs.keys import WORKERS
 
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"
@@ -528,24 +529,24 @@ def store(redis_url: str, monkeypatch: pytest.MonkeyPatch) -> RedisJobStore:
 
 
 def test_health_fails_when_no_worker_here_sends_heartbeats(healthcheck: ModuleType, store: RedisJobStore) -> None:
-    store.heartbeat("other-host-77", {"ready": True})
-    store.heartbeat("web-12", {"ready": True})  # a host whose name starts like ours ("web-1") is not ours
+    Presence(store).heartbeat("other-host-77", {"ready": True})
+    Presence(store).heartbeat("web-12", {"ready": True})  # a host whose name starts like ours ("web-1") is not ours
     assert healthcheck.check(ready=False, max_age_s=None, hostname="web-1")[0] == 1
     assert healthcheck.check(ready=True, max_age_s=None, hostname="web-1")[0] == 1
 
 
 def test_health_separates_alive_from_ready(healthcheck: ModuleType, store: RedisJobStore) -> None:
-    store.heartbeat("web-1-4242", {"ready": False})
+    Presence(store).heartbeat("web-1-4242", {"ready": False})
     assert healthcheck.check(ready=False, max_age_s=None, hostname="web-1")[0] == 0
     code, reason = healthcheck.check(ready=True, max_age_s=None, hostname="web-1")
     assert code == 1 and "starting" in reason
-    store.heartbeat("web-1-4242", {"ready": True})
+    Presence(store).heartbeat("web-1-4242", {"ready": True})
     assert healthcheck.check(ready=True, max_age_s=None, hostname="web-1") == (0, "ready: web-1-4242")
 
 
 def test_health_fails_on_a_stale_heartbeat(healthcheck: ModuleType, store: RedisJobStore) -> None:
     stale = json.dumps({"ready": True, "seen": time.time() - 120})
-    store.redis.hset(store.key(WORKERS_KEY), "web-1-4242", stale)
+    store.redis.hset(store.keys.name(WORKERS), "web-1-4242", stale)
     assert healthcheck.check(ready=False, max_age_s=None, hostname="web-1")[0] == 1  # default max age 60 s
     assert healthcheck.check(ready=False, max_age_s=300, hostname="web-1")[0] == 0
 
@@ -562,7 +563,7 @@ def test_health_script_exit_codes_for_this_host(store: RedisJobStore) -> None:
     script = [sys.executable, str(DEPLOY / "healthcheck.py"), "--ready"]
     missing = subprocess.run(script, env=env, capture_output=True, text=True, timeout=60)
     assert missing.returncode == 1, missing.stdout + missing.stderr
-    store.heartbeat(f"{socket.gethostname()}-{os.getpid()}", {"ready": True})
+    Presence(store).heartbeat(f"{socket.gethostname()}-{os.getpid()}", {"ready": True})
     ready = subprocess.run(script, env=env, capture_output=True, text=True, timeout=60)
     assert ready.returncode == 0, ready.stdout + ready.stderr
     assert ready.stdout.startswith("ready:")

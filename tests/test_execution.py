@@ -1,41 +1,64 @@
-"""The executor's in-process queue: interactive groups first, reserved threads, shutdown drain."""
+"""The executor (worker/execution.py) with fakes and a fake clock: its queue, fenced outputs, retries,
+give-back, time-outs, and threads that survive their own error handling. Real Redis and real workers are in
+test_worker.py and test_faults*.py; here every interleaving is driven by hand."""
 
 from __future__ import annotations
 
 import threading
+import time
+from collections.abc import Iterator, Sequence
+from concurrent.futures import Future
+from pathlib import Path
 
-from stylequeue.worker.batching import BULK, INTERACTIVE
-from stylequeue.worker.execution import GroupQueue
+import fakeredis
+import numpy as np
+import pytest
+
+from stylequeue.config.styles import StyleCatalog, StyleSpec
+from stylequeue.errors import RedisUnavailable, StorageError
+from stylequeue.jobs import CALLBACKS_DUE, DUE, Job, JobState, Priority, RedisJobStore, new_job_id
+from stylequeue.worker.batching import GroupFuture
+from stylequeue.worker.execution import GroupQueue, Held, JobExecutor
+from tests.workers import make_image, wait_for
+
+INTERACTIVE, BULK = Priority.INTERACTIVE, Priority.BULK
+
+
+def held(name: str) -> Held:
+    return Held(Job(id=name, style="s", input_uri="u", output_uri="o"), Priority.BULK)
 
 
 def test_interactive_groups_come_first_then_bulk_in_order() -> None:
     q = GroupQueue()
-    q.put(BULK, ("b1", "b2"))
-    q.put(BULK, ("b3",))
-    q.put(INTERACTIVE, ("i1",))
-    assert [q.get(), q.get(), q.get()] == [("i1",), ("b1", "b2"), ("b3",)]
+    b1, b2, b3, i1 = held("b1"), held("b2"), held("b3"), held("i1")
+    q.put(BULK, (b1, b2))
+    q.put(BULK, (b3,))
+    q.put(INTERACTIVE, (i1,))
+    assert [q.get(), q.get(), q.get()] == [(i1,), (b1, b2), (b3,)]
 
 
 def test_reserved_threads_take_only_interactive_work() -> None:
     q = GroupQueue()
-    q.put(BULK, ("b1",))
-    got: list[tuple[str, ...] | None] = []
+    b1, i1 = held("b1"), held("i1")
+    q.put(BULK, (b1,))
+    got: list[tuple[Held, ...] | None] = []
     reserved = threading.Thread(target=lambda: got.append(q.get(interactive_only=True)))
     reserved.start()
     reserved.join(0.2)
     assert reserved.is_alive() and got == []  # a bulk group does not wake it
-    q.put(INTERACTIVE, ("i1",))
+    q.put(INTERACTIVE, (i1,))
     reserved.join(5)
-    assert got == [("i1",)]
-    assert q.get() == ("b1",)
+    assert got == [(i1,)]
+    assert q.get() == (b1,)
 
 
 def test_drain_and_close_release_every_waiter() -> None:
     q = GroupQueue()
-    q.put(BULK, ("b1",))
-    q.put(INTERACTIVE, ("i1",))
-    assert q.drain() == [("i1",), ("b1",)]
-    results: list[tuple[str, ...] | None] = []
+    b1, i1 = held("b1"), held("i1")
+    q.put(BULK, (b1,))
+    q.put(INTERACTIVE, (i1,))
+    assert q.drain() == [(i1,), (b1,)]
+    results: list[tuple[Held, ...] | None] = []
     waiters = [threading.Thread(target=lambda r=r: results.append(q.get(interactive_only=r))) for r in (True, False)]
     for w in waiters:
         w.start()
@@ -43,3 +66,306 @@ def test_drain_and_close_release_every_waiter() -> None:
     for w in waiters:
         w.join(5)
     assert results == [None, None]
+
+
+# --- the executor over fakes -------------------------------------------------------------------------
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class FakeStorage:
+    """Object storage in a dict; `hooks` run before a named operation (to interleave another worker)."""
+
+    def __init__(self, inputs: dict[str, bytes]) -> None:
+        self.objects = dict(inputs)
+        self.hooks: dict[str, list] = {}
+        self.fail_promote = 0
+        self.counter = 0
+
+    def _hook(self, name: str, *args: object) -> None:
+        for hook in self.hooks.pop(name, []):
+            hook(*args)
+
+    def read(self, uri: str) -> bytes:
+        self._hook("read", uri)
+        return self.objects[uri]
+
+    def stage(self, uri: str, data: bytes, content_type: str, *, tag: str) -> str:
+        self._hook("stage", uri)
+        self.counter += 1
+        staged = f"{uri}.{tag}.{self.counter}.sqtmp"
+        self.objects[staged] = data
+        return staged
+
+    def promote(self, staged_uri: str, uri: str) -> None:
+        self._hook("promote", uri)
+        if self.fail_promote:
+            self.fail_promote -= 1
+            raise StorageError("the store answered 503", transient=True)
+        if staged_uri in self.objects:
+            self.objects[uri] = self.objects.pop(staged_uri)
+        elif uri not in self.objects:
+            raise StorageError("staged output gone", transient=False)
+
+    def discard(self, staged_uri: str) -> None:
+        self.objects.pop(staged_uri, None)
+
+
+class FakeModels:
+    """Returns its input (the image's pixels) as the output; `gate` holds results back until set."""
+
+    def __init__(self, spec: StyleSpec) -> None:
+        self.spec = spec
+        self.gate = threading.Event()
+        self.gate.set()
+        self.submitted = threading.Event()  # set once an image reached the model
+
+    def spec_and_model(self, style: str) -> tuple[StyleSpec, str]:
+        return self.spec, f"{style}@test"
+
+    def submit(self, style: str, pixels: np.ndarray, priority: Priority) -> Future[np.ndarray]:
+        future: Future[np.ndarray] = Future()
+        self.submitted.set()
+        threading.Thread(target=lambda: (self.gate.wait(10), future.set_result(pixels)), daemon=True).start()
+        return future
+
+    def result(self, future: Future[np.ndarray]) -> np.ndarray:
+        return future.result(10)
+
+    def submit_many(self, style: str, pixels: Sequence[np.ndarray], priority: Priority) -> GroupFuture:
+        raise AssertionError("no codec pool here")
+
+    def results(self, group: GroupFuture) -> list[np.ndarray | Exception]:
+        raise AssertionError("no codec pool here")
+
+
+@pytest.fixture
+def spec(tiny_registry: Path) -> StyleSpec:
+    return StyleCatalog(tiny_registry).get("tiny")
+
+
+@pytest.fixture
+def store() -> Iterator[RedisJobStore]:
+    client = fakeredis.FakeRedis()
+    yield RedisJobStore(client, key_prefix="ex:", job_ttl_s=100)
+    client.close()
+
+
+def make_executor(store: RedisJobStore, storage: FakeStorage, models: FakeModels, worker: str = "w1",
+                  clock: FakeClock | None = None, finished: list | None = None, errors: list | None = None
+                  ) -> JobExecutor:
+    finished = finished if finished is not None else []
+    errors = errors if errors is not None else []
+    return JobExecutor(store=store, storage=storage, models=models, worker_id=worker, lease_s=30,
+                       max_input_pixels=10**8, job_timeout_s=60, threads=2, group_size=4,
+                       on_finished=lambda job, token: finished.append((job.id, token)), on_error=errors.append,
+                       clock=clock or FakeClock())
+
+
+def submit(store: RedisJobStore, callback: bool = False) -> Job:
+    job_id = new_job_id()
+    job = Job(id=job_id, style="tiny", input_uri="mem://in.png", output_uri=f"mem://out/{job_id}.png",
+              callback_url="http://hooks.example/x" if callback else None)
+    created = store.create(job)
+    store.dispatched([job.id], created.token)
+    return job
+
+
+def final(store: RedisJobStore, job_id: str, timeout: float = 10) -> Job:
+    assert wait_for(lambda: store.get(job_id).finished, timeout), store.get(job_id)
+    return store.get(job_id)
+
+
+def test_a_job_is_staged_fenced_promoted_and_succeeds(store: RedisJobStore, spec: StyleSpec) -> None:
+    storage, finished = FakeStorage({"mem://in.png": make_image(64, 48)}), []
+    executor = make_executor(store, storage, FakeModels(spec), finished=finished)
+    job = submit(store, callback=True)
+    executor.accept([job.id], INTERACTIVE)
+    done = final(store, job.id)
+    assert done.state == JobState.SUCCEEDED and (done.width, done.height) == (64, 48) and done.attempts == 1
+    assert done.staged_uri is None and done.model == "tiny@test"
+    assert job.output_uri in storage.objects
+    assert not [uri for uri in storage.objects if uri.endswith(".sqtmp")]  # nothing staged is left behind
+    assert wait_for(lambda: finished == [(job.id, store.scheduled(CALLBACKS_DUE)[job.id])], 5)
+    executor.stop(timeout=5)
+
+
+def test_a_stale_attempt_never_replaces_the_winners_output(store: RedisJobStore, spec: StyleSpec) -> None:
+    """F6: attempt 1 stalls past its lease; attempt 2 (another worker) takes over and succeeds; when attempt 1
+    resumes, its fence fails, its staged bytes are deleted, and the output stays attempt 2's."""
+    storage = FakeStorage({"mem://in.png": make_image(64, 48, seed=1)})
+    models = FakeModels(spec)
+    job = submit(store)
+    first = make_executor(store, storage, models, worker="w1")
+    models.gate.clear()  # attempt 1 stalls in the model
+    first.accept([job.id], INTERACTIVE)
+    assert models.submitted.wait(5)
+    # Its lease lapses (as if w1 froze): expire it by hand, and a second worker takes over.
+    store.redis.hset(store.job_key(job.id), "lease_until", "1")
+    store.redis.zadd(store.keys.running, {job.id: 1})
+    second_storage = FakeStorage({"mem://in.png": make_image(64, 48, seed=2)})
+    second = make_executor(store, second_storage, FakeModels(spec), worker="w2")
+    second_storage.objects = storage.objects  # one store, seen by both
+    second.accept([job.id], INTERACTIVE)
+    done = final(store, job.id)
+    assert done.attempts == 2 and done.state == JobState.SUCCEEDED
+    winner = storage.objects[job.output_uri]
+    models.gate.set()  # attempt 1 wakes up, stages, and tries to fence
+    assert wait_for(lambda: first.inflight() == 0, 10)
+    assert storage.objects[job.output_uri] == winner  # still attempt 2's bytes
+    assert not [uri for uri in storage.objects if uri.endswith(".sqtmp")]
+    assert store.get(job.id).attempts == 2
+    first.stop(timeout=5)
+    second.stop(timeout=5)
+
+
+def test_a_cancelled_attempt_deletes_only_what_it_staged(store: RedisJobStore, spec: StyleSpec) -> None:
+    """F7: two jobs share an output key; the first is cancelled mid-run after the second succeeded there."""
+    storage = FakeStorage({"mem://in.png": make_image(32, 32)})
+    models = FakeModels(spec)
+    executor = make_executor(store, storage, models)
+    first, second = submit(store), submit(store)
+    shared = "mem://out/shared.png"
+    for job in (first, second):
+        store.redis.hset(store.job_key(job.id), "output_uri", f'"{shared}"')
+    models.gate.clear()
+    executor.accept([first.id], INTERACTIVE)
+    assert models.submitted.wait(5)
+    storage.objects[shared] = b"second job's bytes"  # what the other job wrote meanwhile
+    store.transition(first.id, JobState.RUNNING, JobState.CANCELLED)  # a user cancels the first
+    executor.abandon([first.id])  # what the lease keeper does when a renewal finds the job gone
+    models.gate.set()
+    assert wait_for(lambda: executor.inflight() == 0, 10)
+    assert storage.objects[shared] == b"second job's bytes"
+    assert not [uri for uri in storage.objects if uri.endswith(".sqtmp")]
+    executor.stop(timeout=5)
+
+
+def test_a_promotion_left_by_a_dead_worker_is_finished_by_the_next_claim(store: RedisJobStore,
+                                                                        spec: StyleSpec) -> None:
+    storage, finished = FakeStorage({"mem://in.png": make_image(32, 32)}), []
+    job = submit(store)
+    # A worker claimed it, staged and fenced its output, then died before promoting.
+    claim = store.claim(job.id, "dead", lease_s=30)
+    storage.objects[f"{job.output_uri}.a1.x.sqtmp"] = b"attempt one"
+    assert store.fence_many("dead", [(job.id, 1, f"{job.output_uri}.a1.x.sqtmp", {"width": 32, "height": 32})],
+                            lease_s=0.001) == [True]
+    time.sleep(0.01)
+    reaped = store.reap(store.expired_leases())
+    assert [r.outcome for r in reaped] == ["requeued"] and claim.attempts == 1
+    executor = make_executor(store, storage, FakeModels(spec), finished=finished)
+    executor.accept([job.id], BULK)
+    done = final(store, job.id)
+    assert done.state == JobState.SUCCEEDED and done.attempts == 1 and done.width == 32  # no new attempt
+    assert storage.objects[job.output_uri] == b"attempt one"
+    executor.stop(timeout=5)
+
+
+def test_a_failed_promotion_is_finished_later_not_run_again(store: RedisJobStore, spec: StyleSpec) -> None:
+    storage = FakeStorage({"mem://in.png": make_image(32, 32)})
+    storage.fail_promote = 1
+    executor = make_executor(store, storage, FakeModels(spec))
+    job = submit(store)
+    executor.accept([job.id], INTERACTIVE)
+    assert wait_for(lambda: executor.inflight() == 0, 10)
+    record = store.get(job.id)
+    assert record.state == JobState.RUNNING and record.staged_uri  # fenced: its output is kept for a retry
+    store.redis.hset(store.job_key(job.id), "lease_until", "1")
+    store.redis.zadd(store.keys.running, {job.id: 1})
+    store.reap(store.expired_leases())
+    executor.accept([job.id], INTERACTIVE)
+    done = final(store, job.id)
+    assert done.state == JobState.SUCCEEDED and done.attempts == 1
+    executor.stop(timeout=5)
+
+
+def test_transient_errors_retry_with_backoff_on_the_due_set(store: RedisJobStore, spec: StyleSpec) -> None:
+    storage = FakeStorage({})  # the input is missing: a KeyError, mapped to `internal` (permanent)
+    executor = make_executor(store, storage, FakeModels(spec))
+    job = submit(store)
+
+    def outage(uri: str) -> None:
+        raise StorageError("the store answered 503", transient=True)
+
+    storage.hooks["read"] = [outage]
+    executor.accept([job.id], INTERACTIVE)
+    assert wait_for(lambda: store.get(job.id).state == JobState.QUEUED, 5)
+    due = store.scheduled(DUE)[job.id]
+    assert 500 <= due - store.server_time() * 1000 <= 1000  # its message is owed in about a second
+    assert store.get(job.id).error["code"] == "storage_error"
+    executor.stop(timeout=5)
+
+
+def test_a_message_for_a_job_still_held_is_rescheduled_not_dropped(store: RedisJobStore, spec: StyleSpec) -> None:
+    """F4: an attempt timed out and its job went back to `queued`; its resend lands on the same worker while the
+    old attempt still runs. It must come back later, not be acknowledged away."""
+    storage = FakeStorage({"mem://in.png": make_image(32, 32)})
+    models, clock = FakeModels(spec), FakeClock()
+    executor = make_executor(store, storage, models, clock=clock)
+    job = submit(store)
+    models.gate.clear()
+    executor.accept([job.id], INTERACTIVE)
+    assert models.submitted.wait(5)  # attempt 1 is in the model
+    clock.now += 120  # past the job timeout
+    assert executor.timed_out() == [job.id]
+    executor.expire(job.id)
+    assert store.get(job.id).state == JobState.QUEUED
+    store.done_due(DUE, [(job.id, store.scheduled(DUE)[job.id])])  # its retry message went out ...
+    executor.accept([job.id], INTERACTIVE)  # ... and came back here while attempt 1 still runs
+    assert job.id in store.scheduled(DUE), (store.get(job.id), executor.held())  # owed again, not dropped
+    models.gate.set()
+    assert wait_for(lambda: executor.inflight() == 0, 10)
+    assert store.get(job.id).state == JobState.QUEUED  # attempt 1's late result was not kept
+    executor.stop(timeout=5)
+
+
+def test_give_back_at_stop_makes_messages_due_and_returns_attempts(store: RedisJobStore, spec: StyleSpec) -> None:
+    """F3: jobs given back on SIGTERM are due in the same step, so a SIGKILL right after loses nothing."""
+    storage = FakeStorage({"mem://in.png": make_image(32, 32)})
+    models = FakeModels(spec)
+    executor = make_executor(store, storage, models)
+    models.gate.clear()
+    jobs = [submit(store) for _ in range(12)]
+    executor.accept([j.id for j in jobs], BULK)  # 3 groups of 4 on 2 general threads: one group waits
+    assert wait_for(lambda: sum(h.started for h in list(executor._held.values())) == 8, 5)  # two groups began
+    threading.Timer(0.5, models.gate.set).start()
+    released = executor.stop(timeout=10)
+    assert len(released) == 4
+    due = store.scheduled(DUE)
+    for job_id in released:
+        record = store.get(job_id)
+        assert record.state == JobState.QUEUED and record.attempts == 0 and job_id in due
+
+
+def test_job_threads_survive_a_job_store_that_fails_in_their_error_handling(store: RedisJobStore,
+                                                                           spec: StyleSpec) -> None:
+    """F5: a Redis error while recording a failure must not kill the thread."""
+    storage, errors = FakeStorage({"mem://in.png": make_image(32, 32)}), []
+    executor = make_executor(store, storage, FakeModels(spec), errors=errors)
+    job = submit(store)
+
+    def break_redis(uri: str) -> None:
+        original = store._run
+
+        def failing(*args: object, **kwargs: object) -> object:
+            store._run = original  # fail once
+            raise RedisUnavailable("cannot reach Redis (test)")
+
+        store._run = failing  # type: ignore[method-assign]
+        raise StorageError("bad bytes", transient=False)
+
+    storage.hooks["read"] = [break_redis]
+    executor.accept([job.id], INTERACTIVE)
+    assert wait_for(lambda: executor.inflight() == 0, 5)
+    assert errors and isinstance(errors[0], RedisUnavailable)
+    later = submit(store)
+    executor.accept([later.id], INTERACTIVE)  # the threads still work
+    assert final(store, later.id).state == JobState.SUCCEEDED
+    assert all(thread.is_alive() for thread in executor._threads)
+    executor.stop(timeout=5)

@@ -14,14 +14,22 @@ from stylequeue.embedded import free_port
 from stylequeue.errors import InvalidTransition, JobNotFound, RedisUnavailable
 from stylequeue.jobs import (
     CALLBACK_PENDING,
+    CALLBACKS_DUE,
+    DUE,
     PUBLIC_FIELDS,
-    RETRY_KEY,
+    QUEUED,
+    RUNNING,
     TERMINAL_STATES,
     TRANSITIONS,
+    Change,
+    ClaimOutcome,
     Job,
     JobState,
+    Priority,
+    ReapOutcome,
     RedisJobStore,
     new_job_id,
+    parse_iso,
 )
 
 
@@ -70,18 +78,18 @@ def test_public_record_has_exactly_the_spec_fields(store: RedisJobStore) -> None
 
 def test_create_get_and_missing(store: RedisJobStore) -> None:
     job = make_job()
-    stored, created = store.create(job)
-    assert created and stored.id == job.id
+    created = store.create(job)
+    assert created.created and created.job.id == job.id
     assert store.get(job.id).input_uri == "s3://in/a.jpg"
     with pytest.raises(JobNotFound):
         store.get("j_doesnotexist")
 
 
 def test_idempotency_key_returns_the_first_job(store: RedisJobStore) -> None:
-    first, created = store.create(make_job(), idempotency_key="order-42")
-    again, created_again = store.create(make_job(), idempotency_key="order-42")
-    assert created and not created_again
-    assert again.id == first.id
+    first = store.create(make_job(), idempotency_key="order-42")
+    again = store.create(make_job(), idempotency_key="order-42")
+    assert first.created and not again.created
+    assert again.job.id == first.job.id
 
 
 def test_create_many_and_get_many(store: RedisJobStore) -> None:
@@ -117,101 +125,180 @@ def test_forbidden_transition_raises(store: RedisJobStore) -> None:
         store.transition("j_nope", JobState.QUEUED, JobState.CANCELLED)
 
 
-def test_finished_records_and_idempotency_keys_expire(store: RedisJobStore) -> None:
+def test_finished_records_expire_and_idempotency_keys_live_a_ttl_from_submit(store: RedisJobStore) -> None:
     job = make_job()
     store.create(job, idempotency_key="k1")
     assert store.redis.ttl(store.job_key(job.id)) == -1  # unfinished jobs never expire
+    assert 0 < store.redis.ttl(store.keys.idempotency("k1")) <= 100
     store.transition(job.id, JobState.QUEUED, JobState.CANCELLED)
     assert 0 < store.redis.ttl(store.job_key(job.id)) <= 100
-    assert 0 < store.redis.ttl(store.idempotency_key("k1")) <= 100
+
+
+def lapse(store: RedisJobStore, job_id: str) -> None:
+    """End a job's lease now, as if its worker froze past it (leases are Redis time, so no clock to fake)."""
+    store.redis.hset(store.job_key(job_id), "lease_until", "1")
+    store.redis.zadd(store.keys.running, {job_id: 1})
 
 
 def test_claim_outcomes(store: RedisJobStore) -> None:
     job = make_job()
     store.create(job)
-    now = time.time()
-    assert store.claim(job.id, "w1", lease_s=30, now=now).outcome == "claimed"
+    first = store.claim(job.id, "w1", lease_s=30)
+    assert first.outcome == ClaimOutcome.CLAIMED and first.job is not None
+    assert first.job.lease_until - store.server_time() * 1000 == pytest.approx(30000, abs=2000)
     # live lease: the other copy is dropped
-    assert store.claim(job.id, "w2", lease_s=30, now=now + 1).outcome == "busy"
-    # expired lease: taken over, a new attempt counted
-    taken = store.claim(job.id, "w2", lease_s=30, now=now + 31)
-    assert taken.outcome == "claimed" and taken.attempts == 2
+    assert store.claim(job.id, "w2", lease_s=30).outcome == ClaimOutcome.BUSY
+    # ended lease: taken over, a new attempt counted
+    lapse(store, job.id)
+    taken = store.claim(job.id, "w2", lease_s=30)
+    assert taken.outcome == ClaimOutcome.CLAIMED and taken.attempts == 2
     assert store.get(job.id).owner == "w2"
     assert not store.transition(job.id, JobState.RUNNING, JobState.SUCCEEDED, owner="w1")
-    store.transition(job.id, JobState.RUNNING, JobState.SUCCEEDED, owner="w2")
-    assert store.claim(job.id, "w3", lease_s=30).outcome == "done"
-    assert store.claim("j_missing", "w3", lease_s=30).outcome == "missing"
+    assert not store.transition(job.id, JobState.RUNNING, JobState.SUCCEEDED, owner="w2", attempt=1)
+    assert store.transition(job.id, JobState.RUNNING, JobState.SUCCEEDED, owner="w2", attempt=2)
+    assert store.claim(job.id, "w3", lease_s=30).outcome == ClaimOutcome.DONE
+    assert store.claim("j_missing", "w3", lease_s=30).outcome == ClaimOutcome.MISSING
 
 
 def test_third_lost_attempt_fails_with_internal(store: RedisJobStore) -> None:
     job = make_job()
     store.create(job)
-    now = time.time()
     for attempt in range(3):
-        assert store.claim(job.id, f"w{attempt}", lease_s=10, now=now + attempt * 20).outcome == "claimed"
-    result = store.claim(job.id, "w9", lease_s=10, now=now + 100)
-    assert result.outcome == "failed"
+        assert store.claim(job.id, f"w{attempt}", lease_s=10).outcome == ClaimOutcome.CLAIMED
+        lapse(store, job.id)
+    result = store.claim(job.id, "w9", lease_s=10)
+    assert result.outcome == ClaimOutcome.FAILED
     failed = store.get(job.id)
     assert failed.state == JobState.FAILED and failed.error and failed.error["code"] == "internal"
-    assert failed.attempts == 3
+    assert failed.attempts == 3 and job.id not in store.scheduled(RUNNING)
 
 
-def test_reaper_requeues_expired_leases_only(store: RedisJobStore) -> None:
+def test_a_deadline_that_passed_cancels_the_job_at_claim(store: RedisJobStore) -> None:
+    late, timely = make_job(callback_url="https://example.com/hook"), make_job()
+    store.create(late, deadline_s=0.001)
+    store.create(timely, deadline_s=60)
+    time.sleep(0.01)
+    expired, claimed = store.claim_many([late.id, timely.id], "w1", lease_s=30)
+    assert expired.outcome == ClaimOutcome.EXPIRED and expired.callback_token
+    record = store.get(late.id)
+    assert record.state == JobState.CANCELLED and record.error["code"] == "expired" and record.attempts == 0
+    assert record.callback == CALLBACK_PENDING and late.id in store.scheduled(CALLBACKS_DUE)
+    assert claimed.outcome == ClaimOutcome.CLAIMED
+    # a retry of a job that did start is no longer bound by its deadline
+    lapse(store, timely.id)
+    store.redis.hset(store.job_key(timely.id), "deadline_ms", "1")
+    assert store.claim(timely.id, "w2", lease_s=30).outcome == ClaimOutcome.CLAIMED
+
+
+def test_reaper_requeues_ended_leases_only_with_their_message_due(store: RedisJobStore) -> None:
     alive, dead = make_job(), make_job()
-    store.create(alive)
-    store.create(dead)
-    now = time.time()
-    store.claim(alive.id, "w1", lease_s=60, now=now)
-    store.claim(dead.id, "w2", lease_s=5, now=now)
-    expired = store.expired_leases(now=now + 10)
-    assert expired == [dead.id]
-    assert store.reap(dead.id, now=now + 10) == "requeued"
-    assert store.reap(alive.id, now=now + 10) == "skip"
+    for job in (alive, dead):
+        store.dispatched([job.id], store.create(job).token)
+    store.claim(alive.id, "w1", lease_s=60)
+    store.claim(dead.id, "w2", lease_s=60)
+    lapse(store, dead.id)
+    assert store.expired_leases() == [dead.id]
+    reaped = store.reap([dead.id, alive.id])
+    assert [(r.outcome, r.previous_owner) for r in reaped] == [(ReapOutcome.REQUEUED, "w2"), (ReapOutcome.SKIP, None)]
     requeued = store.get(dead.id)
     assert requeued.state == JobState.QUEUED and requeued.attempts == 1 and requeued.owner is None
-    assert store.expired_leases(now=now + 10) == []
+    assert list(store.scheduled(DUE)) == [dead.id]  # F2: owed in the same step as the requeue
+    assert dead.id in store.scheduled(QUEUED)
+    assert store.expired_leases() == []
 
 
-def test_lease_renewal_reports_lost_jobs(store: RedisJobStore) -> None:
+def test_lease_renewal_reports_jobs_held_by_another_owner_or_attempt(store: RedisJobStore) -> None:
     mine, stolen = make_job(), make_job()
     for job in (mine, stolen):
         store.create(job)
-    now = time.time()
-    store.claim(mine.id, "w1", lease_s=5, now=now)
-    store.claim(stolen.id, "w1", lease_s=5, now=now)
-    store.claim(stolen.id, "w2", lease_s=30, now=now + 10)
-    lost = store.renew_leases("w1", [mine.id, stolen.id], lease_s=30)
+    store.claim(mine.id, "w1", lease_s=5)
+    store.claim(stolen.id, "w1", lease_s=5)
+    lapse(store, stolen.id)
+    store.claim(stolen.id, "w2", lease_s=30)
+    lost = store.renew_leases("w1", [(mine.id, 1), (stolen.id, 1)], lease_s=30)
     assert lost == [stolen.id]
-    assert store.get(mine.id).lease_until > now + 20
+    assert store.get(mine.id).lease_until - store.server_time() * 1000 > 20000
+    assert store.renew_leases("w1", [(mine.id, 2)], lease_s=30) == [mine.id]  # not this attempt
 
 
-def test_schedules_hand_each_due_item_to_one_taker(store: RedisJobStore) -> None:
-    store.schedule(RETRY_KEY, "j_a", time.time() - 1)
-    store.schedule(RETRY_KEY, "j_b", time.time() + 3600)
-    assert store.take_due(RETRY_KEY) == ["j_a"]
-    assert store.take_due(RETRY_KEY) == []  # claimed for a while by the first taker
-    store.done_due(RETRY_KEY, ["j_a"])
-    assert list(store.scheduled(RETRY_KEY)) == ["j_b"]
+def test_due_entries_are_removed_only_by_whoever_holds_them(store: RedisJobStore) -> None:
+    """F1: a taker's late `done_due` must not delete a retry another worker scheduled after `take_due`."""
+    job = make_job()
+    store.dispatched([job.id], store.create(job).token)
+    store.claim(job.id, "w1", lease_s=30)
+    assert store.transition(job.id, JobState.RUNNING, JobState.QUEUED, owner="w1", delay_s=0)
+    taken = store.take_due(DUE)
+    assert [job_id for job_id, _ in taken] == [job.id]
+    assert store.take_due(DUE) == []  # held for a while by the first taker
+    # Meanwhile the job ran on another worker and failed transiently: a new retry is due in 5 s.
+    store.claim(job.id, "w2", lease_s=30)
+    assert store.transition(job.id, JobState.RUNNING, JobState.QUEUED, owner="w2", delay_s=5)
+    assert store.done_due(DUE, taken) == 0  # the first taker's late removal leaves the new entry alone
+    assert job.id in store.scheduled(DUE)
 
 
-def test_transition_with_schedule_is_atomic(store: RedisJobStore) -> None:
+def test_a_submit_is_owed_until_dispatched_and_undone_if_unsent(store: RedisJobStore) -> None:
+    job, unsent = make_job(), make_job()
+    created = store.create(job, idempotency_key="k-sent")
+    assert created.created and job.id in store.scheduled(DUE) and job.id in store.scheduled(QUEUED)
+    store.dispatched([job.id], created.token + 1)  # not its token: stays owed
+    assert job.id in store.scheduled(DUE)
+    store.dispatched([job.id], created.token)
+    assert job.id not in store.scheduled(DUE)
+    again = store.create(unsent, idempotency_key="k-unsent")
+    assert store.discard_unsent([again.job]) == 1
+    assert not store.exists(unsent.id) and not store.redis.exists(store.keys.idempotency("k-unsent"))
+    assert unsent.id not in store.scheduled(DUE) and unsent.id not in store.scheduled(QUEUED)
+
+
+def test_the_sweep_schedules_only_queued_jobs_with_nothing_owed(store: RedisJobStore) -> None:
+    lost, owed, running = make_job(), make_job(), make_job()
+    store.dispatched([lost.id], store.create(lost).token)  # its message went out and was then lost
+    store.create(owed)  # still owed: not the sweep's business
+    store.dispatched([running.id], store.create(running).token)
+    store.claim(running.id, "w1", lease_s=30)
+    candidates = store.sweep_candidates(older_than_s=0)
+    assert candidates == [(lost.id, Priority.INTERACTIVE)]
+    assert store.sweep([lost.id]) == 1 and lost.id in store.scheduled(DUE)
+    assert store.stats() == {"sweep_found": 1}
+    assert store.sweep([lost.id]) == 0  # owed now
+
+
+def test_fence_admits_one_attempt_once(store: RedisJobStore) -> None:
     job = make_job()
     store.create(job)
     store.claim(job.id, "w1", lease_s=30)
-    due = time.time() + 5
-    assert store.transition(job.id, JobState.RUNNING, JobState.QUEUED, owner="w1", schedule=(RETRY_KEY, due))
-    assert store.scheduled(RETRY_KEY) == {job.id: pytest.approx(due)}
-    assert store.get(job.id).state == JobState.QUEUED
+    assert store.fence_many("w2", [(job.id, 1, "s3://o/t1", {})], lease_s=30) == [False]  # not the owner
+    assert store.fence_many("w1", [(job.id, 2, "s3://o/t1", {})], lease_s=30) == [False]  # not this attempt
+    assert store.fence_many("w1", [(job.id, 1, "s3://o/t1", {"width": 7})], lease_s=30) == [True]
+    assert store.fence_many("w1", [(job.id, 1, "s3://o/t2", {})], lease_s=30) == [False]  # once
+    record = store.get(job.id)
+    assert record.staged_uri == "s3://o/t1" and record.width == 7
+    lapse(store, job.id)
+    promote = store.claim(job.id, "w3", lease_s=30)
+    assert promote.outcome == ClaimOutcome.PROMOTE and promote.attempts == 1
+    assert promote.job is not None and promote.job.staged_uri == "s3://o/t1"
+    assert store.transition(job.id, JobState.RUNNING, JobState.SUCCEEDED, owner="w3", attempt=1)
+    assert store.get(job.id).staged_uri is None
 
 
-def test_update_never_resurrects_an_expired_record(store: RedisJobStore) -> None:
-    job = make_job()
+def test_callback_deliveries_hold_their_entry_by_token(store: RedisJobStore) -> None:
+    job = make_job(callback_url="https://example.com/hook")
     store.create(job)
-    assert store.update(job.id, callback={"state": "pending", "attempts": 0})
-    assert store.get(job.id).callback == {"state": "pending", "attempts": 0}
-    store.redis.delete(store.job_key(job.id))
-    assert not store.update(job.id, callback={"state": "delivered"})
-    assert not store.exists(job.id)
+    store.claim(job.id, "w1", lease_s=30)
+    moved = store.transition(job.id, JobState.RUNNING, JobState.SUCCEEDED, owner="w1")
+    token = moved.callback_token
+    assert token and store.scheduled(CALLBACKS_DUE) == {job.id: token}
+    assert store.callback_begin(job.id, token + 1) == 0  # a stale or duplicate message
+    fresh = store.callback_begin(job.id, token)
+    assert fresh and store.callback_begin(job.id, token) == 0  # taken
+    record = {"state": "pending", "attempts": 1, "last_status": 503}
+    assert store.callback_record(job.id, fresh, record, 30.0)
+    owed = store.get(job.id).callback
+    assert owed["attempts"] == 1 and owed["next_attempt_at"].endswith("Z")
+    due = store.scheduled(CALLBACKS_DUE)[job.id]
+    assert due - store.server_time() * 1000 == pytest.approx(30000, abs=2000)
+    assert not store.callback_record(job.id, fresh, {"state": "delivered"}, None)  # rescheduled: no longer fresh's
 
 
 def test_two_workers_racing_exactly_one_wins(redis_url: str) -> None:
@@ -257,19 +344,21 @@ def test_a_final_state_owes_the_callback_in_the_same_step(store: RedisJobStore) 
         assert store.transition(job.id, JobState.RUNNING, JobState.SUCCEEDED, owner="w1")
     assert store.get(hooked.id).callback == CALLBACK_PENDING
     assert store.get(plain.id).callback is None
+    assert list(store.scheduled(CALLBACKS_DUE)) == [hooked.id]  # F9: on the outbox in the same step
     # The other ways to a final state: a cancel, and the last lost attempt (at claim and at reaping).
     cancelled, lost, reaped = (make_job(callback_url="https://example.com/hook") for _ in range(3))
     for job in (cancelled, lost, reaped):
         store.create(job)
-    assert store.transition(cancelled.id, JobState.QUEUED, JobState.CANCELLED)
-    now = time.time()
+    assert store.transition(cancelled.id, JobState.QUEUED, JobState.CANCELLED).callback_token
     for attempt in range(3):
-        store.claim(lost.id, f"w{attempt}", lease_s=10, now=now + attempt * 20)
-        store.claim(reaped.id, f"w{attempt}", lease_s=10, now=now + attempt * 20)
-    assert store.claim(lost.id, "w9", lease_s=10, now=now + 100).outcome == "failed"
-    assert store.reap(reaped.id, now=now + 100) == "failed"
+        for job in (lost, reaped):
+            store.claim(job.id, f"w{attempt}", lease_s=10)
+            lapse(store, job.id)
+    assert store.claim(lost.id, "w9", lease_s=10).outcome == ClaimOutcome.FAILED
+    assert [r.outcome for r in store.reap([reaped.id])] == [ReapOutcome.FAILED]
     for job in (cancelled, lost, reaped):
         assert store.get(job.id).callback == CALLBACK_PENDING
+        assert job.id in store.scheduled(CALLBACKS_DUE)
 
 
 def test_a_group_claims_and_finishes_in_one_call_each_even_after_redis_lost_its_scripts(
@@ -290,23 +379,32 @@ def test_a_group_claims_and_finishes_in_one_call_each_even_after_redis_lost_its_
     assert claims[1].job is not None and claims[1].job.callback_url is None
     store.redis.script_flush()
     moved = store.transition_many([
-        (jobs[0].id, JobState.RUNNING, JobState.SUCCEEDED, "w1", {"width": 64, "timings_ms": {"infer": 1.5}}),
-        (jobs[1].id, JobState.RUNNING, JobState.SUCCEEDED, "w2", {"width": 64}),  # not its owner
-        (jobs[2].id, JobState.RUNNING, JobState.SUCCEEDED, "w1", {}),  # cancelled meanwhile
-        ("j_missing", JobState.RUNNING, JobState.SUCCEEDED, "w1", {}),
+        Change(jobs[0].id, JobState.RUNNING, JobState.SUCCEEDED, "w1", values={"width": 64,
+                                                                              "timings_ms": {"infer": 1.5}}),
+        Change(jobs[1].id, JobState.RUNNING, JobState.SUCCEEDED, "w2", values={"width": 64}),  # not its owner
+        Change(jobs[2].id, JobState.RUNNING, JobState.SUCCEEDED, "w1"),  # cancelled meanwhile
+        Change("j_missing", JobState.RUNNING, JobState.SUCCEEDED, "w1"),
     ])
-    assert moved == [True, False, False, False]
+    assert [bool(m) for m in moved] == [True, False, False, False]
     done = store.get(jobs[0].id)
     assert done.state == JobState.SUCCEEDED and done.width == 64 and done.timings_ms == {"infer": 1.5}
     assert done.callback == CALLBACK_PENDING and done.owner is None
     assert store.get(jobs[1].id).state == JobState.RUNNING
 
 
+def test_times_come_from_redis_in_iso_form(store: RedisJobStore) -> None:
+    job = make_job()
+    store.create(job)
+    record = store.get(job.id)
+    assert abs(parse_iso(record.created_at) - store.server_time()) < 5
+    assert record.created_at == job.created_at  # the caller's copy says what the record says
+
+
 def test_job_ids_are_base32_of_128_random_bits(monkeypatch: pytest.MonkeyPatch) -> None:
     import base64
     import secrets
 
-    from stylequeue import jobs as jobs_module
+    from stylequeue.jobs import record as jobs_module
 
     for raw in (bytes(16), b"\xff" * 16, secrets.token_bytes(16), secrets.token_bytes(16)):
         monkeypatch.setattr(jobs_module.secrets, "token_bytes", lambda _n, raw=raw: raw)

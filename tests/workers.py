@@ -19,7 +19,7 @@ import numpy as np
 import redis
 from PIL import Image
 
-from stylequeue.jobs import RedisJobStore
+from stylequeue.jobs import Presence, RedisJobStore
 
 
 def make_image(width: int, height: int, fmt: str = "PNG", seed: int = 0) -> bytes:
@@ -65,7 +65,7 @@ class WorkerProcess:
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 raise RuntimeError(f"worker exited with {self.process.returncode}:\n{self.output()[-3000:]}")
-            for info in self.store.workers().values():
+            for info in Presence(self.store).workers().values():
                 if info.get("pid") == self.process.pid and info.get("ready"):
                     return self
             time.sleep(0.1)

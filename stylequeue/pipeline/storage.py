@@ -113,6 +113,11 @@ def check_output_uri(uri: str, settings: Settings) -> None:
         raise InputForbidden(f"URI scheme {scheme!r} is not allowed for outputs: use {', '.join(OUTPUT_SCHEMES)}")
 
 
+def check_output_prefix(prefix: str, settings: Settings) -> None:
+    """Refuse (InputForbidden) an output prefix under which a worker would refuse to write, without any I/O."""
+    check_output_uri(prefix.rstrip("/") + "/x", settings)
+
+
 def join_uri(prefix: str, *parts: str) -> str:
     """`prefix` and `parts` joined by single slashes: join_uri("s3://b/out/", "ink", "j_1.jpg")."""
     scheme, rest = _scheme(prefix)
@@ -470,6 +475,67 @@ class Storage:
         bucket, key = _s3_parts(rest, uri)
         with _s3_errors(uri, reading=False):
             self.s3_client().put_object(Bucket=bucket, Key=key, Body=data, ContentType=content_type)
+
+    # --- fenced writes: stage, then promote after the owner check (provisional; see the storage branch) ----
+
+    def stage(self, uri: str, data: bytes, content_type: str, *, tag: str) -> str:
+        """Write `data` to a new attempt-specific temporary object beside `uri`; returns its URI."""
+        scheme, rest = _check_common(uri)
+        if scheme == "file":
+            final = self._writable_path(uri)
+            directory, name = os.path.split(final)
+            fd, temp = _create_temp(directory, f"{name}.{tag}")
+            try:
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view):]
+                os.fchmod(fd, 0o644)
+                os.fsync(fd)
+            except OSError as exc:
+                os.close(fd)
+                os.unlink(temp)
+                raise _os_error(exc, uri) from None
+            os.close(fd)
+            return "file://" + temp
+        if scheme != "s3":
+            raise InputForbidden(f"cannot write to {scheme}:// URIs: outputs go to file:// or s3://")
+        bucket, key = _s3_parts(rest, uri)
+        staged_key = f"{key}.{tag}.{os.urandom(6).hex()}{_TEMP_SUFFIX}"
+        with _s3_errors(uri, reading=False):
+            self.s3_client().put_object(Bucket=bucket, Key=staged_key, Body=data, ContentType=content_type)
+        return f"s3://{bucket}/{staged_key}"
+
+    def promote(self, staged_uri: str, uri: str) -> None:
+        """Move a staged object to `uri`; idempotent (already moved and `uri` present: nothing to do)."""
+        scheme, rest = _check_common(uri)
+        if scheme == "file":
+            final = self._writable_path(uri)
+            try:
+                os.replace(self._managed_path(staged_uri), final)
+            except FileNotFoundError:
+                if not os.path.exists(final):
+                    raise StorageError(f"{uri}: its staged output is gone and nothing is there",
+                                       transient=False) from None
+            except OSError as exc:
+                raise _os_error(exc, uri) from None
+            return
+        bucket, key = _s3_parts(rest, uri)
+        _, staged_rest = _check_common(staged_uri)
+        staged_bucket, staged_key = _s3_parts(staged_rest, staged_uri)
+        client = self.s3_client()
+        try:
+            with _s3_errors(uri, reading=True):
+                client.copy_object(Bucket=bucket, Key=key, CopySource={"Bucket": staged_bucket, "Key": staged_key})
+        except InputNotFound:
+            if not self.exists(uri):
+                raise StorageError(f"{uri}: its staged output is gone and nothing is there", transient=False) from None
+            return
+        with _s3_errors(uri, reading=False):
+            client.delete_object(Bucket=staged_bucket, Key=staged_key)
+
+    def discard(self, staged_uri: str) -> None:
+        """Delete a staged object; nothing happens when it is gone."""
+        self.delete(staged_uri)
 
     def _managed_path(self, uri: str) -> str:
         """The real path of a file:// URI under the storage root or the input roots (else InputForbidden)."""

@@ -1,7 +1,7 @@
 """`stylequeue bulk`: restyle every image under a prefix, resumably, with a bounded number of unfinished jobs.
 
-A run is named by (SRC_PREFIX, style, DST_PREFIX). Its record in Redis (the `bulk:{run}` keys of jobs.py)
-maps each source key to its latest job, so `--resume` skips sources whose job succeeded, waits for those
+A run is named by (SRC_PREFIX, style, DST_PREFIX). Its record in Redis (jobs/runs.py) maps each source key to
+its latest job, written before the job is created, so `--resume` skips sources whose job succeeded, waits for those
 still queued or running, and resubmits those that failed, were cancelled or whose record expired.
 
 Outputs are deterministic: `DST_PREFIX/<source key relative to SRC_PREFIX, suffix replaced by the style's
@@ -16,9 +16,7 @@ import hashlib
 import json
 import os
 import posixpath
-import secrets
 import signal
-import socket
 import threading
 import time
 from collections import Counter
@@ -26,9 +24,11 @@ from collections.abc import Callable, Iterable
 from types import FrameType
 from typing import TYPE_CHECKING, Any
 
+from stylequeue import broker
 from stylequeue.config.settings import file_uri_path
 from stylequeue.errors import ConfigError
-from stylequeue.jobs import BULK_KEY, JobState, RedisJobStore, iso_now, redis_errors
+from stylequeue.jobs import BulkRunRecord, JobState, RedisJobStore
+from stylequeue.jobs.runs import LOCK_TTL_S
 from stylequeue.producer.bulk_report import (
     BulkFailure,
     BulkReport,
@@ -37,7 +37,6 @@ from stylequeue.producer.bulk_report import (
     resume_command,
     write_failures,
 )
-from stylequeue.worker import messages
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -46,9 +45,7 @@ if TYPE_CHECKING:
     from stylequeue.producer.client import Client
 
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif"})
-LOCK_TTL_S = 30
 SUBMIT_BATCH = 1024  # most jobs created per turn of the loop, so finished jobs are counted between turns
-POLL_PAGE = 1000
 
 
 def is_image_key(key: str) -> bool:
@@ -83,92 +80,6 @@ def run_id(src_prefix: str, style: str, dst_prefix: str) -> str:
     """The run's name in Redis: a hash of its normalised identity."""
     identity = json.dumps([normalise_prefix(src_prefix), style, normalise_prefix(dst_prefix)])
     return hashlib.sha256(identity.encode()).hexdigest()[:16]
-
-
-# Compare-and-act on the lock, so a process never renews or frees a lock another one holds.
-_RENEW_LOCK = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('EXPIRE', KEYS[1], ARGV[2]) end " \
-              "return redis.call('SET', KEYS[1], ARGV[1], 'NX', 'EX', ARGV[2]) and 1 or 0"
-_RELEASE_LOCK = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0"
-
-
-class RunRecord:
-    """A run's keys in Redis: identity (`bulk:{run}`), source -> job id (`:jobs`), live process (`:lock`)."""
-
-    def __init__(self, store: RedisJobStore, run: str) -> None:
-        self.store = store
-        self.redis = store.redis
-        self.meta_key = store.key(BULK_KEY + run)
-        self.jobs_key = self.meta_key + ":jobs"
-        self.lock_key = self.meta_key + ":lock"
-        self.token = f"pid {os.getpid()} on {socket.gethostname()} ({secrets.token_hex(4)})"
-
-    def acquire(self) -> None:
-        """Become the run's one live process; ConfigError while another holds it."""
-        with redis_errors(self.store):
-            if self.redis.set(self.lock_key, self.token, nx=True, ex=LOCK_TTL_S):
-                return
-            holder, ttl = self.redis.get(self.lock_key), self.redis.ttl(self.lock_key)
-        who = holder.decode() if isinstance(holder, bytes) else "another process"
-        raise ConfigError(f"this bulk run is already running ({who}); wait for it or stop it "
-                          f"(if it died, its claim lapses in {max(int(ttl), 1)} s)")
-
-    def renew(self) -> None:
-        with redis_errors(self.store):
-            pipe = self.redis.pipeline(transaction=False)
-            pipe.eval(_RENEW_LOCK, 1, self.lock_key, self.token, LOCK_TTL_S)
-            pipe.expire(self.meta_key, self.store.job_ttl_s)
-            pipe.expire(self.jobs_key, self.store.job_ttl_s)
-            held = pipe.execute()[0]
-        if not held:
-            raise ConfigError("another `stylequeue bulk` took this run over while this one stalled; stopping")
-
-    def release(self) -> None:
-        with redis_errors(self.store):
-            self.redis.eval(_RELEASE_LOCK, 1, self.lock_key, self.token)
-
-    def describe(self) -> str | None:
-        """'created at ..., N sources recorded' when the run exists, else None."""
-        with redis_errors(self.store):
-            created, count = self.redis.hget(self.meta_key, "created_at"), self.redis.hlen(self.jobs_key)
-        if not isinstance(created, bytes):
-            return None
-        return f"started {created.decode()}, {count} inputs recorded"
-
-    def create(self, report: BulkReport) -> None:
-        with redis_errors(self.store):
-            pipe = self.redis.pipeline(transaction=False)
-            pipe.hsetnx(self.meta_key, "created_at", iso_now())
-            pipe.hset(self.meta_key, mapping={"src_prefix": report.src_prefix, "style": report.style,
-                                              "dst_prefix": report.dst_prefix, "updated_at": iso_now()})
-            pipe.expire(self.meta_key, self.store.job_ttl_s)
-            pipe.execute()
-
-    def load(self) -> dict[str, str]:
-        """Source key -> id of its latest job."""
-        with redis_errors(self.store):
-            return {k.decode(): v.decode() for k, v in self.redis.hscan_iter(self.jobs_key, count=POLL_PAGE)}
-
-    def add(self, job_ids: dict[str, str]) -> None:
-        with redis_errors(self.store):
-            pipe = self.redis.pipeline(transaction=False)
-            pipe.hset(self.jobs_key, items=[item for pair in job_ids.items() for item in pair])
-            pipe.expire(self.jobs_key, self.store.job_ttl_s)
-            pipe.hset(self.meta_key, "updated_at", iso_now())
-            pipe.expire(self.meta_key, self.store.job_ttl_s)
-            pipe.execute()
-
-
-def job_states(store: RedisJobStore, job_ids: list[str]) -> list[tuple[str | None, dict[str, str] | None]]:
-    """(state, error) of each job, None for a missing record: pipelined HMGETs, `POLL_PAGE` a round trip."""
-    found: list[tuple[str | None, dict[str, str] | None]] = []
-    for start in range(0, len(job_ids), POLL_PAGE):
-        with redis_errors(store):
-            pipe = store.redis.pipeline(transaction=False)
-            for job_id in job_ids[start:start + POLL_PAGE]:
-                pipe.hmget(store.job_key(job_id), "state", "error")
-            for state, error in pipe.execute():
-                found.append((json.loads(state) if state else None, json.loads(error) if error else None))
-    return found
 
 
 def list_sources(storage: Storage, src_prefix: str, *,
@@ -224,7 +135,7 @@ def run_bulk(client: Client, src_prefix: str, *, style: str, dst_prefix: str, re
     progress bar; `on_progress` is called with the live report after every submission and poll.
     Ctrl-C stops submitting and returns a report with `interrupted` set; submitted jobs keep running.
     """
-    from stylequeue.pipeline.storage import check_output_uri
+    from stylequeue.pipeline.storage import check_output_prefix
 
     if max_in_flight < 1:
         raise ConfigError(f"--max-in-flight must be at least 1, got {max_in_flight}")
@@ -233,10 +144,10 @@ def run_bulk(client: Client, src_prefix: str, *, style: str, dst_prefix: str, re
     if dst.startswith(src):
         raise ConfigError(f"--output {dst} lies inside SRC_PREFIX {src}: outputs would be read back as "
                           "inputs; choose a DST_PREFIX outside it")
-    check_output_uri(dst + "x", client.settings)
+    check_output_prefix(dst, client.settings)
     report = BulkReport(run_id(src, spec.name, dst), src, spec.name, dst)
     started = time.monotonic()
-    record = RunRecord(client.store, report.run_id)
+    record = BulkRunRecord(client.store, report.run_id)
     record.acquire()
     bar = None
     try:
@@ -247,7 +158,7 @@ def run_bulk(client: Client, src_prefix: str, *, style: str, dst_prefix: str, re
         sources, report.ignored = list_sources(client.storage, src, every_1000=record.renew)
         report.total = len(sources)
         outputs = output_keys(sources, spec.extension)
-        record.create(report)
+        record.create(report.src_prefix, report.style, report.dst_prefix)
         in_flight: dict[str, str] = {}  # job id -> source key
         todo = sorted(sources)
         if earlier is not None:
@@ -265,20 +176,26 @@ def run_bulk(client: Client, src_prefix: str, *, style: str, dst_prefix: str, re
                     on_progress(report)
 
             position = 0
+            renewed = time.monotonic()
             while not interrupts.requested:
+                if time.monotonic() - renewed > LOCK_TTL_S / 3:  # on every path: a long submit keeps its lock
+                    record.renew()
+                    renewed = time.monotonic()
                 allowed = len(todo) - position
                 if limit is not None:
                     allowed = min(allowed, limit - report.submitted)
                 room = max_in_flight - len(in_flight)
                 # Submit in whole messages where possible (BULK_CHUNK_SIZE jobs travel together).
-                step = min(messages.BULK_CHUNK_SIZE, max(1, max_in_flight // 2), allowed)
+                step = min(broker.BULK_CHUNK_SIZE, max(1, max_in_flight // 2), allowed)
                 if allowed > 0 and room >= step:
                     batch = todo[position:position + min(room, allowed, SUBMIT_BATCH)]
                     position += len(batch)
-                    jobs = client.submit_many([sources[k] for k in batch], spec.name, priority="bulk",
-                                              output_uris=[dst + outputs[k] for k in batch],
-                                              metadata={"bulk_run": report.run_id})
+                    jobs = client.prepare_many([sources[k] for k in batch], spec.name, priority="bulk",
+                                               output_uris=[dst + outputs[k] for k in batch],
+                                               metadata={"bulk_run": report.run_id})
+                    # Intent first: a crash after this leaves ids `--resume` sees (and resubmits if never made).
                     record.add({key: job.id for key, job in zip(batch, jobs, strict=True)})
+                    client.enqueue(jobs)
                     in_flight.update((job.id, key) for key, job in zip(batch, jobs, strict=True))
                     report.submitted += len(jobs)
                     progress()
@@ -287,6 +204,7 @@ def run_bulk(client: Client, src_prefix: str, *, style: str, dst_prefix: str, re
                     break
                 _collect(client.store, in_flight, sources, dst, outputs, report)
                 record.renew()
+                renewed = time.monotonic()
                 progress()
                 if not (allowed > 0 and max_in_flight - len(in_flight) >= step):
                     interrupts.sleep(poll_s)
@@ -300,28 +218,22 @@ def run_bulk(client: Client, src_prefix: str, *, style: str, dst_prefix: str, re
     return report
 
 
-def _take_over(client: Client, record: RunRecord, todo: list[str], in_flight: dict[str, str],
+def _take_over(client: Client, record: BulkRunRecord, todo: list[str], in_flight: dict[str, str],
                report: BulkReport) -> list[str]:
     """Classify an earlier run's jobs: skip succeeded, wait for unfinished, return what to (re)submit."""
     recorded = record.load()
     known = [key for key in todo if key in recorded]
-    states = job_states(client.store, [recorded[key] for key in known])
+    states = client.store.states([recorded[key] for key in known])
     resubmit: set[str] = set()
-    queued: list[str] = []
     for key, (state, _) in zip(known, states, strict=True):
         job_id = recorded[key]
         if state == JobState.SUCCEEDED:
             report.skipped += 1
         elif state in (JobState.QUEUED, JobState.RUNNING):
+            # A queued job whose message a crash left unsent is on the due set: a worker sends it.
             in_flight[job_id] = key
-            if state == JobState.QUEUED:
-                queued.append(job_id)
-        else:
+        else:  # failed, cancelled, or recorded but never created (a crash before its record was written)
             resubmit.add(key)
-    if queued:
-        # A crash between creating jobs and sending their message leaves them queued with no message;
-        # sending again is safe: a worker's claim is compare-and-set, so a duplicate is dropped.
-        client.send_or_fail(lambda: messages.send_chunks(client.app, queued), [])
     return [key for key in todo if key not in recorded or key in resubmit]
 
 
@@ -329,7 +241,7 @@ def _collect(store: RedisJobStore, in_flight: dict[str, str], sources: dict[str,
              outputs: dict[str, str], report: BulkReport) -> None:
     """Poll the states of unfinished jobs and count the ones that finished."""
     ids = list(in_flight)
-    for job_id, (state, error) in zip(ids, job_states(store, ids), strict=True):
+    for job_id, (state, error) in zip(ids, store.states(ids), strict=True):
         if state in (JobState.QUEUED, JobState.RUNNING):
             continue
         key = in_flight.pop(job_id)

@@ -19,10 +19,10 @@ from prometheus_client import CollectorRegistry, Counter, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 from pydantic import BaseModel, ConfigDict, Field
 
+from stylequeue import broker
 from stylequeue.errors import ConfigError, JobNotFound, RedisUnavailable, StyleQueueError
 from stylequeue.jobs import Job
 from stylequeue.producer.client import Client
-from stylequeue.worker import messages
 
 MAX_BATCH_JOBS = 1000
 
@@ -39,6 +39,7 @@ class SubmitBody(BaseModel):
     priority: Literal["interactive", "bulk"] = "interactive"
     idempotency_key: str | None = Field(None, max_length=200)
     metadata: dict[str, Any] = Field(default_factory=dict)
+    deadline_s: float | None = Field(None, gt=0, le=604800)
 
 
 class BatchBody(BaseModel):
@@ -65,9 +66,9 @@ class _QueueDepths:
     def collect(self) -> Iterator[GaugeMetricFamily]:
         family = GaugeMetricFamily("stylequeue_queue_depth", "Messages waiting in a broker queue", labels=["queue"])
         try:
-            for queue in (*messages.JOB_QUEUES, messages.CALLBACK_QUEUE):
-                family.add_metric([queue], self.client.store.redis.llen(queue))
-        except Exception:  # noqa: S110 - a scrape without Redis reports no depths, /healthz says why
+            for queue, depth in broker.queue_depths(self.client.app).items():
+                family.add_metric([queue], depth)
+        except Exception:  # noqa: S110 - a scrape without the broker reports no depths, /healthz says why
             return
         yield family
 
@@ -125,6 +126,7 @@ def make_app(client: Client, tokens: Sequence[str]) -> FastAPI:
     def submit_one(body: SubmitBody, tenant: str) -> Job:
         return client.submit(body.input_uri, body.style, callback_url=body.callback_url, output_uri=body.output_uri,
                              priority=body.priority, metadata=body.metadata, tenant=tenant,
+                             deadline_s=body.deadline_s,
                              idempotency_key=f"{tenant}:{body.idempotency_key}" if body.idempotency_key else None)
 
     @app.post("/v1/jobs", status_code=202)
@@ -137,7 +139,8 @@ def make_app(client: Client, tokens: Sequence[str]) -> FastAPI:
         """Create up to 1,000 jobs; each is checked before any is created, so a bad one creates none."""
         for item in body.jobs:
             client.check_submit(item.input_uri, item.style, callback_url=item.callback_url,
-                                output_uri=item.output_uri, priority=item.priority, metadata=item.metadata)
+                                output_uri=item.output_uri, priority=item.priority, metadata=item.metadata,
+                                deadline_s=item.deadline_s)
         return {"jobs": [client.to_json(submit_one(item, tenant)) for item in body.jobs]}
 
     @app.get("/v1/jobs/{job_id}")

@@ -19,9 +19,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-log = logging.getLogger("stylequeue.worker.batching")
+from stylequeue.jobs.record import Priority
 
-INTERACTIVE, BULK = 0, 1
+log = logging.getLogger("stylequeue.worker.batching")
 
 
 class GroupFuture:
@@ -86,7 +86,7 @@ class _FutureSink:
 
 @dataclass(order=True)
 class _Item:
-    priority: int
+    rank: int  # Priority.rank: interactive items sort first
     seq: int
     array: np.ndarray = field(compare=False)
     sink: GroupFuture | _FutureSink = field(compare=False)
@@ -146,30 +146,30 @@ class DynamicBatcher:
         self._thread = threading.Thread(target=self._loop, name=f"infer-{name}", daemon=True)
         self._thread.start()
 
-    def submit(self, array: np.ndarray, *, priority: int = BULK) -> Future[np.ndarray]:
+    def submit(self, array: np.ndarray, *, priority: Priority = Priority.BULK) -> Future[np.ndarray]:
         """Queue one image (in the worker: uint8 [H,W,3] pixels); the future resolves to its output."""
         sink = _FutureSink()
-        self._enqueue([_Item(priority, next(self._seq), array, sink, 0, time.monotonic())], priority)
+        self._enqueue([_Item(priority.rank, next(self._seq), array, sink, 0, time.monotonic())], priority)
         return sink.future
 
-    def submit_many(self, arrays: Sequence[np.ndarray], *, priority: int = BULK) -> GroupFuture:
+    def submit_many(self, arrays: Sequence[np.ndarray], *, priority: Priority = Priority.BULK) -> GroupFuture:
         """Queue several images at once (one lock, at most one wake-up); one GroupFuture for them all."""
         group = GroupFuture(len(arrays))
         now = time.monotonic()
-        self._enqueue([_Item(priority, next(self._seq), array, group, index, now)
+        self._enqueue([_Item(priority.rank, next(self._seq), array, group, index, now)
                        for index, array in enumerate(arrays)], priority)
         return group
 
-    def _enqueue(self, items: list[_Item], priority: int) -> None:
+    def _enqueue(self, items: list[_Item], priority: Priority) -> None:
         with self._cond:
             if self._closed:
                 raise RuntimeError("batcher is closed")
-            wake = self._count == 0 or priority == INTERACTIVE
+            wake = self._count == 0 or priority is Priority.INTERACTIVE
             for item in items:
                 pair = self._queues.get(item.shape)
                 if pair is None:
                     pair = self._queues[item.shape] = (deque(), deque())
-                pair[0 if priority == INTERACTIVE else 1].append(item)
+                pair[item.rank].append(item)
                 # Wake the inference thread only when it has something new to decide: its first item,
                 # a possibly full batch, or an interactive item. Otherwise its max_wait timer suffices,
                 # and a thread wake-up per image (costly on VMs) is saved.

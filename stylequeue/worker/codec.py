@@ -3,9 +3,10 @@
 The worker's main process runs Celery, the job store, the batcher and the model. Decoding an input
 and encoding an output is Python-level work (Pillow, numpy) that holds the GIL, so in threads it
 queues behind everything else and adds GIL hand-offs to every job. Bulk groups therefore go to
-this pool instead: `load` reads and prepares a group's inputs, `store` renders and writes its
-outputs, each in a child process with its own `Storage`. Interactive jobs stay on the executor's
-threads: a single image should not wait behind queued bulk groups, nor pay the round trip.
+this pool instead: `load` reads and prepares a group's inputs, `stage` renders its outputs and
+writes each to an attempt-specific temporary object (see worker/execution.py, fenced writes), `promote`
+moves fenced outputs into place; each runs in a child process with its own `Storage`. Interactive jobs stay
+on the executor's threads: a single image should not wait behind queued bulk groups, nor pay the round trip.
 
 Each child has its own pipe, and the job thread that checked it out talks to it directly: no
 manager or feeder thread in the worker process stands between a group and its child.
@@ -39,9 +40,56 @@ from stylequeue.errors import InternalError, InvalidInput, JobError, JobTimeout
 
 log = logging.getLogger("stylequeue.worker")
 
-# One item's outcome and the seconds it took: a `Prepared` (load) or the bytes written (store),
-# or the JobError that ended it.
-Outcome = tuple[Any, float]
+
+
+@dataclass(frozen=True)
+class LoadItem:
+    """Fetch and prepare one input."""
+
+    input_uri: str
+    spec: StyleSpec
+    max_pixels: int
+
+
+@dataclass(frozen=True)
+class StageItem:
+    """Render one output and stage it beside `output_uri` (attempt `tag`)."""
+
+    output_uri: str
+    pixels: np.ndarray
+    spec: StyleSpec
+    tag: str
+
+
+@dataclass(frozen=True)
+class PromoteItem:
+    """Move a fenced, staged output into place."""
+
+    staged_uri: str
+    output_uri: str
+
+
+@dataclass(frozen=True)
+class Staged:
+    """Where an output was staged and how many bytes it has."""
+
+    staged_uri: str
+    size: int
+
+
+@dataclass(frozen=True)
+class Done:
+    """One item's outcome and the seconds it took: a `Prepared` (load), a `Staged` (stage), None (promote),
+    or the JobError that ended it."""
+
+    value: Any
+    seconds: float = 0.0
+
+    @property
+    def error(self) -> JobError | None:
+        return self.value if isinstance(self.value, JobError) else None
+
+
 # spawn, not fork: the worker already runs threads (Celery, Redis, the batcher).
 _CONTEXT = multiprocessing.get_context("spawn")
 
@@ -150,17 +198,19 @@ class CodecPool:
 
     # --- the two calls ------------------------------------------------------------------------
 
-    def load(self, items: Sequence[tuple[str, StyleSpec]], max_pixels: int) -> list[Outcome]:
-        """Fetch and prepare each (input URI, style): a `Prepared` per job, or its JobError."""
-        return self._call(_child_load, [(uri, spec, max_pixels) for uri, spec in items],
-                          crashed="the image crashed the decoder")
+    def load(self, items: Sequence[LoadItem]) -> list[Done]:
+        """Fetch and prepare each input: a `Prepared` per job, or its JobError."""
+        return self._call(_child_load, list(items), crashed="the image crashed the decoder")
 
-    def store(self, items: Sequence[tuple[str, np.ndarray, StyleSpec, bool]]) -> list[Outcome]:
-        """Render and write each (output URI, output pixels, style, sweep: a retried job's write, see
-        `Storage.write`): bytes written, or its JobError."""
-        return self._call(_child_store, list(items), crashed="a codec process died while encoding this output")
+    def stage(self, items: Sequence[StageItem]) -> list[Done]:
+        """Render and stage each output: a `Staged` per job, or its JobError."""
+        return self._call(_child_stage, list(items), crashed="a codec process died while encoding this output")
 
-    def _call(self, function: Callable[[list[Any]], list[Outcome]], items: list[Any], *, crashed: str) -> list[Outcome]:
+    def promote(self, items: Sequence[PromoteItem]) -> list[Done]:
+        """Promote each fenced output: None per job, or its JobError (the calls to a remote store overlap)."""
+        return self._call(_child_promote, list(items), crashed="a codec process died while promoting this output")
+
+    def _call(self, function: Callable[[list[Any]], list[Done]], items: list[Any], *, crashed: str) -> list[Done]:
         """Run `function(items)` in a free child; one outcome per item, whatever happens to the child."""
         if not items:
             return []
@@ -171,15 +221,15 @@ class CodecPool:
                 self._replace(child)
                 child = None
                 error = JobTimeout(f"decoding or encoding took longer than {self.timeout_s:g} s")
-                return [(error, self.timeout_s)] * len(items)
-            outcomes: list[Outcome] = _recv(child.conn)
+                return [Done(error, self.timeout_s)] * len(items)
+            outcomes: list[Done] = _recv(child.conn)
             return outcomes
         except (EOFError, OSError):  # the child died
             self._replace(child)
             child = None
             if len(items) == 1:
                 log.warning("a codec process died on one job: %s", crashed)
-                return [(InvalidInput(crashed) if function is _child_load else InternalError(crashed), 0.0)]
+                return [Done(InvalidInput(crashed) if function is _child_load else InternalError(crashed))]
             # Some job in this group killed the child: one at a time now, so that one fails alone.
             return [self._call(function, [item], crashed=crashed)[0] for item in items]
         finally:
@@ -221,7 +271,7 @@ def _child_main(conn: Connection, settings: Settings) -> None:
         try:
             outcomes = function(items)
         except Exception as exc:  # the functions catch per item; this is a last resort
-            outcomes = [(_as_job_error(exc), 0.0)] * len(items)
+            outcomes = [Done(_as_job_error(exc))] * len(items)
         try:
             _send(conn, outcomes)
         except OSError:  # the worker is gone
@@ -247,64 +297,79 @@ def _read_one(uri: str) -> bytes | JobError:
         return _as_job_error(exc)
 
 
-def _child_load(items: list[tuple[str, StyleSpec, int]]) -> list[Outcome]:
+def _child_load(items: list[LoadItem]) -> list[Done]:
     from stylequeue.pipeline.process import prepare
 
     started = time.perf_counter()
-    uris = [uri for uri, _, _ in items]
+    uris = [item.input_uri for item in items]
     # Remote reads wait on the network: fetch them together, then decode one after another.
     if _io is not None and len(uris) > 1 and any(map(_remote, uris)):
         datas = list(_io.map(_read_one, uris))
     else:
         datas = [_read_one(uri) for uri in uris]
     fetch_each = (time.perf_counter() - started) / len(items)
-    outcomes: list[Outcome] = []
-    for data, (_, spec, max_pixels) in zip(datas, items, strict=True):
+    outcomes: list[Done] = []
+    for data, item in zip(datas, items, strict=True):
         began = time.perf_counter()
         if isinstance(data, JobError):
-            outcomes.append((data, fetch_each))
+            outcomes.append(Done(data, fetch_each))
             continue
         try:
-            result: Any = prepare(data, spec, max_pixels=max_pixels)
+            result: Any = prepare(data, item.spec, max_pixels=item.max_pixels)
         except Exception as exc:
             result = _as_job_error(exc)
-        outcomes.append((result, fetch_each + time.perf_counter() - began))
+        outcomes.append(Done(result, fetch_each + time.perf_counter() - began))
     return outcomes
 
 
-def _write_one(item: tuple[str, bytes, str, bool]) -> JobError | None:
-    uri, data, content_type, sweep = item
+def _stage_one(item: tuple[str, bytes, str, str]) -> Staged | JobError:
+    uri, data, content_type, tag = item
     try:
-        _storage.write(uri, data, content_type, sweep=sweep)
+        return Staged(_storage.stage(uri, data, content_type, tag=tag), len(data))
+    except Exception as exc:
+        return _as_job_error(exc)
+
+
+def _child_stage(items: list[StageItem]) -> list[Done]:
+    from stylequeue.pipeline.process import render
+
+    encoded: list[tuple[bytes | JobError, float]] = []
+    for item in items:
+        began = time.perf_counter()
+        try:
+            encoded.append((render(item.pixels, item.spec), time.perf_counter() - began))
+        except Exception as exc:
+            encoded.append((_as_job_error(exc), time.perf_counter() - began))
+    writes = [(item.output_uri, data, item.spec.content_type, item.tag)
+              for item, (data, _) in zip(items, encoded, strict=True) if not isinstance(data, JobError)]
+    started = time.perf_counter()
+    staged = _overlap(_stage_one, writes, remote=any(_remote(uri) for uri, _, _, _ in writes))
+    write_each = (time.perf_counter() - started) / max(1, len(writes))
+    results = iter(staged)
+    outcomes: list[Done] = []
+    for data, seconds in encoded:
+        if isinstance(data, JobError):
+            outcomes.append(Done(data, seconds))
+        else:
+            outcomes.append(Done(next(results), seconds + write_each))
+    return outcomes
+
+
+def _promote_one(item: PromoteItem) -> JobError | None:
+    try:
+        _storage.promote(item.staged_uri, item.output_uri)
     except Exception as exc:
         return _as_job_error(exc)
     return None
 
 
-def _child_store(items: list[tuple[str, np.ndarray, StyleSpec, bool]]) -> list[Outcome]:
-    from stylequeue.pipeline.process import render
+def _child_promote(items: list[PromoteItem]) -> list[Done]:
+    return [Done(error) for error in _overlap(_promote_one, items,
+                                              remote=any(_remote(item.output_uri) for item in items))]
 
-    encoded: list[tuple[bytes | JobError, float]] = []
-    for _, output, spec, _ in items:
-        began = time.perf_counter()
-        try:
-            encoded.append((render(output, spec), time.perf_counter() - began))
-        except Exception as exc:
-            encoded.append((_as_job_error(exc), time.perf_counter() - began))
-    writes = [(uri, data, spec.content_type, sweep)
-              for (uri, _, spec, sweep), (data, _) in zip(items, encoded, strict=True)
-              if not isinstance(data, JobError)]
-    started = time.perf_counter()
-    if _io is not None and len(writes) > 1 and any(_remote(uri) for uri, _, _, _ in writes):
-        errors = iter(list(_io.map(_write_one, writes)))
-    else:
-        errors = iter([_write_one(write) for write in writes])
-    write_each = (time.perf_counter() - started) / max(1, len(writes))
-    outcomes: list[Outcome] = []
-    for data, seconds in encoded:
-        if isinstance(data, JobError):
-            outcomes.append((data, seconds))
-            continue
-        error = next(errors)
-        outcomes.append((error if error is not None else len(data), seconds + write_each))
-    return outcomes
+
+def _overlap(function: Callable[[Any], Any], items: list[Any], *, remote: bool) -> list[Any]:
+    """`function` over `items`: together on the I/O threads when they wait on a network, else in turn."""
+    if _io is not None and len(items) > 1 and remote:
+        return list(_io.map(function, items))
+    return [function(item) for item in items]

@@ -1,8 +1,17 @@
-"""Where a job is run: claim, fetch and decode, infer (through the batcher), encode and store, finish.
+"""Where a job is run: claim, fetch and decode, infer (through the batcher), encode, then a fenced write.
 
-`JobExecutor` owns the in-process queue of claimed jobs (interactive before bulk) and the job threads
-that work through it. Errors become the job's error code here, in one place (`_fail`): permanent
-ones fail the job, transient ones send it back to `queued` to be retried after a short backoff.
+`JobExecutor` owns the in-process queue of claimed jobs (interactive before bulk) and the job threads that
+work through it. Errors become the job's error code here, in one place (`_fail`): permanent ones fail the
+job, transient ones send it back to `queued`, its message due after a short backoff.
+
+An output is written so that a stale attempt can neither replace the winner's bytes nor delete them:
+1. the attempt **stages** its bytes in an attempt-specific temporary object beside the output;
+2. **fence**: one script checks this worker still holds the job in this attempt, and records the staged
+   object and the results; from then on no other attempt can begin the job;
+3. **promote** the staged object to the output URI (a rename, or an S3 copy), idempotently;
+4. mark the job `succeeded`.
+An attempt that lost the job before step 2 deletes only its own staged object. One that dies between 2 and 4
+leaves the job fenced: whoever claims it next finishes the promotion (claim outcome `promote`).
 """
 
 from __future__ import annotations
@@ -19,15 +28,19 @@ from typing import Any, Protocol
 import numpy as np
 
 from stylequeue.config.styles import StyleSpec
-from stylequeue.errors import InternalError, JobError, JobTimeout, StyleQueueError
-from stylequeue.jobs import MAX_ATTEMPTS, RETRY_KEY, Job, JobState, RedisJobStore, parse_iso
-from stylequeue.pipeline.process import prepare, render
-from stylequeue.worker.batching import BULK, INTERACTIVE, GroupFuture
+from stylequeue.errors import InternalError, JobError, JobTimeout, RedisUnavailable, StyleQueueError
+from stylequeue.jobs import MAX_ATTEMPTS, Change, ClaimOutcome, Job, JobState, Priority, RedisJobStore, parse_iso
+from stylequeue.pipeline.process import Prepared, prepare, render
+from stylequeue.worker.batching import GroupFuture
+from stylequeue.worker.codec import Done, LoadItem, PromoteItem, Staged, StageItem
 
 log = logging.getLogger("stylequeue.worker")
 
 # Seconds before attempt 2 and 3 of a job that failed transiently: seconds, never minutes.
 RETRY_BACKOFF_S = (1.0, 4.0)
+# A message for a job this worker still holds from an earlier attempt comes back after this long.
+HELD_RESCHEDULE_S = 2.0
+INTERACTIVE_THREADS = 2
 
 
 class Models(Protocol):
@@ -35,27 +48,55 @@ class Models(Protocol):
 
     def spec_and_model(self, style: str) -> tuple[StyleSpec, str]: ...
 
-    def submit(self, style: str, pixels: np.ndarray, priority: int) -> Future[np.ndarray]: ...
+    def submit(self, style: str, pixels: np.ndarray, priority: Priority) -> Future[np.ndarray]: ...
 
-    def submit_many(self, style: str, pixels: Sequence[np.ndarray], priority: int) -> GroupFuture: ...
+    def submit_many(self, style: str, pixels: Sequence[np.ndarray], priority: Priority) -> GroupFuture: ...
 
     def results(self, group: GroupFuture) -> list[np.ndarray | Exception]: ...
 
     def result(self, future: Future[np.ndarray]) -> np.ndarray: ...
 
 
+class Storage(Protocol):
+    """What the executor needs of object storage (pipeline/storage)."""
+
+    def read(self, uri: str) -> bytes: ...
+
+    def stage(self, uri: str, data: bytes, content_type: str, *, tag: str) -> str: ...
+
+    def promote(self, staged_uri: str, uri: str) -> None: ...
+
+    def discard(self, staged_uri: str) -> None: ...
+
+
+class Codec(Protocol):
+    """What the executor needs of a codec pool (worker/codec.py) for bulk groups."""
+
+    def load(self, items: Sequence[LoadItem]) -> list[Done]: ...
+
+    def stage(self, items: Sequence[StageItem]) -> list[Done]: ...
+
+    def promote(self, items: Sequence[PromoteItem]) -> list[Done]: ...
+
+
 @dataclass
-class _Running:
-    job_id: str
-    priority: int
-    attempts: int
+class Held:
+    """A job this worker claimed, from its claim until it leaves the executor."""
+
     job: Job
-    claimed_at: float = field(default_factory=time.monotonic)
+    priority: Priority
+    promote_only: bool = False  # claimed to finish a lost attempt's promotion
+    claimed_at: float = 0.0  # the executor's clock
     started: bool = False
     abandoned: bool = False
 
+    @property
+    def job_id(self) -> str:
+        return self.job.id
 
-INTERACTIVE_THREADS = 2
+    @property
+    def attempts(self) -> int:
+        return self.job.attempts
 
 
 class GroupQueue:
@@ -68,20 +109,20 @@ class GroupQueue:
         lock = threading.Lock()
         self._general = threading.Condition(lock)
         self._reserved = threading.Condition(lock)
-        self._interactive: deque[tuple[str, ...]] = deque()
-        self._bulk: deque[tuple[str, ...]] = deque()
+        self._interactive: deque[tuple[Held, ...]] = deque()
+        self._bulk: deque[tuple[Held, ...]] = deque()
         self._closed = False
 
-    def put(self, priority: int, group: tuple[str, ...]) -> None:
+    def put(self, priority: Priority, group: tuple[Held, ...]) -> None:
         with self._general:
-            if priority == INTERACTIVE:
+            if priority is Priority.INTERACTIVE:
                 self._interactive.append(group)
                 self._reserved.notify()
             else:
                 self._bulk.append(group)
             self._general.notify()
 
-    def get(self, interactive_only: bool = False) -> tuple[str, ...] | None:
+    def get(self, interactive_only: bool = False) -> tuple[Held, ...] | None:
         """The next group, blocking; None once closed and empty."""
         waiting = self._reserved if interactive_only else self._general
         with waiting:
@@ -94,7 +135,7 @@ class GroupQueue:
                     return None
                 waiting.wait()
 
-    def drain(self) -> list[tuple[str, ...]]:
+    def drain(self) -> list[tuple[Held, ...]]:
         """Take every group not yet started (shutdown)."""
         with self._general:
             groups = [*self._interactive, *self._bulk]
@@ -113,33 +154,44 @@ class GroupQueue:
 class _Work:
     """One job between its fetch and its final state, inside a group."""
 
-    running: _Running
+    held: Held
     timings: dict[str, float] = field(default_factory=dict)
     spec: Any = None
     model: str = ""
-    prepared: Any = None
-    future: Any = None
+    prepared: Prepared | None = None
+    future: Future[np.ndarray] | None = None
     submitted: float = 0.0
+    staged_uri: str = ""
     output_bytes: int = 0
+
+    def results(self) -> dict[str, Any]:
+        """What the record says of a succeeded job, written with the fence."""
+        assert self.prepared is not None
+        return {"width": self.prepared.width, "height": self.prepared.height, "model": self.model,
+                "timings_ms": self.timings, "output_bytes": self.output_bytes, "error": None}
 
 
 class JobExecutor:
-    """Runs claimed jobs on `threads` job threads.
+    """Runs claimed jobs on `threads` job threads (plus INTERACTIVE_THREADS that take interactive jobs only).
 
     Args:
         store: the job store.
-        storage: object with read(uri)/write(uri, data, content_type)/delete(uri).
+        storage: see `Storage`.
         models: see `Models`.
         worker_id: this worker's owner id in leases.
-        on_finished: called with each job that reached a terminal state (callbacks, metrics).
+        on_finished: called with (job, callback token) for each job this executor ended (callbacks, metrics).
         on_stage: called with (stage, seconds) for metrics.
-        codec: a `CodecPool` for bulk groups (see worker/codec.py); None runs them on the job threads.
+        on_error: called with each unexpected error a job thread survived (metrics).
+        codec: a `Codec` for bulk groups; None runs them on the job threads.
+        clock: monotonic seconds (tests inject a fake one).
     """
 
-    def __init__(self, *, store: RedisJobStore, storage: Any, models: Models, worker_id: str, lease_s: float,
+    def __init__(self, *, store: RedisJobStore, storage: Storage, models: Models, worker_id: str, lease_s: float,
                  max_input_pixels: int, job_timeout_s: float, threads: int = 8, group_size: int = 8,
-                 on_finished: Callable[[Job], None] | None = None,
-                 on_stage: Callable[[str, float], None] | None = None, codec: Any = None) -> None:
+                 on_finished: Callable[[Job, int], None] | None = None,
+                 on_stage: Callable[[str, float], None] | None = None,
+                 on_error: Callable[[BaseException], None] | None = None, codec: Codec | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.store = store
         self.codec = codec
         self.storage = storage
@@ -148,18 +200,19 @@ class JobExecutor:
         self.lease_s = lease_s
         self.max_input_pixels = max_input_pixels
         self.job_timeout_s = job_timeout_s
-        self.on_finished = on_finished or (lambda job: None)
+        self.on_finished = on_finished or (lambda job, token: None)
         self.on_stage = on_stage or (lambda stage, seconds: None)
-        # Items are groups of job ids: one interactive job, or bulk jobs of one chunk (`group_size` of
-        # them, or the whole chunk with a codec pool), which a job thread runs together (one wake-up per
-        # group, one Redis round trip to finish them).
+        self.on_error = on_error or (lambda exc: None)
+        self.clock = clock
+        # Items are groups: one interactive job, or bulk jobs of one message (`group_size` of them, or the
+        # whole message with a codec pool), which a job thread runs together (one wake-up per group, one
+        # fence and one finishing round trip).
         self._queue = GroupQueue()
         self.group_size = group_size
-        self._running: dict[str, _Running] = {}
+        self._held: dict[str, Held] = {}
         self._lock = threading.Lock()
         self._idle = threading.Condition(self._lock)
         self._stopping = False
-        # Two extra threads take interactive jobs only: a bulk backlog never leaves them without a thread.
         self._threads = [threading.Thread(target=self._work, args=(i >= threads,), name=f"job-{i}", daemon=True)
                          for i in range(threads + INTERACTIVE_THREADS)]
         for thread in self._threads:
@@ -167,93 +220,103 @@ class JobExecutor:
 
     # --- intake ---------------------------------------------------------------------------------
 
-    def accept(self, job_ids: Sequence[str], priority: int) -> list[str]:
-        """Claim these jobs for this worker and queue them; returns the ids it could not take.
+    def accept(self, job_ids: Sequence[str], priority: Priority) -> None:
+        """Claim these jobs for this worker and queue them.
 
-        Jobs already finished, cancelled, or running under someone else's live lease are skipped, so
-        a redelivered message is harmless. Once stopping, nothing is claimed: the ids come back so
-        the caller can send them again instead of acknowledging them away.
+        Jobs already finished, or running under another worker's live lease, are skipped, so a redelivered
+        message is harmless. A job this worker still holds from an earlier attempt (a message sent again
+        after that attempt timed out or was reaped) is made due again shortly, never dropped. Once stopping,
+        nothing is claimed: each job's message is made due again for another worker.
+        Raises RedisUnavailable when the job store cannot be reached (nothing was claimed then).
         """
         if self._stopping:
-            return list(job_ids)
+            for job_id in job_ids:
+                self.store.reschedule(job_id, 0)
+            return
         with self._lock:
-            fresh = [job_id for job_id in job_ids if job_id not in self._running]
-        claimed: list[str] = []
+            fresh = [job_id for job_id in job_ids if job_id not in self._held]
+        for job_id in job_ids:
+            if job_id not in fresh and self.store.reschedule(job_id, HELD_RESCHEDULE_S):
+                log.info("job %s: message for an earlier attempt still held here; sent again in %g s", job_id,
+                         HELD_RESCHEDULE_S)
+        claimed: list[Held] = []
+        now = self.clock()
         for job_id, claim in zip(fresh, self.store.claim_many(fresh, self.worker_id, lease_s=self.lease_s,
                                                                max_attempts=MAX_ATTEMPTS), strict=True):
-            if claim.outcome == "claimed" and claim.job is not None:
+            if claim.outcome in (ClaimOutcome.CLAIMED, ClaimOutcome.PROMOTE) and claim.job is not None:
+                held = Held(claim.job, claim.job.priority, claim.outcome == ClaimOutcome.PROMOTE, now)
                 with self._lock:
-                    self._running[job_id] = _Running(job_id, priority, claim.attempts, claim.job)
-                claimed.append(job_id)
-            elif claim.outcome == "failed":
-                log.warning("job %s: failed, its worker was lost on the last attempt", job_id)
-                self._notify(job_id)
-            elif claim.outcome == "missing":
+                    self._held[job_id] = held
+                claimed.append(held)
+            elif claim.outcome in (ClaimOutcome.FAILED, ClaimOutcome.EXPIRED):
+                reason = ("its worker was lost on the last attempt" if claim.outcome == ClaimOutcome.FAILED
+                          else "its deadline passed before it started")
+                log.warning("job %s: %s (%s)", job_id, claim.state, reason)
+                self._notify(job_id, claim.callback_token)
+            elif claim.outcome == ClaimOutcome.MISSING:
                 log.warning("job %s: no such job (expired or never created); message dropped", job_id)
             else:
-                log.info("job %s: %s, message dropped", job_id, claim.outcome if claim.outcome == "busy"
-                         else f"already {claim.state}")
-        # Interactive jobs run alone. Bulk jobs run in batch-sized groups on the job threads, or as one
-        # group per message through the codec pool: one load and one store call, one finishing round trip.
-        if priority == INTERACTIVE:
+                log.debug("job %s: %s, message dropped", job_id,
+                          "held by another worker" if claim.outcome == ClaimOutcome.BUSY else f"already {claim.state}")
+        # Interactive jobs run alone. Bulk jobs run in batch-sized groups on the job threads, or as one group
+        # per message through the codec pool: one load and one store call, one finishing round trip.
+        if priority is Priority.INTERACTIVE:
             size = 1
         else:
             size = self.group_size if self.codec is None else max(1, len(claimed))
         for start in range(0, len(claimed), size):
             self._queue.put(priority, tuple(claimed[start:start + size]))
-        return []
 
     def inflight(self) -> int:
         with self._lock:
-            return len(self._running)
+            return len(self._held)
 
-    def running_ids(self) -> list[str]:
+    def held(self) -> list[tuple[str, int]]:
+        """(job id, attempt) of every job this worker holds: what the lease keeper renews."""
         with self._lock:
-            return list(self._running)
+            return [(held.job_id, held.attempts) for held in self._held.values()]
 
     def abandon(self, job_ids: Sequence[str]) -> None:
         """Forget jobs this worker no longer owns (cancelled, or taken over); their results are dropped."""
         with self._lock:
             for job_id in job_ids:
-                if job_id in self._running:
-                    self._running[job_id].abandoned = True
+                if job_id in self._held:
+                    self._held[job_id].abandoned = True
 
     def timed_out(self) -> list[str]:
         """Ids of jobs whose current attempt has run longer than the job timeout."""
-        limit = time.monotonic() - self.job_timeout_s
+        limit = self.clock() - self.job_timeout_s
         with self._lock:
-            return [r.job_id for r in self._running.values() if r.claimed_at < limit and not r.abandoned]
+            return [h.job_id for h in self._held.values() if h.claimed_at < limit and not h.abandoned]
 
     def expire(self, job_id: str) -> None:
         """End an attempt that ran past the job timeout (a transient `timeout`)."""
         with self._lock:
-            running = self._running.get(job_id)
-            if running is None:
+            held = self._held.get(job_id)
+            if held is None:
                 return
-            running.abandoned = True
-        self._fail(job_id, running.attempts, JobTimeout(f"attempt ran longer than {self.job_timeout_s:g} s"))
+            held.abandoned = True
+        self._fail(held, JobTimeout(f"attempt ran longer than {self.job_timeout_s:g} s"))
 
     # --- shutdown -------------------------------------------------------------------------------
 
     def stop(self, *, timeout: float = 60.0) -> list[str]:
-        """Finish jobs already started, give back jobs not started; returns the ids given back."""
+        """Give back jobs not started (queued again, their messages due now, their attempts returned), then
+        wait up to `timeout` for started ones; returns the ids given back."""
         self._stopping = True
-        given_back: list[tuple[str, int]] = []
+        unstarted: list[Held] = []
         for group in self._queue.drain():
-            for job_id in group:
+            for held in group:
                 with self._lock:
-                    running = self._running.pop(job_id, None)
-                if running is not None and not running.started:
-                    given_back.append((job_id, running.attempts))
-        released = []
-        for job_id, attempts in given_back:
-            # Not a real attempt: it never started, so the count goes back down.
-            if self.store.transition(job_id, JobState.RUNNING, JobState.QUEUED, owner=self.worker_id,
-                                     attempts=attempts - 1):
-                released.append(job_id)
-        deadline = time.monotonic() + timeout
+                    if self._held.pop(held.job_id, None) is not None and not held.started:
+                        unstarted.append(held)
+        moved = self.store.transition_many([
+            Change(h.job_id, JobState.RUNNING, JobState.QUEUED, owner=self.worker_id, attempt=h.attempts,
+                   give_back=not h.promote_only) for h in unstarted])
+        released = [held.job_id for held, ok in zip(unstarted, moved, strict=True) if ok]
+        deadline = self.clock() + timeout
         with self._idle:
-            while self._running and time.monotonic() < deadline:
+            while self._held and self.clock() < deadline:
                 self._idle.wait(0.2)
         self._queue.close()
         return released
@@ -266,175 +329,276 @@ class JobExecutor:
             if group is None:
                 return
             with self._lock:
-                runnings = [self._running[j] for j in group if j in self._running]
-                for running in runnings:
-                    running.started = True
+                for held in group:
+                    held.started = True
             try:
-                if self.codec is not None and runnings and runnings[0].priority == BULK:
-                    self._run_group_pooled(runnings)
-                else:
-                    self._run_group(runnings)
-            except Exception:  # the executor must survive anything a job does
-                log.exception("jobs %s: unexpected error", ", ".join(r.job_id for r in runnings))
-                for running in runnings:
-                    if not self._is_abandoned(running.job_id):
-                        self._fail(running.job_id, running.attempts,
-                                   InternalError("unexpected worker error; see worker log"))
+                self._run(list(group))
+            except BaseException as exc:  # a job thread survives anything, its own error handling included
+                log.exception("jobs %s: unexpected error", ", ".join(h.job_id for h in group))
+                self._survived(exc)
+                for held in group:
+                    self._fail_quietly(held, InternalError("unexpected worker error; see the worker log"))
             finally:
-                for running in runnings:
-                    self._finished(running.job_id)
+                for held in group:
+                    self._release(held)
 
-    def _finished(self, job_id: str) -> None:
+    def _run(self, group: list[Held]) -> None:
+        promotions = [held for held in group if held.promote_only]
+        if promotions:
+            self._finish_promotions(promotions)
+        jobs = [held for held in group if not held.promote_only]
+        if not jobs:
+            return
+        if self.codec is not None and jobs[0].priority is Priority.BULK:
+            self._run_pooled(jobs)
+        else:
+            self._run_inline(jobs)
+
+    def _release(self, held: Held) -> None:
         with self._idle:
-            self._running.pop(job_id, None)
+            if self._held.get(held.job_id) is held:
+                del self._held[held.job_id]
             self._idle.notify_all()
 
-    def _run_group(self, runnings: list[_Running]) -> None:
-        """Fetch and decode each job and hand it to the batcher; then, in order, store each result.
+    def _survived(self, exc: BaseException) -> None:
+        try:
+            self.on_error(exc)
+        except Exception:
+            log.exception("error hook failed")
 
-        Finished jobs are marked succeeded in one pipelined round trip, flushed before the thread
-        would block on an output not ready yet, so a result is never held back behind a slower one.
+    def _run_inline(self, helds: list[Held]) -> None:
+        """Fetch and decode each job and hand it to the batcher; then, in order, encode and stage each result.
+
+        Staged jobs are fenced, promoted and marked succeeded together, flushed before the thread would block
+        on an output not ready yet, so a result is never held back behind a slower one.
         """
-        started_jobs = [work for work in map(self._start, runnings) if work is not None]
-        done: list[_Work] = []
-        for work in started_jobs:
-            if not work.future.done():
-                self._succeed(done)
-                done = []
-            if self._finish(work):
-                done.append(work)
-        self._succeed(done)
+        started = [work for work in map(self._start, helds) if work is not None]
+        staged: list[_Work] = []
+        for work in started:
+            if work.future is not None and not work.future.done():
+                self._complete(staged)
+                staged = []
+            if self._encode_and_stage(work):
+                staged.append(work)
+        self._complete(staged)
 
-    def _run_group_pooled(self, runnings: list[_Running]) -> None:
-        """A bulk group through the codec pool: load all, infer all (batched), store all, finish all."""
+    def _run_pooled(self, helds: list[Held]) -> None:
+        """A bulk group through the codec pool: load all, infer all (batched), stage all, finish all."""
+        assert self.codec is not None
         styles: dict[str, tuple[StyleSpec, str]] = {}
-        works = [work for work in (self._begin(running, styles) for running in runnings) if work is not None]
-        loaded = self.codec.load([(w.running.job.input_uri, w.spec) for w in works], self.max_input_pixels)
-        cancelled = self._abandoned_among([w.running.job_id for w in works])  # while the inputs loaded
+        works = [work for work in (self._begin(held, styles) for held in helds) if work is not None]
+        loaded = self.codec.load([LoadItem(w.held.job.input_uri, w.spec, self.max_input_pixels) for w in works])
         by_style: dict[str, list[_Work]] = {}
-        for work, (prepared, seconds) in zip(works, loaded, strict=True):
-            if isinstance(prepared, Exception):
-                self._attempt_failed(work.running, prepared)
+        for work, done in zip(works, loaded, strict=True):
+            if done.error is not None:
+                self._attempt_failed(work.held, done.error)
                 continue
-            work.prepared = prepared
-            work.timings["fetch"] = self._record("fetch", seconds)
-            if work.running.job_id not in cancelled:
-                by_style.setdefault(work.running.job.style, []).append(work)
-        inferred = []
+            work.prepared = done.value
+            work.timings["fetch"] = self._record("fetch", done.seconds)
+            if not self._is_abandoned(work.held):
+                by_style.setdefault(work.held.job.style, []).append(work)
+        inferred: list[tuple[_Work, np.ndarray]] = []
         for style, group in by_style.items():  # one hand-over to the batcher per style
             began = time.perf_counter()
             try:
-                outcomes = self.models.results(
-                    self.models.submit_many(style, [w.prepared.pixels for w in group], BULK))
+                outcomes = self.models.results(self.models.submit_many(
+                    style, [w.prepared.pixels for w in group if w.prepared is not None], Priority.BULK))
             except Exception as exc:  # a timeout, or the style could not be loaded
                 for work in group:
-                    self._attempt_failed(work.running, exc)
+                    self._attempt_failed(work.held, exc)
                 continue
             seconds = time.perf_counter() - began
             for work, outcome in zip(group, outcomes, strict=True):
                 if isinstance(outcome, Exception):
-                    self._attempt_failed(work.running, outcome)
+                    self._attempt_failed(work.held, outcome)
                     continue
                 work.timings["infer"] = self._record("infer", seconds)
                 inferred.append((work, outcome))
-        cancelled = self._abandoned_among([w.running.job_id for w, _ in inferred])
-        outputs = [(work, output) for work, output in inferred if work.running.job_id not in cancelled]
-        stored = self.codec.store([(w.running.job.output_uri, output, w.spec, w.running.attempts > 1)
+        outputs = [(work, output) for work, output in inferred if not self._is_abandoned(work.held)]
+        stored = self.codec.stage([StageItem(w.held.job.output_uri, output, w.spec, f"a{w.held.attempts}")
                                    for w, output in outputs])
-        done = []
-        for (work, _), (written, seconds) in zip(outputs, stored, strict=True):
-            if isinstance(written, Exception):
-                self._attempt_failed(work.running, written)
+        staged = []
+        for (work, _), done in zip(outputs, stored, strict=True):
+            if done.error is not None:
+                self._attempt_failed(work.held, done.error)
                 continue
-            work.output_bytes = written
-            work.timings["store"] = self._record("store", seconds)
-            done.append(work)
-        self._succeed(done)
+            result: Staged = done.value
+            work.staged_uri, work.output_bytes = result.staged_uri, result.size
+            work.timings["store"] = self._record("store", done.seconds)
+            staged.append(work)
+        self._complete(staged)
 
-    def _begin(self, running: _Running, styles: dict[str, tuple[StyleSpec, str]]) -> _Work | None:
+    def _begin(self, held: Held, styles: dict[str, tuple[StyleSpec, str]]) -> _Work | None:
         """A job's work record with its style resolved (through `styles`, the lookups of one group);
         None (the job handled) on an error or cancellation."""
-        job = running.job
-        if self._is_abandoned(running.job_id):  # cancelled while it waited here
+        job = held.job
+        if self._is_abandoned(held):  # cancelled while it waited here
             return None
-        work = _Work(running)
-        if job.started_at:
+        work = _Work(held)
+        if job.started_at and job.created_at:
             work.timings["queued"] = round(max(0.0, parse_iso(job.started_at) - parse_iso(job.created_at)) * 1000, 1)
         try:
             if job.style not in styles:
                 styles[job.style] = self.models.spec_and_model(job.style)
             work.spec, work.model = styles[job.style]
         except Exception as exc:
-            self._attempt_failed(running, exc)
+            self._attempt_failed(held, exc)
             return None
         return work
 
-    def _start(self, running: _Running) -> _Work | None:
+    def _start(self, held: Held) -> _Work | None:
         """Fetch, decode, submit for inference; None (the job handled) on an error or cancellation."""
-        work = self._begin(running, {})
+        work = self._begin(held, {})
         if work is None:
             return None
-        job = running.job
+        job = held.job
         try:
             started = time.perf_counter()
             work.prepared = prepare(self.storage.read(job.input_uri), work.spec, max_pixels=self.max_input_pixels)
             work.timings["fetch"] = self._stage("fetch", started)
             work.submitted = time.perf_counter()
-            priority = INTERACTIVE if job.priority == "interactive" else BULK
-            work.future = self.models.submit(job.style, work.prepared.pixels, priority)
+            work.future = self.models.submit(job.style, work.prepared.pixels, held.priority)
         except Exception as exc:
-            self._attempt_failed(running, exc)
+            self._attempt_failed(held, exc)
             return None
         return work
 
-    def _finish(self, work: _Work) -> bool:
-        """Wait for one output, encode and store it; False (the job handled) on an error or cancellation."""
-        running, spec = work.running, work.spec
+    def _encode_and_stage(self, work: _Work) -> bool:
+        """Wait for one output, encode it and stage it; False (the job handled) on an error or cancellation."""
+        held, spec = work.held, work.spec
         try:
+            assert work.future is not None
             output = self.models.result(work.future)
             work.timings["infer"] = self._stage("infer", work.submitted)
-            if self._is_abandoned(running.job_id):
+            if self._is_abandoned(held):
                 return False
             started = time.perf_counter()
             encoded = render(output, spec)
-            self.storage.write(running.job.output_uri, encoded, spec.content_type, sweep=running.attempts > 1)
+            work.staged_uri = self.storage.stage(held.job.output_uri, encoded, spec.content_type,
+                                                 tag=f"a{held.attempts}")
             work.output_bytes = len(encoded)
             work.timings["store"] = self._stage("store", started)
         except Exception as exc:
-            self._attempt_failed(running, exc)
+            self._attempt_failed(held, exc)
             return False
         return True
 
-    def _attempt_failed(self, running: _Running, exc: Exception) -> None:
+    # --- finishing: fence, promote, succeed ---------------------------------------------------------
+
+    def _complete(self, staged: list[_Work]) -> None:
+        """Fence the staged outputs, promote those fenced, mark them succeeded; a lost job's staged output is
+        deleted, never promoted."""
+        if not staged:
+            return
+        fenced = self.store.fence_many(
+            self.worker_id, [(w.held.job_id, w.held.attempts, w.staged_uri, w.results()) for w in staged],
+            lease_s=self.lease_s)
+        promoted: list[_Work] = []
+        for work, ok in zip(staged, fenced, strict=True):
+            if ok:
+                promoted.append(work)
+            else:
+                log.info("job %s: no longer held by this attempt (cancelled or taken over); its output is dropped",
+                         work.held.job_id)
+                self._discard(work.staged_uri)
+        errors = self._promote([(w.staged_uri, w.held.job.output_uri) for w in promoted])
+        done = []
+        for work, error in zip(promoted, errors, strict=True):
+            if error is None:
+                done.append(work.held)
+            else:  # fenced: the next claim of this job finishes the promotion
+                log.warning("job %s: promoting its output failed (%s); it will be finished on its next claim",
+                            work.held.job_id, error)
+        self._succeed(done)
+
+    def _finish_promotions(self, helds: list[Held]) -> None:
+        """Jobs claimed to finish a lost attempt's promotion: promote, then succeed (no model time)."""
+        errors = self._promote([(h.job.staged_uri or "", h.job.output_uri) for h in helds])
+        done = []
+        for held, error in zip(helds, errors, strict=True):
+            if error is None:
+                log.info("job %s: finished the promotion of an earlier attempt's output", held.job_id)
+                done.append(held)
+            elif isinstance(error, JobError) and not error.transient:  # the staged output is gone: run it again
+                log.warning("job %s: an earlier attempt's output is lost (%s); running it again", held.job_id, error)
+                self.store.transition(held.job_id, JobState.RUNNING, JobState.QUEUED, owner=self.worker_id,
+                                      attempt=held.attempts, staged_uri=None)
+            else:
+                log.warning("job %s: promoting its output failed (%s); trying again later", held.job_id, error)
+        self._succeed(done)
+
+    def _promote(self, items: list[tuple[str, str]]) -> list[JobError | None]:
+        if not items:
+            return []
+        if self.codec is not None and len(items) > 1:
+            return [done.error for done in self.codec.promote([PromoteItem(*item) for item in items])]
+        errors: list[JobError | None] = []
+        for staged_uri, output_uri in items:
+            try:
+                self.storage.promote(staged_uri, output_uri)
+                errors.append(None)
+            except JobError as exc:
+                errors.append(exc)
+        return errors
+
+    def _succeed(self, helds: list[Held]) -> None:
+        """Mark fenced-and-promoted jobs succeeded, all in one round trip."""
+        if not helds:
+            return
+        moved = self.store.transition_many([
+            Change(h.job_id, JobState.RUNNING, JobState.SUCCEEDED, owner=self.worker_id, attempt=h.attempts)
+            for h in helds])
+        for held, result in zip(helds, moved, strict=True):
+            if result:
+                held.job.state = JobState.SUCCEEDED
+                log.debug("job %s: succeeded -> %s", held.job_id, held.job.output_uri)
+                self._notify(held.job_id, result.callback_token, held.job)
+            else:
+                log.info("job %s: finished after it was cancelled; its output stays at %s", held.job_id,
+                         held.job.output_uri)
+
+    def _discard(self, staged_uri: str) -> None:
+        try:
+            self.storage.discard(staged_uri)
+        except StyleQueueError as exc:
+            log.warning("could not delete a staged output %s: %s", staged_uri, exc)
+
+    # --- failures -----------------------------------------------------------------------------------
+
+    def _attempt_failed(self, held: Held, exc: Exception) -> None:
         if isinstance(exc, StyleQueueError):
             error = exc if isinstance(exc, JobError) else InternalError(str(exc))
-            log.info("job %s: attempt %d failed: %s: %s", running.job_id, running.attempts, error.code, error.message)
+            log.info("job %s: attempt %d failed: %s: %s", held.job_id, held.attempts, error.code, error.message)
         else:
-            log.exception("job %s: attempt %d failed", running.job_id, running.attempts, exc_info=exc)
+            log.exception("job %s: attempt %d failed", held.job_id, held.attempts, exc_info=exc)
             error = InternalError(f"{type(exc).__name__}: {exc}")
-        if not self._is_abandoned(running.job_id):
-            self._fail(running.job_id, running.attempts, error)
+        if not self._is_abandoned(held):
+            self._fail_quietly(held, error)
 
-    def _succeed(self, done: list[_Work]) -> None:
-        """Mark stored jobs succeeded, all in one round trip."""
-        if not done:
+    def _fail_quietly(self, held: Held, error: JobError) -> None:
+        """`_fail`, surviving a job store that cannot be reached (the lease then ends and the job is reaped)."""
+        try:
+            self._fail(held, error)
+        except RedisUnavailable as exc:
+            log.warning("job %s: could not record its failure (%s); it returns when its lease ends", held.job_id, exc)
+            self._survived(exc)
+
+    def _fail(self, held: Held, error: JobError) -> None:
+        """Map an attempt's error to the job's next state: a retry or a failure (the one place)."""
+        if error.transient and held.attempts < MAX_ATTEMPTS:
+            delay = RETRY_BACKOFF_S[min(held.attempts, len(RETRY_BACKOFF_S)) - 1]
+            if self.store.transition(held.job_id, JobState.RUNNING, JobState.QUEUED, owner=self.worker_id,
+                                     attempt=held.attempts, delay_s=delay, error=error.to_error()):
+                log.info("job %s: transient %s; retry %d of %d in %.0f s", held.job_id, error.code,
+                         held.attempts + 1, MAX_ATTEMPTS, delay)
             return
-        results = [dict(width=w.prepared.width, height=w.prepared.height, model=w.model, timings_ms=w.timings,
-                        output_bytes=w.output_bytes, error=None) for w in done]
-        moved = self.store.transition_many(
-            [(w.running.job_id, JobState.RUNNING, JobState.SUCCEEDED, self.worker_id, result)
-             for w, result in zip(done, results, strict=True)])
-        for work, result, ok in zip(done, results, moved, strict=True):
-            job = work.running.job
-            if ok:
-                log.debug("job %s: succeeded in %.0f ms -> %s", job.id, sum(work.timings.values()), job.output_uri)
-                # The claimed record is this executor's own copy, and the job is done with it.
-                job.state = JobState.SUCCEEDED
-                for name, value in result.items():
-                    setattr(job, name, value)
-                self._notify(job.id, job)
-            else:
-                self._discard(job.id, job.output_uri)
+        moved = self.store.transition(held.job_id, JobState.RUNNING, JobState.FAILED, owner=self.worker_id,
+                                      attempt=held.attempts, error=error.to_error())
+        if moved:
+            log.info("job %s: failed: %s: %s", held.job_id, error.code, error.message)
+            self._notify(held.job_id, moved.callback_token)
+
+    # --- small helpers ------------------------------------------------------------------------------
 
     def _stage(self, stage: str, started: float) -> float:
         return self._record(stage, time.perf_counter() - started)
@@ -443,45 +607,12 @@ class JobExecutor:
         self.on_stage(stage, seconds)
         return round(seconds * 1000, 1)
 
-    def _abandoned_among(self, job_ids: Sequence[str]) -> set[str]:
+    def _is_abandoned(self, held: Held) -> bool:
         with self._lock:
-            return {j for j in job_ids if (r := self._running.get(j)) is None or r.abandoned}
+            return held.abandoned or self._held.get(held.job_id) is not held
 
-    def _is_abandoned(self, job_id: str) -> bool:
-        with self._lock:
-            running = self._running.get(job_id)
-            return running is None or running.abandoned
-
-    def _discard(self, job_id: str, output_uri: str) -> None:
-        """The job was cancelled (or taken over) while it ran: its result must not stay behind."""
+    def _notify(self, job_id: str, token: int, job: Job | None = None) -> None:
         try:
-            current = self.store.get(job_id)
-        except StyleQueueError:
-            return
-        if current.state == JobState.CANCELLED:
-            log.info("job %s: cancelled while running; result discarded", job_id)
-            try:
-                self.storage.delete(output_uri)
-            except StyleQueueError as exc:
-                log.warning("job %s: could not delete discarded output %s: %s", job_id, output_uri, exc)
-
-    def _fail(self, job_id: str, attempts: int, error: JobError) -> None:
-        """Map an attempt's error to the job's next state: a retry or a failure (the one place)."""
-        if error.transient and attempts < MAX_ATTEMPTS:
-            delay = RETRY_BACKOFF_S[min(attempts, len(RETRY_BACKOFF_S)) - 1]
-            moved = self.store.transition(job_id, JobState.RUNNING, JobState.QUEUED, owner=self.worker_id,
-                                          error=error.to_error(), schedule=(RETRY_KEY, time.time() + delay))
-            if moved:
-                log.info("job %s: transient %s; retry %d of %d in %.0f s", job_id, error.code, attempts + 1,
-                         MAX_ATTEMPTS, delay)
-            return
-        if self.store.transition(job_id, JobState.RUNNING, JobState.FAILED, owner=self.worker_id,
-                                 error=error.to_error()):
-            log.info("job %s: failed: %s: %s", job_id, error.code, error.message)
-            self._notify(job_id)
-
-    def _notify(self, job_id: str, job: Job | None = None) -> None:
-        try:
-            self.on_finished(job if job is not None else self.store.get(job_id))
+            self.on_finished(job if job is not None else self.store.get(job_id), token)
         except Exception:
             log.exception("job %s: after-finish hook failed", job_id)

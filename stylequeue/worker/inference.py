@@ -17,6 +17,7 @@ import numpy as np
 
 from stylequeue.config.styles import StyleSpec
 from stylequeue.errors import JobTimeout
+from stylequeue.jobs.record import Priority
 from stylequeue.pipeline.images import from_model_output, to_model_input
 from stylequeue.worker.batching import DynamicBatcher, GroupFuture
 
@@ -88,12 +89,12 @@ class InferencePool:
         loaded, _ = self._entry(style)
         return loaded.spec, loaded.model
 
-    def submit(self, style: str, pixels: np.ndarray, priority: int) -> Future[np.ndarray]:
+    def submit(self, style: str, pixels: np.ndarray, priority: Priority) -> Future[np.ndarray]:
         """Queue one image (uint8 [H,W,3]) for the style's batcher; `result()` waits for its output pixels."""
         _, batcher = self._entry(style)
         return batcher.submit(pixels, priority=priority)
 
-    def submit_many(self, style: str, pixels: Sequence[np.ndarray], priority: int) -> GroupFuture:
+    def submit_many(self, style: str, pixels: Sequence[np.ndarray], priority: Priority) -> GroupFuture:
         """`submit` for several images of one style at once (a bulk group): one hand-over to the batcher;
         `results()` waits for them all."""
         _, batcher = self._entry(style)

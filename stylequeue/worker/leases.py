@@ -1,49 +1,84 @@
-"""Keeping jobs alive and bringing lost ones back (SPEC section 4, "Ownership").
+"""Keeping jobs alive, and bringing back what is owed (SPEC section 4, "Ownership" and "Faults").
 
-One `LeaseKeeper` thread per worker process, every `tick_s` seconds:
-- renews the leases of the jobs this worker holds, and drops those it no longer owns (cancelled,
-  taken over after a stall);
+One `LeaseKeeper` thread per worker process. Every `tick_s` seconds it
+- publishes the worker's heartbeat;
+- renews the leases of the jobs this worker holds (per attempt) and abandons those it no longer holds
+  (cancelled, taken over);
 - ends attempts that ran past STYLEQUEUE_JOB_TIMEOUT_S;
-- reaps jobs of any worker whose lease expired: back to `queued` and sent again (a killed worker's
-  jobs finish elsewhere whether or not the broker redelivers their messages);
-- sends again jobs whose retry is due, and webhook deliveries whose retry is due.
-Schedules hand each due item to one worker (`take_due` is atomic) and keep it until it was sent.
+- reaps jobs of any worker whose lease ended: back to `queued` with their message due in the same script
+  (or failed after the last attempt), so a killed worker's jobs finish elsewhere.
+Every `due_tick_s` (sooner: retries wait one or four seconds) it drains the due sets: it sends the message of
+each job whose message is owed, then removes the entry only if it is still the one it took; and it sends a
+delivery message for each callback that came due. Every `sweep_every_s`, one worker at a time sweeps: jobs
+queued for several visibility periods with no message owed, while their broker queue is empty, are
+scheduled again and counted (in a correct system the count stays zero).
 """
 
 from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable
-from typing import Any
+import time
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol
 
 from stylequeue.errors import StyleQueueError
-from stylequeue.jobs import CALLBACK_DUE_KEY, RETRY_KEY, JobState, RedisJobStore
-from stylequeue.worker.execution import JobExecutor
+from stylequeue.jobs import CALLBACK_LEASE_S, CALLBACKS_DUE, DUE, JobState, Priority, ReapOutcome, RedisJobStore
+from stylequeue.jobs.presence import Presence
 
 log = logging.getLogger("stylequeue.worker.leases")
+
+DUE_TICK_S = 0.5
+DUE_BATCH = 500
+SWEEP_EVERY_S = 60.0
+SWEEP_LOCK = "sweep:lock"
+
+
+class Holder(Protocol):
+    """What the keeper needs of the executor."""
+
+    def held(self) -> list[tuple[str, int]]: ...
+
+    def abandon(self, job_ids: Sequence[str]) -> None: ...
+
+    def timed_out(self) -> list[str]: ...
+
+    def expire(self, job_id: str) -> None: ...
 
 
 class LeaseKeeper:
     """Background thread doing the periodic duties above.
 
     Args:
-        send_job: send a job's message again: (job_id, priority).
-        send_callback: put a webhook delivery on the callbacks queue: (job_id).
+        send_jobs: send messages for jobs of one priority: (job ids, priority).
+        send_callback: send a delivery message: (job id, token).
+        queue_depths: messages waiting per broker queue of each priority (for the sweep).
         heartbeat: JSON-able info published with each heartbeat.
+        sweep_after_s: how long a job may sit queued with no message owed before the sweep looks at it.
+        clock: monotonic seconds (tests inject a fake one and call the duties directly).
     """
 
-    def __init__(self, *, store: RedisJobStore, executor: JobExecutor | None, worker_id: str, lease_s: float,
-                 send_job: Callable[[str, str], None], send_callback: Callable[[str], None],
-                 heartbeat: Callable[[], dict[str, Any]], tick_s: float | None = None) -> None:
+    def __init__(self, *, store: RedisJobStore, executor: Holder | None, worker_id: str, lease_s: float,
+                 send_jobs: Callable[[Sequence[str], Priority], None], send_callback: Callable[[str, int], None],
+                 queue_depths: Callable[[], dict[Priority, int]], heartbeat: Callable[[], dict[str, Any]],
+                 sweep_after_s: float, tick_s: float | None = None, due_tick_s: float = DUE_TICK_S,
+                 sweep_every_s: float = SWEEP_EVERY_S, clock: Callable[[], float] = time.monotonic) -> None:
         self.store = store
+        self.presence = Presence(store)
         self.executor = executor
         self.worker_id = worker_id
         self.lease_s = lease_s
-        self.send_job = send_job
+        self.send_jobs = send_jobs
         self.send_callback = send_callback
+        self.queue_depths = queue_depths
         self.heartbeat = heartbeat
+        self.sweep_after_s = sweep_after_s
         self.tick_s = tick_s if tick_s is not None else max(0.2, min(5.0, lease_s / 3))
+        self.due_tick_s = min(due_tick_s, self.tick_s)
+        self.sweep_every_s = sweep_every_s
+        self.clock = clock
+        self.sweep_found = 0  # jobs this worker's sweeps scheduled (a metric: it should stay 0)
+        self.errors = 0  # rounds that failed (Redis away for a moment)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="lease-keeper", daemon=True)
 
@@ -56,54 +91,82 @@ class LeaseKeeper:
         self._thread.join(10)
 
     def _loop(self) -> None:
-        while not self._stop.wait(self.tick_s):
+        next_tick = next_sweep = self.clock()
+        while not self._stop.wait(self.due_tick_s):
+            now = self.clock()
             try:
-                self.tick()
-            except StyleQueueError as exc:  # Redis away for a moment: try again next tick
+                if now >= next_tick:
+                    next_tick = now + self.tick_s
+                    self.tick()
+                self.drain()
+                if now >= next_sweep:
+                    next_sweep = now + self.sweep_every_s
+                    self.sweep()
+            except StyleQueueError as exc:  # Redis away for a moment: try again next round
+                self.errors += 1
                 log.warning("lease keeper: %s", exc)
             except Exception:
+                self.errors += 1
                 log.exception("lease keeper: unexpected error")
 
-    def tick(self, now: float | None = None) -> None:
-        """One round of duties (public so tests can drive it deterministically)."""
-        self.store.heartbeat(self.worker_id, self.heartbeat())
+    # --- the duties (public so tests drive them deterministically) ----------------------------------
+
+    def tick(self) -> None:
+        """Heartbeat, renew, time out, reap."""
+        self.presence.heartbeat(self.worker_id, self.heartbeat())
         if self.executor is not None:
-            lost = self.store.renew_leases(self.worker_id, self.executor.running_ids(), lease_s=self.lease_s)
+            lost = self.store.renew_leases(self.worker_id, self.executor.held(), lease_s=self.lease_s)
             if lost:
-                log.info("no longer holding %s (cancelled or taken over)", ", ".join(lost))
+                log.info("no longer holding %s (cancelled, taken over or given back)", ", ".join(lost))
                 self.executor.abandon(lost)
             for job_id in self.executor.timed_out():
                 self.executor.expire(job_id)
-        self.reap(now)
-        self.send_due(now)
+        self.reap()
 
-    def reap(self, now: float | None = None) -> None:
-        for job_id in self.store.expired_leases(now=now):
-            outcome = self.store.reap(job_id, now=now)
-            if outcome == "requeued":
-                job = self.store.get(job_id)
-                log.warning("job %s: lease of %s expired; requeued and sent again", job_id, job.owner or "a worker")
-                self.send_job(job_id, job.priority)
-            elif outcome == "failed":
-                log.warning("job %s: lease expired on its last attempt; failed (internal)", job_id)
-                if self.store.get(job_id).callback_url:  # the reaping script recorded it as pending
-                    self.send_callback(job_id)
+    def reap(self) -> None:
+        for reaped in self.store.reap(self.store.expired_leases()):
+            owner = reaped.previous_owner or "an unknown worker"
+            if reaped.outcome == ReapOutcome.REQUEUED:
+                log.warning("job %s: lease of %s ended; queued again, its message due now", reaped.job_id, owner)
+            elif reaped.outcome == ReapOutcome.FAILED:
+                log.warning("job %s: lease of %s ended on its last attempt; failed (internal)", reaped.job_id, owner)
+                if reaped.callback_token:
+                    self.send_callback(reaped.job_id, reaped.callback_token)
 
-    def send_due(self, now: float | None = None) -> None:
-        due_jobs = self.store.take_due(RETRY_KEY, now=now)
-        sent = []
-        for job_id in due_jobs:
-            try:
-                job = self.store.get(job_id)
-            except StyleQueueError:
-                sent.append(job_id)  # expired or unknown: nothing to send
-                continue
-            if job.state == JobState.QUEUED:
-                self.send_job(job_id, job.priority)
-            sent.append(job_id)
-        self.store.done_due(RETRY_KEY, sent)
-        due_callbacks = self.store.take_due(CALLBACK_DUE_KEY, now=now)
-        for job_id in due_callbacks:
-            self.send_callback(job_id)
-        self.store.done_due(CALLBACK_DUE_KEY, due_callbacks)
+    def drain(self) -> None:
+        """Send what is due: job messages (then drop their entries, if still theirs) and callback deliveries."""
+        taken = self.store.take_due(DUE, limit=DUE_BATCH)
+        if taken:
+            by_priority: dict[Priority, list[str]] = {}
+            for (job_id, _), (state, priority) in zip(taken, self._states([j for j, _ in taken]), strict=True):
+                if state is JobState.QUEUED and priority is not None:
+                    by_priority.setdefault(priority, []).append(job_id)
+            for priority, job_ids in by_priority.items():
+                self.send_jobs(job_ids, priority)
+            self.store.done_due(DUE, taken)
+            sent = sum(map(len, by_priority.values()))
+            if sent:
+                log.info("sent %d job messages that were due (retries, give-backs, reaped or unsent jobs)", sent)
+        for job_id, token in self.store.take_due(CALLBACKS_DUE, limit=DUE_BATCH, hold_s=CALLBACK_LEASE_S):
+            self.send_callback(job_id, token)
+
+    def _states(self, job_ids: Sequence[str]) -> list[tuple[JobState | None, Priority | None]]:
+        jobs = self.store.get_many(job_ids)
+        return [(job.state, job.priority) if job is not None else (None, None) for job in jobs]
+
+    def sweep(self) -> int:
+        """Belt and braces: schedule jobs queued long ago with no message owed whose broker queue is empty."""
+        if not self.store.try_lock(SWEEP_LOCK, self.worker_id, self.sweep_every_s):
+            return 0
+        candidates = self.store.sweep_candidates(older_than_s=self.sweep_after_s)
+        if not candidates:
+            return 0
+        depths = self.queue_depths()
+        # A job waiting behind others in its broker queue is not lost; only an empty queue says so.
+        lost = [job_id for job_id, priority in candidates if depths.get(priority, 0) == 0]
+        found = self.store.sweep(lost)
+        if found:
+            self.sweep_found += found
+            log.error("sweep: %d queued jobs had no message and none owed; scheduled them again", found)
+        return found
 

@@ -1,6 +1,7 @@
 """Prometheus metrics of one worker process, served on `--metrics-port`.
 
-jobs by final state and style, batch sizes, stage latencies, broker queue depths, model load time.
+jobs by final state and style, batch sizes, stage latencies, broker queue depths, model load time, and the
+errors the worker survived (job threads, the sweep's finds).
 """
 
 from __future__ import annotations
@@ -30,6 +31,15 @@ class WorkerMetrics:
         self.inflight = Gauge("stylequeue_jobs_inflight", "Jobs this worker holds", registry=self.registry)
         self.model_load_seconds = Gauge("stylequeue_model_load_seconds", "Time to load and warm a style",
                                         ["style"], registry=self.registry)
+        self.thread_errors = Counter("stylequeue_job_thread_errors_total",
+                                     "Unexpected errors a job thread survived (its jobs failed or return on lease end)",
+                                     registry=self.registry)
+        self.sweep_found = Counter("stylequeue_sweep_found_total",
+                                   "Queued jobs the sweep found with no message owed (should stay 0)",
+                                   registry=self.registry)
+        self.callbacks_waiting = Gauge("stylequeue_callbacks_waiting",
+                                       "Callback deliveries this worker has taken and not finished",
+                                       registry=self.registry)
         # labels() looks a child up under a lock each call; per-job metrics keep their children here.
         self._stages: dict[str, Any] = {}
         self._jobs: dict[tuple[str, str], Any] = {}

@@ -1,11 +1,11 @@
-"""One worker process's machinery, wired from Settings: store, storage, models, executor, lease keeper.
+"""One worker process's machinery, wired from Settings: store, storage, models, executor, lease keeper, callbacks.
 
-Celery tasks (worker/tasks.py) only hand job ids to `WorkerService.accept`; everything after that
-happens here and in the modules it wires. A message is acknowledged once its jobs are claimed (a
-lease in the job store protects them from then on), so the Celery pool is never tied up by a long
-job and an interactive message is always taken promptly. Backpressure: when this process holds more
-than `high_water` jobs (about two seconds of its work) it stops consuming `stylequeue.bulk` until it
-has worked down to `low_water`.
+Celery tasks (worker/tasks.py) only hand job ids (or callback deliveries) to `WorkerService`; everything after
+that happens here and in the modules it wires. A job message is acknowledged once its jobs are claimed (a
+lease in the job store protects them from then on), so the Celery pool is never tied up by a long job and an
+interactive message is always taken promptly. A callback message is acknowledged once its delivery is queued
+on the callback threads (its entry in the callbacks outbox protects it). Backpressure (worker/backpressure.py):
+when this process holds `high_water` jobs it stops consuming `stylequeue.bulk` until it is down to `low_water`.
 """
 
 from __future__ import annotations
@@ -18,17 +18,19 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from stylequeue import broker
 from stylequeue.config.settings import Settings
 from stylequeue.config.styles import StyleCatalog
 from stylequeue.errors import ConfigError, PaddleMissing
-from stylequeue.jobs import Job, RedisJobStore, iso_now
-from stylequeue.worker import messages
-from stylequeue.worker.batching import BULK, INTERACTIVE
+from stylequeue.jobs import Job, JobState, Presence, Priority, RedisJobStore, iso_now
+from stylequeue.worker.backpressure import Backpressure
 
 if TYPE_CHECKING:
     from celery import Celery
 
     from stylequeue.models.registry import LoadedStyle
+    from stylequeue.pipeline.storage import Storage
+    from stylequeue.worker.callbacks import CallbackDispatcher
     from stylequeue.worker.codec import CodecPool
     from stylequeue.worker.execution import JobExecutor
     from stylequeue.worker.inference import InferencePool
@@ -37,12 +39,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("stylequeue.worker")
 
-# Backpressure: a worker holds about HOLD_S seconds of claimed jobs, and never more than MAX_HELD.
-HOLD_S = 2.0
-MAX_HELD = 1024
-# The finish rate is re-measured over every RATE_WINDOW_S of busy time (time holding jobs), or over a
-# fifth of it once the worker finished min_water jobs in that time.
-RATE_WINDOW_S = 0.5
+# The sweep looks at jobs queued with no message owed for this many visibility periods: by then Celery has
+# redelivered any message a dead worker held, so a job still waiting had its message lost.
+SWEEP_AFTER_VISIBILITY_PERIODS = 3
 
 
 @dataclass
@@ -55,13 +54,14 @@ class WorkerOptions:
     models: bool = True  # False: --callbacks-only
     callbacks: bool = True  # False: --no-callbacks
     metrics_port: int | None = None
+    metrics_addr: str = "127.0.0.1"
     lease_s: float = 30.0
     worker_id: str = field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}")
 
     @property
     def queues(self) -> list[str]:
-        queues = list(messages.JOB_QUEUES) if self.models else []
-        return queues + ([messages.CALLBACK_QUEUE] if self.callbacks else [])
+        queues = list(broker.JOB_QUEUES) if self.models else []
+        return queues + ([broker.CALLBACK_QUEUE] if self.callbacks else [])
 
 
 def require_paddle() -> None:
@@ -77,7 +77,7 @@ def require_paddle() -> None:
 
 
 class WorkerService:
-    """Start with `start()`, feed with `accept()`, stop with `stop()`."""
+    """Start with `start()`, feed with `accept()` and `deliver_callback()`, stop with `stop()`."""
 
     def __init__(self, settings: Settings, options: WorkerOptions, app: Celery) -> None:
         self.settings = settings
@@ -86,26 +86,17 @@ class WorkerService:
         self.worker_id = options.worker_id
         self.store = RedisJobStore.from_url(settings.redis_url, key_prefix=settings.key_prefix,
                                             job_ttl_s=settings.job_ttl_s)
-        # The mark follows the worker's speed: about HOLD_S seconds of work, within [min, MAX_HELD].
-        # A paused queue takes a moment to resume (a poll cycle, then Celery's intake), so resuming
-        # starts at three quarters of the mark, while the worker still holds work for that moment.
-        self.min_water = max(4 * settings.max_batch, 2 * messages.BULK_CHUNK_SIZE)
-        self.high_water = self.min_water
-        self.low_water = self.high_water * 3 // 4
-        self._finished = 0
-        self._rate = 0.0
-        self._rate_base = 0  # jobs finished when the current window began
-        self._busy_s = 0.0  # busy seconds in the current window
-        self._clock: tuple[float, bool] = (time.monotonic(), False)  # last look: when, and busy then
+        self.presence = Presence(self.store)
+        self.backpressure = Backpressure(max(4 * settings.max_batch, 2 * broker.BULK_CHUNK_SIZE))
         self.metrics: WorkerMetrics | None = None
         self.pool: InferencePool | None = None
         self.executor: JobExecutor | None = None
         self.codec: CodecPool | None = None
         self.keeper: LeaseKeeper | None = None
-        self._storage: Any = None
+        self.callbacks: CallbackDispatcher | None = None
+        self._storage: Storage | None = None
         self._consumer: Any = None
-        self._bulk_paused = False
-        self._flow_lock = threading.Lock()
+        self._sweep_reported = 0
         self._started_at = time.time()
 
     # --- lifecycle --------------------------------------------------------------------------------
@@ -116,22 +107,26 @@ class WorkerService:
         from stylequeue.worker.metrics import WorkerMetrics
 
         self.store.ping()
-        self._check_redis()
+        for warning in self.store.persistence_warnings():
+            log.warning("%s", warning)
         if self.settings.webhook_secret is None and self.options.callbacks:
             log.warning("STYLEQUEUE_WEBHOOK_SECRET is not set: callbacks will be sent unsigned")
         self.metrics = WorkerMetrics()
         if self.options.metrics_port:
-            self.metrics.serve(self.options.metrics_port)
-            log.info("metrics on :%d/metrics", self.options.metrics_port)
+            self.metrics.serve(self.options.metrics_port, self.options.metrics_addr)
+            log.info("metrics on %s:%d/metrics", self.options.metrics_addr, self.options.metrics_port)
         threads = self.options.threads or min(32, 2 * self.settings.max_batch + 2)
         self._storage = Storage(self.settings, max_pool_connections=max(32, threads + 4))
         if self.options.models:
             self._start_models(threads)
+        if self.options.callbacks:
+            self._start_callbacks()
         self.keeper = LeaseKeeper(
             store=self.store, executor=self.executor, worker_id=self.worker_id, lease_s=self.options.lease_s,
-            send_job=lambda job_id, priority: messages.send_job(self.app, job_id, priority),
-            send_callback=lambda job_id: messages.send_callback(self.app, job_id),
-            heartbeat=self._heartbeat,
+            send_jobs=lambda job_ids, priority: broker.send_jobs(self.app, job_ids, priority),
+            send_callback=lambda job_id, token: broker.send_callback(self.app, job_id, token),
+            queue_depths=self._job_queue_depths, heartbeat=self._heartbeat,
+            sweep_after_s=SWEEP_AFTER_VISIBILITY_PERIODS * self.settings.visibility_timeout_s,
         ).start()
         return self
 
@@ -152,7 +147,7 @@ class WorkerService:
                                  device=self.settings.device, cache_dir=self.settings.cache_dir,
                                  max_loaded=max(4, len(styles)))
         metrics = self.metrics
-        assert metrics is not None
+        assert metrics is not None and self._storage is not None
         self.pool = InferencePool(
             registry, max_batch=self.settings.max_batch, max_wait_ms=self.settings.max_wait_ms,
             timeout_s=self.settings.job_timeout_s, on_loaded=self._published,
@@ -166,9 +161,8 @@ class WorkerService:
             store=self.store, storage=self._storage, models=self.pool, worker_id=self.worker_id,
             lease_s=self.options.lease_s, max_input_pixels=self.settings.max_input_pixels,
             job_timeout_s=self.settings.job_timeout_s, threads=threads, group_size=self.settings.max_batch,
-            on_finished=self._on_finished,
-            on_stage=metrics.observe_stage,
-            codec=self.codec,
+            on_finished=self._on_finished, on_stage=metrics.observe_stage,
+            on_error=lambda exc: metrics.thread_errors.inc(), codec=self.codec,
         )
 
     def _start_codec(self) -> threading.Thread | None:
@@ -202,123 +196,112 @@ class WorkerService:
         log.info("%d codec processes for bulk jobs", processes)
         return thread
 
+    def _start_callbacks(self) -> None:
+        from stylequeue.worker.callbacks import CallbackDispatcher, deliver_one
+
+        secret = self.settings.webhook_secret.get_secret_value() if self.settings.webhook_secret else None
+        self.callbacks = CallbackDispatcher(
+            lambda delivery: deliver_one(self.store, delivery, secret_for=lambda job: secret,
+                                         allow_private=self.settings.allow_private_networks,
+                                         render=self.public_record))
+
     def attach_consumer(self, consumer: Any) -> None:
         """Called when Celery's consumer is ready: lets backpressure pause and resume the bulk queue."""
         self._consumer = consumer
-        self.store.heartbeat(self.worker_id, self._heartbeat())
+        self.presence.heartbeat(self.worker_id, self._heartbeat())
 
     def stop(self) -> None:
-        """SIGTERM path: finish jobs already started, give back the rest, stop the threads."""
+        """SIGTERM path: give back jobs not started (their messages due at once), finish started ones, stop."""
         if self.executor is not None:
             released = self.executor.stop(timeout=max(30.0, self.settings.job_timeout_s))
-            for job_id in released:
-                job = self.store.get(job_id)
-                messages.send_job(self.app, job_id, job.priority)
             if released:
                 log.info("gave back %d jobs that had not started", len(released))
         if self.keeper is not None:
             self.keeper.stop()
+        if self.callbacks is not None:
+            self.callbacks.close()
         if self.pool is not None:
             self.pool.close()
         if self.codec is not None:
             self.codec.close()
         try:
-            self.store.forget_worker(self.worker_id)
+            self.presence.forget_worker(self.worker_id)
         except Exception as exc:  # Redis may be gone at shutdown; nothing is lost by skipping this
             log.debug("could not unregister worker: %s", exc)
 
     # --- intake -----------------------------------------------------------------------------------
 
-    def accept(self, job_ids: list[str], priority: str) -> int:
+    def accept(self, job_ids: list[str], priority: Priority | str) -> int:
         if self.executor is None:
             raise ConfigError("this worker serves callbacks only (--callbacks-only); it received a job message")
-        untaken = self.executor.accept(job_ids, INTERACTIVE if priority == "interactive" else BULK)
-        if untaken:  # shutting down: hand them to another worker rather than acknowledge them away
-            for job_id in untaken:
-                messages.send_job(self.app, job_id, priority)
+        self.executor.accept(job_ids, Priority(priority))
         self._flow()
-        return len(job_ids) - len(untaken)
+        return len(job_ids)
 
-    def _flow(self) -> None:
-        """Pause the bulk queue at the high-water mark; resume at the low-water mark."""
-        if self.executor is None or self._consumer is None:
-            return
-        inflight = self.executor.inflight()
-        with self._flow_lock:
-            self._follow_rate(busy=inflight > 0)
-            if not self._bulk_paused and inflight >= self.high_water:
-                self._bulk_paused = True
-            elif self._bulk_paused and inflight <= self.low_water:
-                self._bulk_paused = False
-            else:
-                return
-        # Celery's event loop runs its pending callbacks in no particular order (a set), so it is told
-        # to reconcile with the wanted state, never to pause or resume: the last one to run is right.
-        self._consumer.hub.call_soon(self._apply_flow)
+    def deliver_callback(self, job_id: str, token: int) -> None:
+        """Queue one delivery on the callback threads (never on this Celery thread)."""
+        from stylequeue.worker.callbacks import Delivery, host_of
 
-    def _apply_flow(self) -> None:
-        """On Celery's event loop: consume from the bulk queue, or not, as `_bulk_paused` now says."""
-        consumer = self._consumer
-        with self._flow_lock:
-            paused = self._bulk_paused
-        consuming = consumer.task_consumer.consuming_from(messages.BULK_QUEUE)
-        if paused and consuming:
-            consumer.cancel_task_queue(messages.BULK_QUEUE)
-        elif not paused and not consuming:
-            consumer.add_task_queue(messages.BULK_QUEUE)
-
-    def _follow_rate(self, busy: bool) -> None:
-        """Re-derive the marks from the jobs finished per busy second, once per RATE_WINDOW_S of it.
-
-        Only time spent holding jobs counts: a worker idle before a burst must not read as a slow one
-        (it would then hold the minimum for seconds into the burst). Called on every intake and finish.
-        """
-        now = time.monotonic()
-        last, was_busy = self._clock
-        self._clock = (now, busy)
-        if was_busy:
-            self._busy_s += now - last
-        done = self._finished - self._rate_base
-        # A full window, or sooner where the evidence is already plain: a fast worker that finished
-        # the whole minimum mark within a tenth of a second need not hold the minimum for half a second.
-        if self._busy_s < RATE_WINDOW_S and (self._busy_s < RATE_WINDOW_S / 5 or done < self.min_water):
-            return
-        rate = done / self._busy_s
-        self._rate = rate if self._rate == 0 else (self._rate + rate) / 2
-        self._busy_s, self._rate_base = 0.0, self._finished
-        self.high_water = int(min(MAX_HELD, max(self.min_water, HOLD_S * self._rate)))
-        self.low_water = self.high_water * 3 // 4
-
-    def deliver_callback(self, job_id: str) -> None:
-        from stylequeue.worker.callbacks import deliver_callback
-
-        secret = self.settings.webhook_secret.get_secret_value() if self.settings.webhook_secret else None
-        deliver_callback(self.store, job_id, secret=secret, allow_private=self.settings.allow_private_networks,
-                         render=self.public_record)
+        if self.callbacks is None:
+            raise ConfigError("this worker delivers no callbacks (--no-callbacks); it received a callback message")
+        try:
+            url = self.store.get(job_id).callback_url
+        except Exception:  # a gone record is recorded by the delivery itself
+            url = None
+        if not self.callbacks.submit(Delivery(job_id, int(token)), host_of(url)):
+            log.warning("job %s: too many callbacks waiting for %s; this one comes due again later", job_id,
+                        host_of(url))
 
     def public_record(self, job: Job) -> dict[str, Any]:
         url = None
-        if job.state == "succeeded" and job.output_uri.startswith("s3://") and self._storage is not None:
+        if job.state == JobState.SUCCEEDED and job.output_uri.startswith("s3://") and self._storage is not None:
             url = self._storage.presign(job.output_uri, self.settings.output_url_ttl_s)
         return job.to_dict(output_url=url)
 
+    # --- flow control -------------------------------------------------------------------------------
+
+    def _flow(self) -> None:
+        """Ask Celery's loop to reconcile the bulk queue with backpressure when its decision changed."""
+        if self.executor is None or self._consumer is None:
+            return
+        if self.backpressure.update(self.executor.inflight()):
+            # Celery's event loop runs pending callbacks in no particular order (a set), so it is told to
+            # reconcile with the wanted state, never to pause or resume: the last one to run is right.
+            self._consumer.hub.call_soon(self._apply_flow)
+
+    def _apply_flow(self) -> None:
+        """On Celery's event loop: consume from the bulk queue, or not, as backpressure now says."""
+        consumer = self._consumer
+        consuming = consumer.task_consumer.consuming_from(broker.BULK_QUEUE)
+        if self.backpressure.paused and consuming:
+            consumer.cancel_task_queue(broker.BULK_QUEUE)
+        elif not self.backpressure.paused and not consuming:
+            consumer.add_task_queue(broker.BULK_QUEUE)
+
     # --- hooks --------------------------------------------------------------------------------------
 
-    def _on_finished(self, job: Job) -> None:
-        self._finished += 1
+    def _on_finished(self, job: Job, callback_token: int) -> None:
+        self.backpressure.finished()
         if self.metrics is not None:
             self.metrics.count_job(str(job.state), job.style)
-        if job.callback_url:  # the script that finished the job recorded the callback as pending
-            messages.send_callback(self.app, job.id)
+        if callback_token:  # the finishing script put the callback on the outbox: wake a deliverer now
+            try:
+                broker.send_callback(self.app, job.id, callback_token)
+            except Exception as exc:  # it comes due on the outbox when its lease ends
+                log.warning("job %s: could not send its callback message now (%s); it is sent later", job.id, exc)
         self._flow()
 
     def _published(self, style: str, loaded: LoadedStyle) -> None:
         info = dict(loaded.info) | {"model": loaded.model, "load_ms": round(loaded.load_ms, 1),
                                     "loaded_at": iso_now()}
-        self.store.publish_runtime(style, self.worker_id, info)
+        self.presence.publish_runtime(style, self.worker_id, info)
         if self.metrics is not None:
             self.metrics.model_load_seconds.labels(style).set(loaded.load_ms / 1000)
         log.info("style %s: runtime %s/%s (%s)", style, info.get("runtime"), info.get("precision"), loaded.model)
+
+    def _job_queue_depths(self) -> dict[Priority, int]:
+        depths = broker.queue_depths(self.app, broker.JOB_QUEUES)
+        return {priority: depths.get(queue, 0) for priority, queue in broker.QUEUE_OF.items()}
 
     def _heartbeat(self) -> dict[str, Any]:
         self._flow()
@@ -327,21 +310,18 @@ class WorkerService:
         inflight = self.executor.inflight() if self.executor else 0
         if self.metrics is not None:
             self.metrics.inflight.set(inflight)
-            for queue in (*messages.JOB_QUEUES, messages.CALLBACK_QUEUE):
-                self.metrics.queue_depth.labels(queue).set(self.store.redis.llen(queue))
+            if self.callbacks is not None:
+                self.metrics.callbacks_waiting.set(self.callbacks.pending())
+            if self.keeper is not None:
+                found = self.keeper.sweep_found - self._sweep_reported
+                if found:
+                    self.metrics.sweep_found.inc(found)
+                    self._sweep_reported = self.keeper.sweep_found
+            try:
+                for queue, depth in broker.queue_depths(self.app).items():
+                    self.metrics.queue_depth.labels(queue).set(depth)
+            except Exception as exc:  # the broker away for a moment: the heartbeat still goes out
+                log.debug("queue depths unavailable: %s", exc)
         return {"device": self.settings.device, "inflight": inflight, "started": self._started_at,
                 "ready": self._consumer is not None, "pid": os.getpid(),
-                "styles": sorted(self.pool.loaded()) if self.pool else [], "bulk_paused": self._bulk_paused}
-
-    def _check_redis(self) -> None:
-        """The job store must keep what it is given (SPEC section 2): warn when it would not."""
-        try:
-            config = self.store.redis.config_get("appendonly") | self.store.redis.config_get("maxmemory-policy")
-            saves = self.store.redis.config_get("save").get("save", "")
-        except Exception:  # managed Redis often forbids CONFIG
-            return
-        if config.get("appendonly") != "yes" and not saves:
-            log.warning("Redis persists nothing (no AOF, no RDB saves): a Redis restart loses every job")
-        if config.get("maxmemory-policy", "noeviction") != "noeviction":
-            log.warning("Redis maxmemory-policy is %s: it may evict job records; use noeviction",
-                        config["maxmemory-policy"])
+                "styles": sorted(self.pool.loaded()) if self.pool else [], "bulk_paused": self.backpressure.paused}

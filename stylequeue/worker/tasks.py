@@ -1,4 +1,4 @@
-"""The Celery tasks: thin edges that hand job ids to this process's WorkerService.
+"""The Celery tasks: thin edges that hand job ids (or a callback delivery) to this process's WorkerService.
 
 Imported by a worker through the app's `include`; `celery -A stylequeue.worker.app worker` builds the
 service from the environment on `worker_init`, `stylequeue worker` builds and installs it first.
@@ -8,14 +8,22 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from typing import Any
 
 from celery import shared_task, signals
+from celery.exceptions import Reject
 
-from stylequeue.worker.messages import BULK_TASK, CALLBACK_TASK, INTERACTIVE_TASK
+from stylequeue.broker import BULK_TASK, CALLBACK_TASK, INTERACTIVE_TASK
+from stylequeue.errors import RedisUnavailable
+from stylequeue.jobs import Priority
 from stylequeue.worker.service import WorkerOptions, WorkerService
 
 log = logging.getLogger("stylequeue.worker")
+
+# A message whose jobs could not be claimed (the job store away) goes back to its queue after this pause,
+# so a broker that redelivers at once does not spin the worker.
+REQUEUE_PAUSE_S = 1.0
 
 _service: WorkerService | None = None
 _lock = threading.Lock()
@@ -61,19 +69,32 @@ def _stop_service(**_: Any) -> None:
             _service = None
 
 
+def _accept(job_ids: list[str], priority: Priority) -> int:
+    try:
+        return service().accept(job_ids, priority)
+    except RedisUnavailable as exc:
+        # Nothing was claimed: hand the message back rather than acknowledge its jobs away.
+        log.warning("job store unreachable; message for %d job(s) returned to its queue: %s", len(job_ids), exc)
+        time.sleep(REQUEUE_PAUSE_S)
+        raise Reject(str(exc), requeue=True) from exc
+
+
 @shared_task(name=INTERACTIVE_TASK, ignore_result=True)
 def interactive(job_id: str) -> int:
     """One interactive job: claimed here, run by the executor ahead of every bulk job."""
-    return service().accept([job_id], "interactive")
+    return _accept([job_id], Priority.INTERACTIVE)
 
 
 @shared_task(name=BULK_TASK, ignore_result=True)
 def bulk(job_ids: list[str]) -> int:
     """A chunk of bulk jobs; jobs already finished or held by a live worker are skipped."""
-    return service().accept(list(job_ids), "bulk")
+    return _accept(list(job_ids), Priority.BULK)
 
 
 @shared_task(name=CALLBACK_TASK, ignore_result=True)
-def callback(job_id: str) -> None:
-    """One webhook delivery attempt; failures are rescheduled in Redis, not with a countdown."""
-    service().deliver_callback(job_id)
+def callback(job_id: str, token: int | None = None) -> None:
+    """One webhook delivery, queued on the worker's callback threads; its outbox entry keeps it owed."""
+    if token is None:  # a message from before delivery tokens: the outbox sends a new one when due
+        log.info("job %s: callback message without a delivery token ignored; the outbox resends it", job_id)
+        return
+    service().deliver_callback(job_id, token)

@@ -1,0 +1,504 @@
+"""Every Lua script of the project, each headed by the KEYS and ARGV it takes and what it returns.
+
+A script is a compare-and-set: it reads what it decides on and writes in one step, so two workers racing on
+a job cannot both win. Scripts are assembled by `_script` from the body and the named Lua helpers it
+uses, nothing else: no text replacement inside a script.
+
+Shared conventions:
+- Times are Redis `TIME` in unix milliseconds (`now_ms()`), never a caller's clock.
+- A script that can end a job (claim, reap, transition) takes the "finishing" KEYS first
+  (running, queued, due, callbacks:due) and the "finishing" ARGV first (job TTL s, callback lease ms,
+  finished channel, pending callback JSON), so `finish()` can do everything a final state implies:
+  leave every schedule, expire the record, owe its callback, announce it on the channel.
+- Every move to `queued` puts the job on the `due` set (its message is owed) and on `queued` in the same
+  script (`requeue()`), so a message that is never sent or is lost delays a job but never loses it.
+- Hash values are JSON (see record.py): the state `queued` is stored as `"queued"`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+# --- helpers (Lua functions a script may include) ----------------------------------------------
+
+_NOW = """
+local function now_ms()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+"""
+
+# JSON string of a time in ISO 8601 UTC with milliseconds (civil-from-days, valid for any date after 1970).
+_ISO = """
+local function iso(ms)
+  local s = math.floor(ms / 1000)
+  local z = math.floor(s / 86400)
+  local secs = s - z * 86400
+  z = z + 719468
+  local era = math.floor(z / 146097)
+  local doe = z - era * 146097
+  local yoe = math.floor((doe - math.floor(doe / 1460) + math.floor(doe / 36524) - math.floor(doe / 146096)) / 365)
+  local doy = doe - (365 * yoe + math.floor(yoe / 4) - math.floor(yoe / 100))
+  local mp = math.floor((5 * doy + 2) / 153)
+  local day = doy - math.floor((153 * mp + 2) / 5) + 1
+  local month = mp < 10 and mp + 3 or mp - 9
+  local year = yoe + era * 400
+  if month <= 2 then year = year + 1 end
+  return string.format('"%04d-%02d-%02dT%02d:%02d:%02d.%03dZ"', year, month, day,
+    math.floor(secs / 3600), math.floor(secs % 3600 / 60), secs % 60, ms % 1000)
+end
+"""
+
+# The finishing KEYS and ARGV (see the module docstring), named once per script.
+_FINISHING = """
+local K_RUNNING, K_QUEUED, K_DUE, K_CALLBACKS = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+local TTL, CALLBACK_LEASE, CHANNEL, PENDING = tonumber(ARGV[1]), tonumber(ARGV[2]), ARGV[3], ARGV[4]
+"""
+
+# Everything a final state implies, after the caller wrote the state itself. Returns the callback's
+# delivery token (its score on callbacks:due) when the job owes one, else 0: the finisher sends the
+# delivery message with that token, and if it never does, the entry comes due when the lease ends.
+_FINISH = """
+local function finish(key, id, t)
+  redis.call('HSET', key, 'owner', 'null', 'lease_until', 'null', 'staged_uri', 'null', 'finished_at', iso(t))
+  redis.call('ZREM', K_RUNNING, id)
+  redis.call('ZREM', K_QUEUED, id)
+  redis.call('ZREM', K_DUE, id)
+  redis.call('EXPIRE', key, TTL)
+  local token = 0
+  local url = redis.call('HGET', key, 'callback_url')
+  if url and url ~= 'null' then
+    local owed = redis.call('HGET', key, 'callback')
+    if (not owed) or owed == 'null' then redis.call('HSET', key, 'callback', PENDING) end
+    token = t + CALLBACK_LEASE
+    redis.call('ZADD', K_CALLBACKS, token, id)
+  end
+  redis.call('PUBLISH', CHANNEL, id)
+  return token
+end
+"""
+
+# Back to `queued`: off `running`, onto `queued` (now) and `due` (now + delay): its message is owed.
+_REQUEUE = """
+local function requeue(key, id, t, delay)
+  redis.call('HSET', key, 'state', '"queued"', 'owner', 'null', 'lease_until', 'null')
+  redis.call('ZREM', K_RUNNING, id)
+  redis.call('ZADD', K_QUEUED, t, id)
+  redis.call('ZADD', K_DUE, t + delay, id)
+end
+"""
+
+_HELPERS = {"now": _NOW, "iso": _ISO, "finishing": _FINISHING, "finish": _FINISH, "requeue": _REQUEUE}
+
+
+@dataclass(frozen=True)
+class Script:
+    """A Lua script and its SHA-1 (what EVALSHA names it by)."""
+
+    name: str
+    source: str
+
+    @property
+    def sha(self) -> str:
+        return hashlib.sha1(self.source.encode()).hexdigest()
+
+
+def _script(name: str, body: str, *, uses: tuple[str, ...] = (), lists: dict[str, tuple[str, ...]] | None = None
+            ) -> Script:
+    """The script `name`: Lua tables of constant strings (`lists`), the helpers it uses, then its body."""
+    constants = "".join(f"local {table} = {{{', '.join(repr(item) for item in items)}}}\n"
+                        for table, items in (lists or {}).items())
+    return Script(name, constants + "".join(_HELPERS[helper] for helper in uses) + body)
+
+
+# --- creating jobs -----------------------------------------------------------------------------
+
+# KEYS: job, idempotency key or '', queued, due, tenant index or ''
+# ARGV: job id, idempotency TTL (s), dispatch grace (ms), deadline (ms after now) or '', field/value pairs...
+# Returns {existing job id or '', created_at (JSON), dispatch token}. The job is on `due` at now + grace:
+# the producer sends its message and then removes the entry (DISPATCHED); a producer that dies in between
+# leaves it due, and a worker sends it.
+CREATE = _script("create", """
+local t = now_ms()
+if KEYS[2] ~= '' then
+  local existing = redis.call('GET', KEYS[2])
+  if existing then return {existing, '', 0} end
+  redis.call('SET', KEYS[2], ARGV[1], 'EX', ARGV[2])
+end
+local created = iso(t)
+redis.call('HSET', KEYS[1], unpack(ARGV, 5))
+redis.call('HSET', KEYS[1], 'created_at', created)
+if ARGV[4] ~= '' then redis.call('HSET', KEYS[1], 'deadline_ms', t + tonumber(ARGV[4])) end
+redis.call('ZADD', KEYS[3], t, ARGV[1])
+local token = t + tonumber(ARGV[3])
+redis.call('ZADD', KEYS[4], token, ARGV[1])
+if KEYS[5] ~= '' then redis.call('ZADD', KEYS[5], t, ARGV[1]) end
+return {'', created, token}
+""", uses=("now", "iso"))
+
+# KEYS: queued, due, tenant index or '', then one job key per job
+# ARGV: dispatch grace (ms), deadline (ms after now) or '', then per job: job id, n, n field/value items
+# Returns {created_at (JSON), dispatch token}: one token for the whole call.
+CREATE_MANY = _script("create_many", """
+local t = now_ms()
+local created = iso(t)
+local token = t + tonumber(ARGV[1])
+local deadline = ARGV[2] ~= '' and t + tonumber(ARGV[2]) or nil
+local at = 3
+for i = 4, #KEYS do
+  local id, n = ARGV[at], tonumber(ARGV[at + 1])
+  redis.call('HSET', KEYS[i], 'created_at', created, unpack(ARGV, at + 2, at + 1 + n))
+  if deadline then redis.call('HSET', KEYS[i], 'deadline_ms', deadline) end
+  redis.call('ZADD', KEYS[1], t, id)
+  redis.call('ZADD', KEYS[2], token, id)
+  if KEYS[3] ~= '' then redis.call('ZADD', KEYS[3], t, id) end
+  at = at + 2 + n
+end
+return {created, token}
+""", uses=("now", "iso"))
+
+# KEYS: due.  ARGV: dispatch token, job ids...
+# The producer sent these jobs' messages: remove each entry whose score is still the token it was given.
+DISPATCHED = _script("dispatched", """
+local removed = 0
+for i = 2, #ARGV do
+  if tonumber(redis.call('ZSCORE', KEYS[1], ARGV[i])) == tonumber(ARGV[1]) then
+    removed = removed + redis.call('ZREM', KEYS[1], ARGV[i])
+  end
+end
+return removed
+""")
+
+# KEYS: queued, due, tenant index or '', then per job: job key, idempotency key or ''
+# ARGV: job ids...
+# A submit whose message could not be sent is undone: each job still `queued` that no worker ever began is
+# deleted with its entries and its idempotency key (if that still names it). Returns how many were deleted.
+DISCARD_UNSENT = _script("discard_unsent", """
+local deleted = 0
+for i = 1, #ARGV do
+  local key, idem, id = KEYS[2 + 2 * i], KEYS[3 + 2 * i], ARGV[i]
+  local now = redis.call('HMGET', key, 'state', 'attempts')
+  if now[1] == '"queued"' and (tonumber(now[2]) or 0) == 0 then
+    redis.call('DEL', key)
+    redis.call('ZREM', KEYS[1], id)
+    redis.call('ZREM', KEYS[2], id)
+    if KEYS[3] ~= '' then redis.call('ZREM', KEYS[3], id) end
+    if idem ~= '' and redis.call('GET', idem) == id then redis.call('DEL', idem) end
+    deleted = deleted + 1
+  end
+end
+return deleted
+""")
+
+# --- running jobs ------------------------------------------------------------------------------
+
+# What a claim returns of a job besides its id and attempt: what a worker needs to run it and report it.
+CLAIM_FIELDS = ("style", "input_uri", "output_uri", "priority", "callback_url", "created_at")
+
+# KEYS: running, queued, due, callbacks:due, then one job key per job
+# ARGV: (finishing ARGV 1-4), worker (JSON), lease (ms), max attempts, lost-worker error (JSON),
+#       expired error (JSON), then one job id per job key
+# Per job, start an attempt: queued -> running, or take over a running job whose lease ended. Returns per job:
+#   {'claimed', attempts, lease_until, started_at (JSON), CLAIM_FIELDS values...}
+#   {'promote', attempts, lease_until, started_at (JSON), CLAIM_FIELDS values..., staged_uri (JSON)}: a lost
+#       attempt had fenced its output; the claimer finishes the promotion instead of running the job again
+#   {'busy'} (a live lease), {'done', state}, {'missing'},
+#   {'failed', callback token} (it used every attempt), {'expired', callback token} (its deadline passed)
+CLAIM = _script("claim", """
+local WORKER, LEASE, MAX, LOST, EXPIRED = ARGV[5], tonumber(ARGV[6]), tonumber(ARGV[7]), ARGV[8], ARGV[9]
+local function claim(key, id, t)
+  local now = redis.call('HMGET', key, 'state', 'lease_until', 'attempts', 'deadline_ms', 'staged_uri')
+  local state = now[1]
+  if not state then return {'missing'} end
+  if state == '"running"' then
+    if (tonumber(now[2]) or 0) > t then return {'busy'} end
+  elseif state ~= '"queued"' then
+    return {'done', state}
+  end
+  local attempts = tonumber(now[3]) or 0
+  local staged = now[5]
+  local outcome = 'claimed'
+  if staged and staged ~= 'null' then
+    outcome = 'promote'  -- the work was done: finishing it is no new attempt
+  else
+    local deadline = tonumber(now[4])
+    if attempts == 0 and deadline and deadline < t then
+      redis.call('HSET', key, 'state', '"cancelled"', 'error', EXPIRED)
+      return {'expired', finish(key, id, t)}
+    end
+    if attempts >= MAX then
+      redis.call('HSET', key, 'state', '"failed"', 'error', LOST)
+      return {'failed', finish(key, id, t)}
+    end
+    attempts = attempts + 1
+  end
+  local lease, started = t + LEASE, iso(t)
+  redis.call('HSET', key, 'state', '"running"', 'owner', WORKER, 'lease_until', lease, 'started_at', started,
+             'attempts', attempts, 'error', 'null')
+  redis.call('ZADD', K_RUNNING, lease, id)
+  redis.call('ZREM', K_QUEUED, id)
+  redis.call('ZREM', K_DUE, id)
+  local result = {outcome, attempts, lease, started}
+  local values = redis.call('HMGET', key, unpack(CLAIM_FIELDS))
+  for i = 1, #values do result[4 + i] = values[i] end
+  if outcome == 'promote' then result[5 + #values] = staged end
+  return result
+end
+local t = now_ms()
+local results = {}
+for i = 5, #KEYS do results[i - 4] = claim(KEYS[i], ARGV[i + 5], t) end
+return results
+""", uses=("now", "iso", "finishing", "finish"), lists={"CLAIM_FIELDS": CLAIM_FIELDS})
+
+# KEYS: running, then one job key per job
+# ARGV: owner (JSON), lease (ms), then per job: job id, attempt number
+# Push the leases of jobs this owner holds in that attempt `lease` ahead. Returns the ids it no longer holds.
+RENEW = _script("renew", """
+local t = now_ms()
+local lost = {}
+for i = 2, #KEYS do
+  local id, attempt = ARGV[2 * i - 1], ARGV[2 * i]
+  local now = redis.call('HMGET', KEYS[i], 'state', 'owner', 'attempts')
+  if now[1] == '"running"' and now[2] == ARGV[1] and now[3] == attempt then
+    local lease = t + tonumber(ARGV[2])
+    redis.call('HSET', KEYS[i], 'lease_until', lease)
+    redis.call('ZADD', KEYS[1], lease, id)
+  else
+    table.insert(lost, id)
+  end
+end
+return lost
+""", uses=("now",))
+
+# KEYS: running.  ARGV: limit.  Returns the ids whose lease ended (by Redis time).
+EXPIRED_LEASES = _script("expired_leases", """
+return redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now_ms(), 'LIMIT', 0, tonumber(ARGV[1]))
+""", uses=("now",))
+
+# KEYS: running, queued, due, callbacks:due, then one job key per job
+# ARGV: (finishing ARGV 1-4), max attempts, lost-worker error (JSON), then one job id per job key
+# Per job whose lease ended: back to `queued` and due now (its message owed in this same step), or failed
+# `internal` after its last attempt. Returns per job {outcome, previous owner (JSON), callback token}:
+# outcome 'requeued', 'failed' or 'skip' (its lease is alive again, or it is no longer running).
+REAP = _script("reap", """
+local MAX, LOST = tonumber(ARGV[5]), ARGV[6]
+local t = now_ms()
+local results = {}
+for i = 5, #KEYS do
+  local key, id = KEYS[i], ARGV[i + 2]
+  local now = redis.call('HMGET', key, 'state', 'lease_until', 'attempts', 'owner', 'staged_uri')
+  if now[1] ~= '"running"' then
+    redis.call('ZREM', K_RUNNING, id)
+    results[i - 4] = {'skip', '', 0}
+  elseif (tonumber(now[2]) or 0) > t then
+    results[i - 4] = {'skip', '', 0}
+  elseif (tonumber(now[3]) or 0) >= MAX and not (now[5] and now[5] ~= 'null') then
+    redis.call('HSET', key, 'state', '"failed"', 'error', LOST)
+    results[i - 4] = {'failed', now[4] or '', finish(key, id, t)}
+  else
+    requeue(key, id, t, 0)
+    results[i - 4] = {'requeued', now[4] or '', 0}
+  end
+end
+return results
+""", uses=("now", "iso", "finishing", "finish", "requeue"))
+
+# KEYS: running, queued, due, callbacks:due, then one job key per job
+# ARGV: (finishing ARGV 1-4), then per job: n, then n items: job id, allowed from-states (JSON list of
+#       JSON states), to-state (JSON), owner (JSON) or '', attempt or '', delay (ms) or '', give back ('1'
+#       or ''), then field/value pairs
+# Per job, compare-and-set its state (and owner and attempt, when given) and write the pairs. A move to
+# `queued` makes its message due after `delay`; `give back` also returns the attempt it used. A final state
+# gets everything `finish` does. Returns per job {result, callback token}: result 1 moved, 0 wrong state,
+# -1 no such job, -2 another owner or attempt.
+TRANSITION = _script("transition", """
+local decoded = {}  -- allowed-state lists, decoded once per call
+local function transition(key, A, t)
+  local now = redis.call('HMGET', key, 'state', 'owner', 'attempts')
+  local state = now[1]
+  if not state then return {-1, 0} end
+  local allowed = decoded[A[2]]
+  if not allowed then
+    allowed = {}
+    for _, s in ipairs(cjson.decode(A[2])) do allowed[s] = true end
+    decoded[A[2]] = allowed
+  end
+  if not allowed[state] then return {0, 0} end
+  if A[4] ~= '' and now[2] ~= A[4] then return {-2, 0} end
+  if A[5] ~= '' and now[3] ~= A[5] then return {-2, 0} end
+  if #A > 7 then redis.call('HSET', key, unpack(A, 8)) end
+  if A[3] == '"queued"' then
+    requeue(key, A[1], t, tonumber(A[6]) or 0)
+    if A[7] == '1' then redis.call('HSET', key, 'attempts', math.max(0, (tonumber(now[3]) or 0) - 1)) end
+    return {1, 0}
+  end
+  redis.call('HSET', key, 'state', A[3])
+  if A[3] == '"succeeded"' or A[3] == '"failed"' or A[3] == '"cancelled"' then
+    return {1, finish(key, A[1], t)}
+  end
+  return {1, 0}
+end
+local t = now_ms()
+local results, at = {}, 5
+for i = 5, #KEYS do
+  local n = tonumber(ARGV[at])
+  results[i - 4] = transition(KEYS[i], {unpack(ARGV, at + 1, at + n)}, t)
+  at = at + n + 1
+end
+return results
+""", uses=("now", "iso", "finishing", "finish", "requeue"))
+
+# KEYS: running, then one job key per job
+# ARGV: owner (JSON), lease (ms), then per job: n, then n items: job id, attempt, staged URI (JSON), then
+#       field/value pairs (the results the job will have)
+# Per job, the owner check before an output is promoted: only a running job held by this owner in this
+# attempt, with no output fenced yet, records its staged output and results and gets a fresh lease. From then
+# on no other attempt can begin the job; if this one is lost, whoever claims it finishes the promotion.
+# Returns per job 1 (fenced) or 0.
+FENCE = _script("fence", """
+local t = now_ms()
+local results, at = {}, 3
+for i = 2, #KEYS do
+  local n = tonumber(ARGV[at])
+  local A = {unpack(ARGV, at + 1, at + n)}
+  local now = redis.call('HMGET', KEYS[i], 'state', 'owner', 'attempts', 'staged_uri')
+  if now[1] == '"running"' and now[2] == ARGV[1] and now[3] == A[2] and ((not now[4]) or now[4] == 'null') then
+    local lease = t + tonumber(ARGV[2])
+    redis.call('HSET', KEYS[i], 'staged_uri', A[3], 'lease_until', lease)
+    if n > 3 then redis.call('HSET', KEYS[i], unpack(A, 4)) end
+    redis.call('ZADD', KEYS[1], lease, A[1])
+    results[i - 1] = 1
+  else
+    results[i - 1] = 0
+  end
+  at = at + n + 1
+end
+return results
+""", uses=("now",))
+
+# KEYS: due, job.  ARGV: job id, delay (ms).
+# Make a `queued` job's message due after `delay` unless it is due sooner already (a worker received a message
+# for a job it still holds from an earlier attempt: it must come back, not be dropped). Returns 1 if queued.
+RESCHEDULE = _script("reschedule", """
+if redis.call('HGET', KEYS[2], 'state') ~= '"queued"' then return 0 end
+local at = now_ms() + tonumber(ARGV[2])
+local due = tonumber(redis.call('ZSCORE', KEYS[1], ARGV[1]))
+if (not due) or due > at then redis.call('ZADD', KEYS[1], at, ARGV[1]) end
+return 1
+""", uses=("now",))
+
+# --- schedules (due sets) ------------------------------------------------------------------------
+
+# KEYS: a schedule zset.  ARGV: limit, hold (ms).
+# Take members that are due, pushing each `hold` ahead so a taker that dies leaves them due again.
+# Returns a flat list {member, token, member, token, ...}: token = the score this taker set.
+TAKE_DUE = _script("take_due", """
+local t = now_ms()
+local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', t, 'LIMIT', 0, tonumber(ARGV[1]))
+local token = t + tonumber(ARGV[2])
+local out = {}
+for _, member in ipairs(due) do
+  redis.call('ZADD', KEYS[1], token, member)
+  table.insert(out, member)
+  table.insert(out, token)
+end
+return out
+""", uses=("now",))
+
+# KEYS: a schedule zset.  ARGV: member, token, member, token, ...
+# Remove each member only if its score is still the token its taker set: an entry rescheduled meanwhile
+# (a retry, a new delivery time) stays. Returns how many were removed.
+DONE_DUE = _script("done_due", """
+local removed = 0
+for i = 1, #ARGV, 2 do
+  if tonumber(redis.call('ZSCORE', KEYS[1], ARGV[i])) == tonumber(ARGV[i + 1]) then
+    removed = removed + redis.call('ZREM', KEYS[1], ARGV[i])
+  end
+end
+return removed
+""")
+
+# --- callbacks (the outbox of webhook deliveries) -------------------------------------------------
+
+# KEYS: callbacks:due.  ARGV: job id, token, lease (ms).
+# Begin a delivery: only the holder of the entry's current token may, and it gets a fresh lease for the
+# attempt. Returns the new token, or 0 (delivered, given up, or taken by another deliverer).
+CALLBACK_BEGIN = _script("callback_begin", """
+local held = tonumber(redis.call('ZSCORE', KEYS[1], ARGV[1]))
+if held ~= tonumber(ARGV[2]) then return 0 end
+local token = now_ms() + tonumber(ARGV[3])
+if token <= held then token = held + 1 end  -- a new token, even within the same millisecond
+redis.call('ZADD', KEYS[1], token, ARGV[1])
+return token
+""", uses=("now",))
+
+# KEYS: callbacks:due, job.  ARGV: job id, token, callback record (JSON, next_attempt_at = "__NEXT__"),
+#       retry delay (ms) or '' (delivered or given up)
+# Record an attempt's outcome if the deliverer still holds the entry: the job's `callback` field, then the
+# entry rescheduled (a retry) or removed. Returns 1 if recorded.
+CALLBACK_RECORD = _script("callback_record", """
+if tonumber(redis.call('ZSCORE', KEYS[1], ARGV[1])) ~= tonumber(ARGV[2]) then return 0 end
+local record = ARGV[3]
+if ARGV[4] ~= '' then
+  local at = now_ms() + tonumber(ARGV[4])
+  record = string.gsub(record, '"__NEXT__"', iso(at))
+  redis.call('ZADD', KEYS[1], at, ARGV[1])
+else
+  record = string.gsub(record, '"__NEXT__"', 'null')
+  redis.call('ZREM', KEYS[1], ARGV[1])
+end
+if redis.call('EXISTS', KEYS[2]) == 1 then redis.call('HSET', KEYS[2], 'callback', record) end
+return 1
+""", uses=("now", "iso"))
+
+# --- the sweep (belt and braces) --------------------------------------------------------------------
+
+# KEYS: queued, due.  ARGV: age (ms), limit.
+# Ids queued for longer than `age` with no message owed: candidates whose message may have been lost.
+SWEEP_CANDIDATES = _script("sweep_candidates", """
+local old = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now_ms() - tonumber(ARGV[1]), 'LIMIT', 0,
+                       tonumber(ARGV[2]))
+local out = {}
+for _, id in ipairs(old) do
+  if not redis.call('ZSCORE', KEYS[2], id) then table.insert(out, id) end
+end
+return out
+""", uses=("now",))
+
+# KEYS: queued, due, stats, then one job key per job.  ARGV: one job id per job key.
+# Schedule each job that is still `queued` with no message owed (and count it in stats `sweep_found`);
+# drop index entries of jobs no longer queued. Returns how many were scheduled.
+SWEEP = _script("sweep", """
+local t = now_ms()
+local found = 0
+for i = 4, #KEYS do
+  local id = ARGV[i - 3]
+  if redis.call('HGET', KEYS[i], 'state') == '"queued"' then
+    if not redis.call('ZSCORE', KEYS[2], id) then
+      redis.call('ZADD', KEYS[2], t, id)
+      redis.call('ZADD', KEYS[1], t, id)
+      redis.call('HINCRBY', KEYS[3], 'sweep_found', 1)
+      found = found + 1
+    end
+  else
+    redis.call('ZREM', KEYS[1], id)
+  end
+end
+return found
+""", uses=("now",))
+
+# --- bulk runs ------------------------------------------------------------------------------------
+
+# KEYS: the run's lock.  ARGV: this process's token, TTL (s).
+# Keep (or take, if free) the lock; never a lock another process holds. Returns 1 if held.
+RENEW_LOCK = _script("renew_lock", """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('EXPIRE', KEYS[1], ARGV[2]) end
+return redis.call('SET', KEYS[1], ARGV[1], 'NX', 'EX', ARGV[2]) and 1 or 0
+""")
+
+# KEYS: the run's lock.  ARGV: this process's token.  Free the lock if this process holds it.
+RELEASE_LOCK = _script("release_lock", """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+""")
