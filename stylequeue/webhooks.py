@@ -21,7 +21,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from stylequeue.errors import ConfigError, InputForbidden, StyleQueueError
-from stylequeue.pipeline import netguard
+from stylequeue.pipeline.storage import netguard
 
 SECRET_PREFIX = "whsec_"
 SIGNATURE_VERSION = "v1"

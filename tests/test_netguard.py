@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from stylequeue.errors import InputForbidden
-from stylequeue.pipeline import netguard
+from stylequeue.pipeline.storage import netguard
 
 REFUSED = [
     "http://127.0.0.1/",
@@ -212,3 +212,11 @@ def test_a_slow_drip_over_tls_is_cut_too(tls_server: tuple[int, ssl.SSLContext])
     with netguard.request("GET", url, allow_private=True, total_timeout_s=0.5, ssl_context=client_context) as response:
         with pytest.raises(TimeoutError):
             response.read_all(10_000)
+
+
+def test_the_old_import_path_is_the_same_module(monkeypatch: pytest.MonkeyPatch) -> None:
+    import stylequeue.pipeline.netguard as old_path
+
+    # One module under two names: patching either patches what the guard itself calls.
+    monkeypatch.setattr(old_path, "refusal", lambda address, *, allow_private: None)
+    netguard.check_url("http://127.0.0.1/", allow_private=False)

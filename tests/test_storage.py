@@ -18,8 +18,7 @@ import pytest
 from stylequeue.config.settings import Settings
 from stylequeue.embedded import free_port
 from stylequeue.errors import InputForbidden, InputNotFound, InputTooLarge, StorageError
-from stylequeue.pipeline import netguard
-from stylequeue.pipeline.storage import Storage, check_input_uri, check_output_uri, join_uri
+from stylequeue.pipeline.storage import Storage, check_input_uri, check_output_uri, join_uri, netguard
 from tests.workers import serve_http
 
 PHOTO = bytes(range(256)) * 8  # 2 KiB

@@ -5,6 +5,8 @@ from __future__ import annotations
 import email.utils
 import http.server
 import json
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -198,3 +200,11 @@ def test_backoff_schedule_then_give_up() -> None:
     assert honoured is not None and 7.0 <= honoured <= 7.7
     capped = next_delay(2, 10 * 86400.0)
     assert capped is not None and capped <= 3600 * 1.1
+
+
+def test_a_receiver_importing_verify_webhook_loads_no_heavy_package() -> None:
+    # The network guard moved into the storage package; importing it must not drag the backends' deps along.
+    code = ("import sys; from stylequeue import verify_webhook; "
+            "print(','.join(m for m in ('boto3', 'pydantic', 'celery', 'paddle') if m in sys.modules))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == ""
