@@ -85,10 +85,11 @@ def test_load_and_store_a_group_with_one_bad_input(pool: CodecPool, roots: tuple
     assert missing.code == "input_not_found"
     assert all(seconds >= 0 for _, seconds in loaded)
 
-    stored = pool.store([(f"file://{outputs}/a.png", a.pixels, spec, False),
-                         (f"file://{outputs}/b.png", b.pixels, spec, False)])
-    assert [size for size, _ in stored] == [(outputs / "a.png").stat().st_size, (outputs / "b.png").stat().st_size]
-    assert np.array_equal(np.asarray(Image.open(outputs / "a.png")), a.pixels)  # png: lossless round trip
+    stored = pool.store([(f"file://{outputs}/outputs/a.png", a.pixels, spec, False),
+                         (f"file://{outputs}/outputs/b.png", b.pixels, spec, False)])
+    written = outputs / "outputs"
+    assert [size for size, _ in stored] == [(written / "a.png").stat().st_size, (written / "b.png").stat().st_size]
+    assert np.array_equal(np.asarray(Image.open(written / "a.png")), a.pixels)  # png: lossless round trip
 
 
 def test_store_outside_the_storage_root_is_refused(pool: CodecPool, spec, tmp_path: Path) -> None:

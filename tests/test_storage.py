@@ -18,7 +18,15 @@ import pytest
 from stylequeue.config.settings import Settings
 from stylequeue.embedded import free_port
 from stylequeue.errors import InputForbidden, InputNotFound, InputTooLarge, StorageError
-from stylequeue.pipeline.storage import Storage, check_input_uri, check_output_uri, join_uri, netguard
+from stylequeue.pipeline.storage import (
+    Storage,
+    check_input_uri,
+    check_output_prefix,
+    check_output_uri,
+    files,
+    join_uri,
+    netguard,
+)
 from tests.workers import serve_http
 
 PHOTO = bytes(range(256)) * 8  # 2 KiB
@@ -252,18 +260,168 @@ def test_a_retried_write_sweeps_the_temp_files_a_killed_writer_left(roots: tuple
     assert (folder / "j_1.png").read_bytes() == b"retry"
 
 
-def test_file_write_outside_storage_and_input_roots_is_forbidden(roots: tuple[Path, Path]) -> None:
+def test_file_outputs_go_only_under_the_output_directory(roots: tuple[Path, Path]) -> None:
     inside, outside = roots
     storage = file_storage(inside)
-    (inside.parent / "data").mkdir()
-    (inside.parent / "data" / "escape").symlink_to(outside)
-    for uri in [f"file://{outside}/x.png", f"file://{inside.parent}/data/../outside/x.png",
-                f"file://{inside.parent}/data/escape/x.png"]:
+    data = inside.parent / "data"
+    (data / "redis").mkdir(parents=True)
+    (data / "redis" / "appendonly.aof").write_bytes(b"*2\r\n")  # the job store's own file under `serve`
+    (data / "outputs").mkdir()
+    (data / "outputs" / "escape").symlink_to(outside)
+    refused = [f"file://{data}/redis/appendonly.aof", f"file://{data}/x.png", f"file://{inside}/x.png",
+               f"file://{outside}/x.png", f"file://{data}/outputs/../redis/appendonly.aof",
+               f"file://{data}/outputs", f"file://{data}/outputs/ink/"]
+    for uri in refused:
+        with pytest.raises(InputForbidden):
+            check_output_uri(uri, storage.settings)  # the producer refuses what the worker refuses
         with pytest.raises(InputForbidden):
             storage.write(uri, b"x", "image/png")
-    assert sorted(os.listdir(outside)) == ["secret.txt"]
+    with pytest.raises(InputForbidden):  # only the worker can see a symlink
+        storage.write(f"file://{data}/outputs/escape/x.png", b"x", "image/png")
+    assert (data / "redis" / "appendonly.aof").read_bytes() == b"*2\r\n"
+    assert sorted(os.listdir(outside)) == ["secret.txt"] and sorted(os.listdir(inside)) == ["a.jpg"]
+    accepted = f"file://{data}/outputs/ink/x.png"
+    check_output_uri(accepted, storage.settings)
+    storage.write(accepted, b"x", "image/png")
+    assert (data / "outputs" / "ink" / "x.png").read_bytes() == b"x"
     with pytest.raises(InputForbidden):
         storage.write("https://example.com/x.png", b"x", "image/png")
+
+
+def test_file_outputs_need_a_file_storage_url(roots: tuple[Path, Path]) -> None:
+    inside, _ = roots
+    storage = Storage(Settings(storage_url="s3://out", input_roots=[str(inside)]))
+    with pytest.raises(InputForbidden, match="STYLEQUEUE_STORAGE_URL is not a file:// URI"):
+        storage.write(f"file://{inside}/outputs/x.png", b"x", "image/png")
+    assert sorted(os.listdir(inside)) == ["a.jpg"]
+
+
+def test_a_refused_output_says_which_setting_decides_and_names_no_query(tmp_path: Path) -> None:
+    settings = Settings(storage_url=f"file://{tmp_path}/data")
+    with pytest.raises(InputForbidden) as caught:
+        check_output_uri(f"file://{tmp_path}/elsewhere/x.png", settings)
+    assert "STYLEQUEUE_STORAGE_URL" in caught.value.message and "/outputs/" in caught.value.message
+    assert f"file://{tmp_path}/elsewhere/x.png is outside" in caught.value.message
+    # A prefix is judged as a prefix: the message names it, not a made-up key under it.
+    with pytest.raises(InputForbidden) as caught:
+        check_output_prefix(f"file://{tmp_path}/elsewhere/", settings)
+    assert caught.value.message.startswith(f"file://{tmp_path}/elsewhere/ is outside")
+    check_output_prefix(f"file://{tmp_path}/data/outputs", settings)
+    check_output_prefix(f"file://{tmp_path}/data/outputs/run1/", settings)
+    check_output_prefix("s3://out", settings)
+    with pytest.raises(InputForbidden):
+        check_output_prefix("https://u:p@example.com/out/?X-Amz-Signature=abc", settings)
+
+
+def test_writes_refuse_a_symlink_anywhere_below_the_output_directory(roots: tuple[Path, Path]) -> None:
+    inside, outside = roots
+    storage = file_storage(inside)
+    outputs = inside.parent / "data" / "outputs"
+    (outputs / "ink").mkdir(parents=True)
+    (outputs / "ink" / "taken.png").symlink_to(outside / "secret.txt")
+    (outputs / "ink" / "deep").symlink_to(outside)
+    for name in ("taken.png", "deep/x.png", "deep/new/x.png"):
+        with pytest.raises(InputForbidden, match="symbolic link"):
+            storage.write(f"file://{outputs}/ink/{name}", b"x", "image/png")
+    assert (outside / "secret.txt").read_text() == "secret" and sorted(os.listdir(outside)) == ["secret.txt"]
+    # The output directory itself replaced by a symlink after the storage was made: refused as well.
+    os.rename(outputs, inside.parent / "data" / "old-outputs")
+    outputs.symlink_to(outside)
+    with pytest.raises(InputForbidden, match="symbolic link"):
+        storage.write(f"file://{outputs}/ink/x.png", b"x", "image/png")
+    assert sorted(os.listdir(outside)) == ["secret.txt"]
+
+
+def _swap_for_symlink(directory: Path, target: Path) -> None:
+    directory.rename(directory.with_name(directory.name + ".orig"))
+    directory.symlink_to(target, target_is_directory=True)
+
+
+def test_a_directory_swapped_for_a_symlink_mid_write_cannot_redirect_it(
+        roots: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    inside, outside = roots
+    storage = file_storage(inside)
+    outputs = inside.parent / "data" / "outputs"
+    (outputs / "ink" / "sub").mkdir(parents=True)
+    swaps: list[str] = []
+
+    def race(root: str, parts: list[str], index: int) -> None:
+        # Exactly between the walk's steps: the next directory becomes a symlink to a directory outside.
+        if parts[index] == "sub" and not swaps:
+            swaps.append(parts[index])
+            _swap_for_symlink(Path(root, *parts[:index + 1]), outside)
+
+    monkeypatch.setattr(files, "_before_open", race)
+    with pytest.raises(InputForbidden, match="symbolic link"):
+        storage.write(f"file://{outputs}/ink/sub/second.jpg", b"x", "image/jpeg")
+    assert swaps == ["sub"] and sorted(os.listdir(outside)) == ["secret.txt"]
+
+
+def test_a_directory_swapped_after_it_was_entered_keeps_the_write_where_it_was(
+        roots: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    inside, outside = roots
+    storage = file_storage(inside)
+    outputs = inside.parent / "data" / "outputs"
+    (outputs / "ink" / "sub").mkdir(parents=True)
+
+    def race(root: str, parts: list[str], index: int) -> None:
+        if parts[index] == "sub" and not (outputs / "ink.orig").exists():
+            _swap_for_symlink(outputs / "ink", outside)  # the walk already holds `ink` open
+
+    monkeypatch.setattr(files, "_before_open", race)
+    storage.write(f"file://{outputs}/ink/sub/second.jpg", b"x", "image/jpeg")
+    assert (outputs / "ink.orig" / "sub" / "second.jpg").read_bytes() == b"x"
+    assert sorted(os.listdir(outside)) == ["secret.txt"]
+
+
+def test_a_directory_swapped_for_a_symlink_mid_read_cannot_redirect_it(
+        roots: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    inside, outside = roots
+    (inside / "sub").mkdir()
+    (inside / "sub" / "secret.txt").write_text("inside")
+
+    def race(root: str, parts: list[str], index: int) -> None:
+        if parts[index] == "sub" and not (inside / "sub.orig").exists():
+            _swap_for_symlink(inside / "sub", outside)
+
+    monkeypatch.setattr(files, "_before_open", race)
+    with pytest.raises(InputForbidden, match="outside STYLEQUEUE_INPUT_ROOTS"):
+        file_storage(inside).read(f"file://{inside}/sub/secret.txt")
+
+
+def test_a_symlinked_directory_inside_the_roots_is_read_through(roots: tuple[Path, Path]) -> None:
+    inside, _ = roots
+    (inside / "albums" / "2024").mkdir(parents=True)
+    (inside / "albums" / "2024" / "b.jpg").write_bytes(PHOTO)
+    (inside / "latest").symlink_to("albums/2024")  # relative, as `ln -s` users write them
+    (inside / "loop").symlink_to("loop")
+    storage = file_storage(inside)
+    assert storage.read(f"file://{inside}/latest/b.jpg") == PHOTO
+    assert storage.exists(f"file://{inside}/latest/b.jpg")
+    with pytest.raises(InputForbidden, match="symbolic links"):
+        storage.read(f"file://{inside}/loop")
+
+
+def test_file_list_and_delete_follow_the_same_roots(roots: tuple[Path, Path]) -> None:
+    inside, outside = roots
+    storage = file_storage(inside)
+    data = inside.parent / "data"
+    for name in ("j_1.png", "j_2.png"):
+        storage.write(f"file://{data}/outputs/ink/{name}", b"x", "image/png")
+    (data / "outputs" / "ink" / ".j_3.png.0123456789ab.sqtmp").write_bytes(b"half")
+    assert list(storage.list(f"file://{data}/outputs/ink/")) == [
+        f"file://{data}/outputs/ink/j_1.png", f"file://{data}/outputs/ink/j_2.png"]
+    assert list(storage.list(f"file://{data}/outputs/ink/j_2")) == [f"file://{data}/outputs/ink/j_2.png"]
+    assert list(storage.list(f"file://{data}/outputs/none/")) == []
+    storage.delete(f"file://{data}/outputs/ink/j_1.png")
+    storage.delete(f"file://{data}/outputs/gone/j_9.png")  # missing: nothing to do
+    assert not storage.exists(f"file://{data}/outputs/ink/j_1.png")
+    for uri in (f"file://{inside}/a.jpg", f"file://{outside}/secret.txt"):
+        with pytest.raises(InputForbidden):
+            storage.delete(uri)  # inputs are never a job's to delete
+    assert (inside / "a.jpg").exists() and (outside / "secret.txt").exists()
+    with pytest.raises(InputForbidden):
+        list(storage.list(f"file://{outside}/"))
 
 
 def test_file_list_walks_recursively(roots: tuple[Path, Path]) -> None:

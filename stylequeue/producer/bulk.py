@@ -224,7 +224,7 @@ def run_bulk(client: Client, src_prefix: str, *, style: str, dst_prefix: str, re
     progress bar; `on_progress` is called with the live report after every submission and poll.
     Ctrl-C stops submitting and returns a report with `interrupted` set; submitted jobs keep running.
     """
-    from stylequeue.pipeline.storage import check_output_uri
+    from stylequeue.pipeline.storage import check_output_prefix
 
     if max_in_flight < 1:
         raise ConfigError(f"--max-in-flight must be at least 1, got {max_in_flight}")
@@ -233,7 +233,7 @@ def run_bulk(client: Client, src_prefix: str, *, style: str, dst_prefix: str, re
     if dst.startswith(src):
         raise ConfigError(f"--output {dst} lies inside SRC_PREFIX {src}: outputs would be read back as "
                           "inputs; choose a DST_PREFIX outside it")
-    check_output_uri(dst + "x", client.settings)
+    check_output_prefix(dst, client.settings)
     report = BulkReport(run_id(src, spec.name, dst), src, spec.name, dst)
     started = time.monotonic()
     record = RunRecord(client.store, report.run_id)

@@ -144,10 +144,10 @@ class Client:
         if output_uris is not None and len(output_uris) != len(input_uris):
             raise ConfigError(f"{len(output_uris)} output URIs for {len(input_uris)} inputs: give one per input")
         spec = self._validate(input_uris[0], style, None, callback_url, priority, metadata)
-        from stylequeue.pipeline.storage import check_input_uri, check_output_uri
+        from stylequeue.pipeline.storage import check_input_uri, check_output_prefix, check_output_uri
 
         if output_prefix is not None:
-            check_output_uri(output_prefix.rstrip("/") + "/x", self.settings)
+            check_output_prefix(output_prefix, self.settings)
         jobs: list[Job] = []
         for start in range(0, len(input_uris), chunk_size * 8):
             batch: list[Job] = []

@@ -9,11 +9,13 @@ names the key `a b.jpg`, and what `Storage.list` yields reads back unchanged. Fa
   scheme other than file/s3/http/https), InputTooLarge (over STYLEQUEUE_MAX_INPUT_BYTES, found before the
   body is read where the size is declared), StorageError(transient=True) for 5xx, throttling, timeouts
   and connection errors, StorageError(transient=False) for other refusals.
-- writes: InputForbidden when the URI is one we never write (`file://` outside the storage root and the
-  input roots, http(s)), StorageError(transient=False) for a store's permanent 4xx or a file permission
-  error, StorageError(transient=True) for 5xx, connection errors and other OS errors.
+- writes: InputForbidden when the URI is one we never write (`file://` anywhere but under
+  `{STYLEQUEUE_STORAGE_URL}/outputs/`, a symbolic link on the way, http(s)), StorageError(transient=False)
+  for a store's permanent 4xx or a file permission error, StorageError(transient=True) for 5xx,
+  connection errors and other OS errors.
 
-`check_input_uri` and `check_output_uri` refuse, without I/O, what a worker would refuse (for producers).
+`check_input_uri`, `check_output_uri` and `check_output_prefix` refuse, without I/O, what a worker would
+refuse (for producers); their rules are the backends' own, so the two sides agree.
 """
 
 from __future__ import annotations
@@ -69,6 +71,7 @@ Check = Callable[[str, "Settings"], None]
 _INPUT_CHECKS: dict[str, Check] = {"file": files.check_input, "s3": s3.check_uri, "http": http.check_uri,
                                    "https": http.check_uri}
 _OUTPUT_CHECKS: dict[str, Check] = {"file": files.check_output, "s3": s3.check_uri}
+_OUTPUT_PREFIX_CHECKS: dict[str, Check] = {"file": files.check_output_prefix, "s3": s3.check_prefix}
 
 
 def check_input_uri(uri: str, settings: Settings) -> None:
@@ -82,11 +85,20 @@ def check_input_uri(uri: str, settings: Settings) -> None:
 
 def check_output_uri(uri: str, settings: Settings) -> None:
     """Refuse (InputForbidden) an output URI a worker would refuse to write, without any I/O."""
+    _output_check(uri, _OUTPUT_CHECKS)(uri, settings)
+
+
+def check_output_prefix(uri: str, settings: Settings) -> None:
+    """Refuse (InputForbidden) a prefix (`s3://out/run1/`) under which no output could be written; no I/O."""
+    _output_check(uri, _OUTPUT_PREFIX_CHECKS)(uri, settings)
+
+
+def _output_check(uri: str, checks: dict[str, Check]) -> Check:
     scheme, _ = split_uri(uri)
-    check = _OUTPUT_CHECKS.get(scheme)
+    check = checks.get(scheme)
     if check is None:
         raise InputForbidden(f"URI scheme {scheme!r} is not allowed for outputs: use {', '.join(OUTPUT_SCHEMES)}")
-    check(uri, settings)
+    return check
 
 
 class Storage:
@@ -171,6 +183,7 @@ __all__ = [
     "Reader",
     "Storage",
     "check_input_uri",
+    "check_output_prefix",
     "check_output_uri",
     "join_uri",
     "redact_uri",

@@ -1,29 +1,46 @@
-"""`file://` paths confined to the configured roots.
+"""`file://` paths, opened only by walking down from a root's directory, one component at a time.
 
-Reads come only from STYLEQUEUE_INPUT_ROOTS; writes go only under the storage root or the input roots,
-atomically (temp file + rename). Failures: InputForbidden outside the roots, InputNotFound,
-InputTooLarge, StorageError(transient=False) for permission errors, StorageError(transient=True) for
-other OS errors.
+Roots are resolved with realpath once, when the backend is made (they are the operator's configuration):
+- inputs are read only from under STYLEQUEUE_INPUT_ROOTS;
+- outputs are written only under `{STYLEQUEUE_STORAGE_URL}/outputs/` (a file:// storage URL), never
+  elsewhere under the storage root or the input roots, where the job store's data and logs may live.
+
+Below a root every component is opened with O_NOFOLLOW relative to its parent's directory fd, and the
+final file relative to its directory's fd, so what is checked is what is opened: swapping a directory
+for a symlink at any moment cannot move a read or a write outside. Writes refuse a symbolic link
+anywhere below the output root. Reads follow a symbolic link only when its target lies inside the input
+roots, by walking the target the same way. Nothing is cached between calls (a cached resolution or an
+open directory fd would be trust that outlives its check).
+
+Writes are atomic: a temp file `.{name}.{random}.sqtmp` in the same directory, fsync'd, renamed over the
+name through the directory fd. Listings skip every `*.sqtmp`.
+
+Failures: InputForbidden (outside the roots, through a symbolic link), InputNotFound, InputTooLarge,
+StorageError(transient=False) for permission errors and impossible names, StorageError(transient=True)
+for other OS errors.
 """
 
 from __future__ import annotations
 
-import functools
-import glob
+import errno
 import os
 import stat
-import time
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from stylequeue.errors import InputForbidden, InputNotFound, InputTooLarge, JobError, StorageError
-from stylequeue.pipeline.storage.uris import TEMP_SUFFIX
+from stylequeue.pipeline.storage.uris import TEMP_SUFFIX, redact_uri
 
 if TYPE_CHECKING:
     from stylequeue.config.settings import Settings
 
-_MANAGED = "the storage root and STYLEQUEUE_INPUT_ROOTS"
-_DIR_CACHE_TTL_S = 2.0
+OUTPUTS = "outputs"
+# How many symbolic links one read follows inside the roots (Linux's own limit per lookup is 40).
+MAX_SYMLINKS = 8
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+_READ_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC  # NONBLOCK: a FIFO cannot stall us
+_NEW_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
 def path_of(uri: str) -> str:
@@ -35,48 +52,162 @@ def path_of(uri: str) -> str:
     return file_uri_str(uri)
 
 
-def _inside(path: str, roots: Sequence[str]) -> bool:
-    return any(path == root or path.startswith(root.rstrip(os.sep) + os.sep) for root in roots)
+def _before_open(root: str, parts: Sequence[str], index: int) -> None:
+    """Called by every walk just before it opens directory `parts[index]` below `root`; does nothing.
+
+    Tests replace it to swap a directory for a symlink at exactly that moment, the race a walk must survive.
+    """
 
 
-def _no_roots_message() -> str:
-    return ("file:// inputs are not allowed: no input roots are set; set STYLEQUEUE_INPUT_ROOTS to the "
-            "comma-separated directories inputs may come from")
+@dataclass(frozen=True)
+class Root:
+    """A directory paths are confined to: `named` as configured (absolute), `real` resolved once."""
+
+    named: str
+    real: str
+
+    @classmethod
+    def of(cls, path: str) -> Root:
+        named = os.path.abspath(path)
+        return cls(named, os.path.realpath(named))
+
+    def parts(self, path: str) -> list[str] | None:
+        """The components of absolute `path` below this root ([] for the root itself); None when outside."""
+        for base in (self.named, self.real):
+            if path == base:
+                return []
+            prefix = base.rstrip("/") + "/"
+            if path.startswith(prefix):
+                return path[len(prefix):].split("/")
+        return None
 
 
-def _writable_roots(settings: Settings) -> list[str]:
-    roots = [str(root) for root in settings.input_roots or []]
-    if settings.storage_url.startswith("file://"):
-        roots.append(path_of(settings.storage_url))
-    return roots
+def _locate(path: str, roots: Sequence[Root]) -> tuple[Root, list[str]] | None:
+    """The most specific root holding `path`, and the components below it."""
+    best: tuple[Root, list[str]] | None = None
+    for root in roots:
+        parts = root.parts(path)
+        if parts is not None and (best is None or len(parts) < len(best[1])):
+            best = root, parts
+    return best
 
 
-def check_input(uri: str, settings: Settings) -> None:
-    """Refuse (InputForbidden) a `file://` input outside STYLEQUEUE_INPUT_ROOTS; no I/O."""
-    roots = [os.path.abspath(root) for root in settings.input_roots or []]
-    if not roots:
-        raise InputForbidden(_no_roots_message())
-    if not _inside(path_of(uri), roots):
-        raise InputForbidden(f"{uri} is outside STYLEQUEUE_INPUT_ROOTS ({', '.join(roots)})")
+class _Symlink(Exception):
+    """A walk met a symbolic link at `parts[index]`; `target` is its text when the walk was asked to read it."""
+
+    def __init__(self, index: int, target: str | None) -> None:
+        super().__init__(index)
+        self.index = index
+        self.target = target
 
 
-def check_output(uri: str, settings: Settings) -> None:
-    """Refuse (InputForbidden) a `file://` output the worker would refuse to write; no I/O."""
-    roots = [os.path.abspath(root) for root in _writable_roots(settings)]
-    if not _inside(path_of(uri), roots):
-        raise InputForbidden(f"{uri} is outside {_MANAGED}")
+def _is_symlink(dir_fd: int, name: str) -> bool:
+    try:
+        return stat.S_ISLNK(os.stat(name, dir_fd=dir_fd, follow_symlinks=False).st_mode)
+    except OSError:
+        return False
 
 
-def _create_temp(directory: str, name: str) -> tuple[int, str]:
-    """A new, empty, private temp file beside `name` in `directory`: (fd, path)."""
-    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+def _open_root(root: Root, *, create: bool) -> int:
+    try:
+        return os.open(root.real, _DIR_FLAGS)
+    except FileNotFoundError:
+        if not create:
+            raise
+    except NotADirectoryError:
+        if os.path.islink(root.real):  # replaced by a symlink since it was resolved
+            raise _Symlink(-1, None) from None
+        raise
+    os.makedirs(root.real, exist_ok=True)  # the root and what is above it are the operator's to place
+    return _open_root(root, create=False)
+
+
+def _open_dir_at(dir_fd: int, name: str, *, create: bool) -> int:
+    try:
+        return os.open(name, _DIR_FLAGS, dir_fd=dir_fd)
+    except FileNotFoundError:
+        if not create:
+            raise
+    try:
+        os.mkdir(name, dir_fd=dir_fd)
+    except FileExistsError:
+        pass  # another writer made it meanwhile (or put a symlink there: the open below refuses that)
+    return os.open(name, _DIR_FLAGS, dir_fd=dir_fd)
+
+
+def _walk(root: Root, parts: Sequence[str], *, create: bool = False, read_links: bool = False) -> int:
+    """An fd of the directory `root/parts...`, opened one component at a time, never through a symlink.
+
+    Raises _Symlink where a component is one; FileNotFoundError or NotADirectoryError where a component
+    is missing or not a directory (`create` makes missing directories instead).
+    """
+    fd = _open_root(root, create=create)
+    try:
+        for index, name in enumerate(parts):
+            _before_open(root.real, parts, index)
+            try:
+                child = _open_dir_at(fd, name, create=create)
+            except NotADirectoryError:
+                # O_DIRECTORY|O_NOFOLLOW fails on a symlink with ENOTDIR, as on a file: tell them apart.
+                if not _is_symlink(fd, name):
+                    raise
+                raise _Symlink(index, os.readlink(name, dir_fd=fd) if read_links else None) from None
+            os.close(fd)
+            fd = child
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _follow(root: Root, parts: Sequence[str], index: int, target: str) -> str:
+    """The path a symlink at `parts[index]` points to, with the components after it appended."""
+    base = os.path.join(root.real, *parts[:index])
+    # Lexical: `base` was walked without symlinks; the result is walked again from a root, link by link.
+    return os.path.normpath(os.path.join(base, target, *parts[index + 1:]))
+
+
+def _write_temp(dir_fd: int, stem: str, data: bytes) -> str:
+    """A new file `{stem}{random}.sqtmp` in the directory, holding `data`, fsync'd; returns its name."""
     for _ in range(16):
-        temp = os.path.join(directory, f".{name}.{os.urandom(6).hex()}{TEMP_SUFFIX}")
+        temp = f"{stem}{os.urandom(6).hex()}{TEMP_SUFFIX}"
         try:
-            return os.open(temp, flags, 0o600), temp
+            fd = os.open(temp, _NEW_FLAGS, 0o600, dir_fd=dir_fd)
         except FileExistsError:
             continue
-    raise FileExistsError(f"no free temp name beside {os.path.join(directory, name)}")
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+            os.fchmod(fd, 0o644)
+            # A job is marked succeeded once its output is in place, so the bytes must survive a crash.
+            os.fsync(fd)
+        except BaseException:
+            os.close(fd)
+            _unlink_quietly(dir_fd, temp)
+            raise
+        os.close(fd)
+        return temp
+    raise FileExistsError(errno.EEXIST, f"no free temp name for {stem}")
+
+
+def _unlink_quietly(dir_fd: int, name: str) -> None:
+    try:
+        os.unlink(name, dir_fd=dir_fd)
+    except OSError:
+        pass
+
+
+def _sweep_temps(dir_fd: int, name: str) -> None:
+    """Remove the temp files that writers of `name` killed mid-write left beside it.
+
+    Only plain write temps (`.{name}.{random}.sqtmp`): a staged attempt's file carries a tag
+    (`.{name}.{tag}.{random}.sqtmp`) and belongs to that attempt.
+    """
+    stem = f".{name}."
+    for entry in os.listdir(dir_fd):
+        if entry.startswith(stem) and entry.endswith(TEMP_SUFFIX) and "." not in entry[len(stem):-len(TEMP_SUFFIX)]:
+            _unlink_quietly(dir_fd, entry)
 
 
 def _read_all(fd: int, size_hint: int, cap: int) -> bytes:
@@ -93,99 +224,140 @@ def _read_all(fd: int, size_hint: int, cap: int) -> bytes:
     return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
-@functools.lru_cache(maxsize=256)
-def _real_root(root: str) -> str:
-    return os.path.realpath(root)
-
-
-_DIR_CACHE: dict[str, tuple[float, str]] = {}
-
-
-def _realpath(path: str) -> str:
-    """os.path.realpath, with the parent directory's resolution cached for a moment.
-
-    realpath lstat()s every component in Python; on a worker's hot path (every input and output)
-    that was the largest single cost. A final component that is a symlink is still resolved in full.
-    """
-    directory, name = os.path.split(path)
-    now = time.monotonic()
-    hit = _DIR_CACHE.get(directory)
-    if hit is None or now - hit[0] > _DIR_CACHE_TTL_S:
-        if len(_DIR_CACHE) > 4096:
-            _DIR_CACHE.clear()
-        hit = (now, os.path.realpath(directory))
-        _DIR_CACHE[directory] = hit
-    candidate = os.path.join(hit[1], name)
-    try:
-        if stat.S_ISLNK(os.lstat(candidate).st_mode):
-            return os.path.realpath(path)
-    except OSError:
-        pass
-    return candidate
-
-
-def _confine(path: str, roots: Sequence[str], uri: str, what: str) -> str:
-    """`path` with symlinks resolved, if that lies inside one of `roots`; else InputForbidden."""
-    real = _realpath(path)
-    if not _inside(real, [_real_root(root) for root in roots]):
-        raise InputForbidden(f"{uri} resolves outside {what}")
-    return real
-
-
-def _sweep_temps(final: str) -> None:
-    """Remove the temp files that writers of `final` killed mid-write left beside it."""
-    directory, name = os.path.split(final)
-    for stale in glob.glob(os.path.join(glob.escape(directory), f".{glob.escape(name)}.*{TEMP_SUFFIX}")):
-        try:
-            os.unlink(stale)
-        except OSError:
-            pass
-
-
 def _os_error(exc: OSError, uri: str) -> JobError:
+    shown = redact_uri(uri)
     if isinstance(exc, PermissionError):
-        return StorageError(f"{uri}: permission denied ({exc.strerror})", transient=False)
+        return StorageError(f"{shown}: permission denied ({exc.strerror})", transient=False)
     if isinstance(exc, IsADirectoryError):
-        return StorageError(f"{uri} names a directory", transient=False)
-    return StorageError(f"{uri}: {exc}", transient=True)
+        return StorageError(f"{shown} names a directory", transient=False)
+    if exc.errno == errno.ENAMETOOLONG:
+        return StorageError(f"{shown}: a file name is too long", transient=False)
+    return StorageError(f"{shown}: {exc.strerror or exc}", transient=True)
+
+
+# --- checks without I/O (producers) -----------------------------------------------------------------
+
+
+def _no_roots_message() -> str:
+    return ("file:// inputs are not allowed: no input roots are set; set STYLEQUEUE_INPUT_ROOTS to the "
+            "comma-separated directories inputs may come from")
+
+
+def _outside_outputs_message(uri: str, settings: Settings) -> str:
+    if not settings.storage_url.startswith("file://"):
+        return (f"{redact_uri(uri)}: file:// outputs are not allowed because STYLEQUEUE_STORAGE_URL is not a "
+                "file:// URI; name an s3:// output, or none to get one under STYLEQUEUE_STORAGE_URL")
+    return (f"{redact_uri(uri)} is outside the output directory: file:// outputs go only under "
+            f"{{STYLEQUEUE_STORAGE_URL}}/{OUTPUTS}/ (STYLEQUEUE_STORAGE_URL decides where), never elsewhere "
+            "under the storage root or STYLEQUEUE_INPUT_ROOTS")
+
+
+def _output_root(settings: Settings) -> Root | None:
+    if not settings.storage_url.startswith("file://"):
+        return None
+    return Root.of(os.path.join(path_of(settings.storage_url), OUTPUTS))
+
+
+def _lexical_output_parts(uri: str, settings: Settings) -> list[str] | None:
+    """The components of a `file://` URI below `{storage}/outputs`, judged on the text alone."""
+    if not settings.storage_url.startswith("file://"):
+        return None
+    root = os.path.join(os.path.abspath(path_of(settings.storage_url)), OUTPUTS)
+    return Root(root, root).parts(path_of(uri))
+
+
+def check_input(uri: str, settings: Settings) -> None:
+    """Refuse (InputForbidden) a `file://` input outside STYLEQUEUE_INPUT_ROOTS; no I/O."""
+    roots = [os.path.abspath(root) for root in settings.input_roots or []]
+    if not roots:
+        raise InputForbidden(_no_roots_message())
+    if _locate(path_of(uri), [Root(root, root) for root in roots]) is None:
+        raise InputForbidden(f"{redact_uri(uri)} is outside STYLEQUEUE_INPUT_ROOTS")
+
+
+def check_output(uri: str, settings: Settings) -> None:
+    """Refuse (InputForbidden) a `file://` output the worker would refuse to write; no I/O."""
+    if not _lexical_output_parts(uri, settings):
+        raise InputForbidden(_outside_outputs_message(uri, settings))
+    if uri.endswith("/"):
+        raise InputForbidden(f"{redact_uri(uri)} names a directory, not a file")
+
+
+def check_output_prefix(uri: str, settings: Settings) -> None:
+    """Refuse (InputForbidden) a `file://` prefix that outputs could not be written under; no I/O."""
+    if _lexical_output_parts(uri, settings) is None:
+        raise InputForbidden(_outside_outputs_message(uri, settings))
+
+
+# --- the backend ------------------------------------------------------------------------------------
 
 
 class FileBackend:
-    """Files under the configured roots. Thread-safe."""
+    """Files under the configured roots. Thread-safe: it holds no state but the resolved roots."""
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self._input_roots = [str(root) for root in settings.input_roots or []]
-        self._writable_roots = _writable_roots(settings)
-        # Output directories this process made and confined lately: parent path -> (when, real path).
-        self._ready_dirs: dict[str, tuple[float, str]] = {}
+        self._input_roots = [Root.of(str(root)) for root in settings.input_roots or []]
+        self._output_root = _output_root(settings)
+        self._listed_roots = self._input_roots + ([self._output_root] if self._output_root else [])
+
+    # --- reads ---------------------------------------------------------------------------------------
 
     def _too_large(self, uri: str, size: int | None) -> InputTooLarge:
         cap = self.settings.max_input_bytes
         amount = f"{size} bytes" if size is not None else "larger"
-        return InputTooLarge(f"{uri} is {amount}, more than STYLEQUEUE_MAX_INPUT_BYTES={cap}")
+        return InputTooLarge(f"{redact_uri(uri)} is {amount}, more than STYLEQUEUE_MAX_INPUT_BYTES={cap}")
 
-    def read(self, uri: str) -> bytes:
+    def _open_input(self, path: str, uri: str) -> int:
+        """An fd of what `path` names under the input roots, following symlinks only inside them."""
+        for hop in range(MAX_SYMLINKS + 1):
+            located = _locate(path, self._input_roots)
+            if located is None:
+                verb = "resolves" if hop else "is"
+                raise InputForbidden(f"{redact_uri(uri)} {verb} outside STYLEQUEUE_INPUT_ROOTS")
+            root, parts = located
+            if not parts:
+                raise InputNotFound(f"{redact_uri(uri)} is not a regular file")
+            try:
+                dir_fd = _walk(root, parts[:-1], read_links=True)
+            except _Symlink as link:
+                if link.target is None:  # the root itself was replaced by a symlink
+                    raise InputForbidden(f"{redact_uri(uri)}: its input root is now a symbolic link") from None
+                path = _follow(root, parts, link.index, link.target)
+                continue
+            try:
+                return os.open(parts[-1], _READ_FLAGS, dir_fd=dir_fd)
+            except OSError as exc:
+                if exc.errno != errno.ELOOP:
+                    raise
+                target = os.readlink(parts[-1], dir_fd=dir_fd)
+            finally:
+                os.close(dir_fd)
+            path = _follow(root, parts, len(parts) - 1, target)
+        raise InputForbidden(f"{redact_uri(uri)}: more than {MAX_SYMLINKS} symbolic links")
+
+    def _open_input_file(self, uri: str) -> int:
+        """`_open_input` for a URI, with its OS errors typed."""
         if not self._input_roots:
             raise InputForbidden(_no_roots_message())
-        real = _confine(path_of(uri), self._input_roots, uri, "STYLEQUEUE_INPUT_ROOTS")
-        cap = self.settings.max_input_bytes
         try:
-            # O_NOFOLLOW: a symlink swapped in after the check above fails instead of being followed.
-            fd = os.open(real, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+            return self._open_input(path_of(uri), uri)
         except (FileNotFoundError, NotADirectoryError):
-            raise InputNotFound(f"{uri} does not exist") from None
+            raise InputNotFound(f"{redact_uri(uri)} does not exist") from None
         except PermissionError:
-            raise InputForbidden(f"{uri} is not readable by the worker") from None
+            raise InputForbidden(f"{redact_uri(uri)} is not readable by the worker") from None
         except OSError as exc:
             raise _os_error(exc, uri) from None
-        info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode) or info.st_size > cap:
-            os.close(fd)
-            if not stat.S_ISREG(info.st_mode):
-                raise InputNotFound(f"{uri} is not a regular file")
-            raise self._too_large(uri, info.st_size)
+
+    def read(self, uri: str) -> bytes:
+        fd = self._open_input_file(uri)
+        cap = self.settings.max_input_bytes
         try:
+            info = os.fstat(fd)
+            if not stat.S_ISREG(info.st_mode):
+                raise InputNotFound(f"{redact_uri(uri)} is not a regular file")
+            if info.st_size > cap:
+                raise self._too_large(uri, info.st_size)
             data = _read_all(fd, info.st_size, cap)
         except OSError as exc:
             raise _os_error(exc, uri) from None
@@ -195,102 +367,157 @@ class FileBackend:
             raise self._too_large(uri, None)
         return data
 
-    def _managed_path(self, uri: str) -> str:
-        """The real path of a file:// URI under the storage root or the input roots (else InputForbidden)."""
-        return _confine(path_of(uri), self._writable_roots, uri, _MANAGED)
-
-    def exists(self, uri: str) -> bool:
-        return os.path.isfile(self._managed_path(uri))
-
     def presign(self, uri: str, ttl_s: int) -> str | None:
         return None  # a file has no URL a phone could open
 
-    def _writable_path(self, uri: str) -> str:
-        path = path_of(uri)
-        parent, name = os.path.split(path)
-        if uri.endswith("/") or not name:
-            raise InputForbidden(f"{uri} names a directory, not a file")
-        roots = self._writable_roots
-        _confine(path, roots, uri, _MANAGED)
-        now = time.monotonic()
-        ready = self._ready_dirs.get(parent)
-        if ready is not None and now - ready[0] <= _DIR_CACHE_TTL_S:
-            return os.path.join(ready[1], name)
+    # --- writes --------------------------------------------------------------------------------------
+
+    def _output_dir(self, uri: str, *, create: bool) -> tuple[int, str]:
+        """(fd of the directory an output goes in, its file name); missing directories made when `create`.
+
+        Raises InputForbidden (outside the output directory, a symlink on the way or at the name) and
+        the OS errors of the walk.
+        """
+        parts = self._output_root.parts(path_of(uri)) if self._output_root else None
+        if not parts:
+            raise InputForbidden(_outside_outputs_message(uri, self.settings))
+        if uri.endswith("/"):
+            raise InputForbidden(f"{redact_uri(uri)} names a directory, not a file")
+        assert self._output_root is not None
         try:
-            os.makedirs(parent, exist_ok=True)
-        except OSError as exc:
-            raise _os_error(exc, uri) from None
-        # Checked again now that the directories exist: one of them may be a symlink.
-        real_parent = _confine(parent, roots, uri, _MANAGED)
-        if len(self._ready_dirs) > 4096:
-            self._ready_dirs.clear()
-        self._ready_dirs[parent] = (now, real_parent)
-        return os.path.join(real_parent, name)
+            fd = _walk(self._output_root, parts[:-1], create=create)
+        except _Symlink as link:
+            raise InputForbidden(self._symlink_message(uri, parts, link.index)) from None
+        if _is_symlink(fd, parts[-1]):
+            os.close(fd)
+            raise InputForbidden(self._symlink_message(uri, parts, len(parts) - 1))
+        return fd, parts[-1]
+
+    @staticmethod
+    def _symlink_message(uri: str, parts: Sequence[str], index: int) -> str:
+        where = f"{OUTPUTS}/" + "/".join(parts[:index + 1]) if index >= 0 else OUTPUTS
+        return (f"{redact_uri(uri)}: {where} is a symbolic link; outputs are written only through real "
+                "directories under the output directory")
 
     def write(self, uri: str, data: bytes, content_type: str, *, sweep: bool = False) -> None:
-        final = self._write_file(uri, data)
-        if sweep:
-            _sweep_temps(final)
-
-    def _write_file(self, uri: str, data: bytes, *, retry: bool = True) -> str:
-        """Write atomically; returns the real path written."""
-        final = self._writable_path(uri)
-        temp: str | None = None
         try:
-            fd, temp = _create_temp(*os.path.split(final))
+            fd, name = self._output_dir(uri, create=True)
+        except OSError as exc:
+            raise _os_error(exc, uri) from None
+        try:
+            temp = _write_temp(fd, f".{name}.", data)
             try:
-                view = memoryview(data)
-                while view:
-                    view = view[os.write(fd, view) :]
-                os.fchmod(fd, 0o644)
-                # The job is marked succeeded after this returns, so its output must survive a crash.
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            os.replace(temp, final)
-            temp = None
-        except FileNotFoundError as exc:
-            if not retry or not self._ready_dirs:
-                raise _os_error(exc, uri) from None
-            # A directory this process made went away since (a cleanup): forget them all, make it again.
-            self._ready_dirs.clear()
-            return self._write_file(uri, data, retry=False)
+                os.replace(temp, name, src_dir_fd=fd, dst_dir_fd=fd)
+            except BaseException:
+                _unlink_quietly(fd, temp)
+                raise
+            if sweep:
+                _sweep_temps(fd, name)
         except OSError as exc:
             raise _os_error(exc, uri) from None
         finally:
-            if temp is not None:
-                try:
-                    os.unlink(temp)
-                except OSError:
-                    pass
-        return final
+            os.close(fd)
+
+    def exists(self, uri: str) -> bool:
+        path = path_of(uri)
+        if self._output_root is not None and self._output_root.parts(path):
+            try:
+                fd, name = self._output_dir(uri, create=False)
+            except (FileNotFoundError, NotADirectoryError):
+                return False
+            except OSError as exc:
+                raise _os_error(exc, uri) from None
+            try:
+                return stat.S_ISREG(os.stat(name, dir_fd=fd, follow_symlinks=False).st_mode)
+            except FileNotFoundError:
+                return False
+            finally:
+                os.close(fd)
+        try:
+            fd = self._open_input_file(uri)
+        except InputNotFound:
+            return False
+        try:
+            return stat.S_ISREG(os.fstat(fd).st_mode)
+        finally:
+            os.close(fd)
 
     def delete(self, uri: str) -> None:
         try:
-            os.unlink(self._managed_path(uri))
+            fd, name = self._output_dir(uri, create=False)
+        except (FileNotFoundError, NotADirectoryError):
+            return
+        except OSError as exc:
+            raise _os_error(exc, uri) from None
+        try:
+            os.unlink(name, dir_fd=fd)
         except FileNotFoundError:
             pass
         except OSError as exc:
             raise _os_error(exc, uri) from None
+        finally:
+            os.close(fd)
 
-    # --- listing (last: the method name shadows the builtin inside the class body) -----------------
+    # --- listing (last: the method name shadows the builtin inside the class body) -------------------
+
+    def _readable_link(self, path: str) -> bool:
+        """Whether a symlink at `path` leads, inside the input roots, to a regular file (what read accepts)."""
+        try:
+            fd = self._open_input(path, "file://" + path)
+        except (JobError, OSError):
+            return False
+        try:
+            return stat.S_ISREG(os.fstat(fd).st_mode)
+        finally:
+            os.close(fd)
+
+    def _files_below(self, dir_fd: int, directory: str, name_prefix: str) -> Iterator[str]:
+        """`file://` URIs of the regular files below `dir_fd` (named `directory`), files before subdirectories."""
+        with os.scandir(dir_fd) as scan:
+            entries = sorted((entry for entry in scan if entry.name.startswith(name_prefix)), key=lambda e: e.name)
+        subdirs = []
+        for entry in entries:
+            path = os.path.join(directory, entry.name)
+            if entry.is_dir(follow_symlinks=False):
+                subdirs.append(entry.name)
+            elif entry.name.endswith(TEMP_SUFFIX):
+                continue
+            elif entry.is_file(follow_symlinks=False) or (entry.is_symlink() and self._readable_link(path)):
+                yield "file://" + path
+        for name in subdirs:
+            try:
+                child = os.open(name, _DIR_FLAGS, dir_fd=dir_fd)
+            except OSError:
+                continue  # removed, or swapped for a symlink, since it was listed
+            try:
+                yield from self._files_below(child, os.path.join(directory, name), "")
+            finally:
+                os.close(child)
 
     def list(self, prefix_uri: str, *, page_size: int = 1000) -> Iterator[str]:
-        roots = self._writable_roots
-        prefix = path_of(prefix_uri)
-        if prefix_uri.endswith("/") or os.path.isdir(prefix):
-            top, name_prefix = _confine(prefix, roots, prefix_uri, _MANAGED), ""
-        else:
-            # Like S3, a prefix that is not a directory matches names that start with it.
-            top = _confine(os.path.dirname(prefix), roots, prefix_uri, _MANAGED)
-            name_prefix = os.path.join(top, os.path.basename(prefix))
-        real_roots = [os.path.realpath(root) for root in roots]
-        for directory, subdirs, files in os.walk(top):
-            subdirs[:] = sorted(d for d in subdirs if os.path.join(directory, d).startswith(name_prefix))
-            for name in sorted(files):
-                path = os.path.join(directory, name)
-                if name.endswith(TEMP_SUFFIX) or not path.startswith(name_prefix):
-                    continue
-                if os.path.islink(path) and not _inside(os.path.realpath(path), real_roots):
-                    continue  # a symlink out of the roots would be refused when read
-                yield "file://" + path
+        path = path_of(prefix_uri)
+        located = _locate(path, self._listed_roots)
+        if located is None:
+            raise InputForbidden(f"{redact_uri(prefix_uri)} is outside STYLEQUEUE_INPUT_ROOTS and the output "
+                                 "directory")
+        root, parts = located
+        directory, name_prefix = path, ""
+        try:
+            try:
+                fd = _walk(root, parts)
+            except (FileNotFoundError, NotADirectoryError):
+                if prefix_uri.endswith("/") or not parts:
+                    return
+                # Like S3, a prefix that is not a directory matches the names that start with it.
+                directory, name_prefix = os.path.dirname(path), parts[-1]
+                fd = _walk(root, parts[:-1])
+        except (FileNotFoundError, NotADirectoryError):
+            return
+        except _Symlink:
+            raise InputForbidden(f"{redact_uri(prefix_uri)} passes through a symbolic link") from None
+        except OSError as exc:
+            raise _os_error(exc, prefix_uri) from None
+        try:
+            yield from self._files_below(fd, directory, name_prefix)
+        finally:
+            os.close(fd)

@@ -48,6 +48,11 @@ def check_uri(uri: str, settings: Settings) -> None:
     parse(uri)
 
 
+def check_prefix(uri: str, settings: Settings) -> None:
+    """Refuse (InputForbidden) an `s3://` prefix that names no bucket; no I/O."""
+    parse(uri, key_required=False)
+
+
 def _client_error(exc: ClientError, uri: str, *, reading: bool) -> JobError:
     """The typed error for an S3 error answer."""
     error = exc.response.get("Error", {})
