@@ -437,6 +437,81 @@ def test_file_list_walks_recursively(roots: tuple[Path, Path]) -> None:
     assert all(storage.read(uri) for uri in storage.list(f"file://{inside}"))
 
 
+# --- staged writes (an attempt stages its output; only promote puts it at the job's URI) ----------
+
+
+@pytest.fixture(params=["file", "s3"])
+def staging(request: pytest.FixtureRequest, tmp_path: Path) -> tuple[Storage, str]:
+    """A Storage and an output URI in it, over file:// and over the moto S3 server."""
+    if request.param == "file":
+        return Storage(Settings(storage_url=f"file://{tmp_path}/data")), f"file://{tmp_path}/data/outputs/ink/j_1.png"
+    bucket = request.getfixturevalue("s3_bucket")
+    return s3_storage(request.getfixturevalue("s3_endpoint")), f"s3://{bucket}/outputs/ink/j_1.png"
+
+
+def test_stage_then_promote_puts_the_bytes_at_the_uri_and_twice_is_once(staging: tuple[Storage, str]) -> None:
+    storage, uri = staging
+    staged = storage.stage(uri, PHOTO, "image/png", tag="a2")
+    assert staged.startswith(uri.rpartition("/")[0] + "/") and ".a2." in staged and staged.endswith(".sqtmp")
+    assert not storage.exists(uri)
+    assert list(storage.list(uri.rpartition("/")[0] + "/")) == []  # staged copies are not results
+    storage.promote(staged, uri)
+    assert storage.read(uri) == PHOTO and not storage.exists(staged)
+    storage.promote(staged, uri)  # a second promote (a retried finish) finds it done and changes nothing
+    assert storage.read(uri) == PHOTO
+    assert list(storage.list(uri.rpartition("/")[0] + "/")) == [uri]
+    if uri.startswith("s3://"):
+        bucket, key = uri[len("s3://"):].split("/", 1)
+        assert storage.s3_client().head_object(Bucket=bucket, Key=key)["ContentType"] == "image/png"
+
+
+def test_another_attempts_staged_object_never_replaces_the_promoted_one(staging: tuple[Storage, str]) -> None:
+    storage, uri = staging
+    stale = storage.stage(uri, b"attempt 2", "image/png", tag="a2")
+    winner = storage.stage(uri, b"attempt 3", "image/png", tag="a3")
+    storage.promote(winner, uri)
+    assert storage.read(uri) == b"attempt 3"
+    assert list(storage.list(uri.rpartition("/")[0] + "/")) == [uri]  # the stale copy is there, unlisted
+    storage.discard(stale)
+    storage.discard(stale)  # already gone: fine
+    storage.promote(winner, uri)
+    assert storage.read(uri) == b"attempt 3"
+
+
+def test_promote_with_both_objects_gone_fails_permanently(staging: tuple[Storage, str]) -> None:
+    storage, uri = staging
+    staged = storage.stage(uri, b"x", "image/png", tag="a1")
+    storage.discard(staged)
+    with pytest.raises(StorageError, match="it is gone") as caught:
+        storage.promote(staged, uri)
+    assert not caught.value.transient and not storage.exists(uri)
+
+
+def test_staging_refuses_bad_tags_and_names_that_are_not_staged(staging: tuple[Storage, str]) -> None:
+    storage, uri = staging
+    storage.write(uri, b"result", "image/png")
+    for tag in ("", "a/2", "a.2", "x" * 33):
+        with pytest.raises(ValueError):
+            storage.stage(uri, b"x", "image/png", tag=tag)
+    with pytest.raises(ValueError):
+        storage.discard(uri)  # a result is never discarded as if it were a staged copy
+    other = storage.stage(uri.replace("j_1", "j_2"), b"x", "image/png", tag="a1")
+    with pytest.raises(ValueError):
+        storage.promote(other, uri)  # a staged copy of another output
+    assert storage.read(uri) == b"result"
+
+
+def test_a_staged_file_is_a_hidden_private_file_beside_its_output(tmp_path: Path) -> None:
+    storage = Storage(Settings(storage_url=f"file://{tmp_path}/data"))
+    uri = f"file://{tmp_path}/data/outputs/ink/j_1.png"
+    staged = Path(storage.stage(uri, b"x", "image/png", tag="a7").removeprefix("file://"))
+    assert staged.parent == tmp_path / "data/outputs/ink" and staged.name.startswith(".j_1.png.a7.")
+    storage.write(uri, b"retry", "image/png", sweep=True)  # a retry's sweep leaves a live attempt's copy alone
+    assert staged.read_bytes() == b"x"
+    with pytest.raises(InputForbidden):
+        storage.stage(f"file://{tmp_path}/data/j_1.png", b"x", "image/png", tag="a1")
+
+
 # --- http(s):// ----------------------------------------------------------------------------------
 
 

@@ -66,6 +66,12 @@ class Backend(Reader, Protocol):
 
     def list(self, prefix_uri: str, *, page_size: int = 1000) -> Iterator[str]: ...
 
+    def stage(self, uri: str, data: bytes, content_type: str, *, tag: str) -> str: ...
+
+    def promote(self, staged_uri: str, uri: str) -> None: ...
+
+    def discard(self, staged_uri: str) -> None: ...
+
 
 Check = Callable[[str, "Settings"], None]
 _INPUT_CHECKS: dict[str, Check] = {"file": files.check_input, "s3": s3.check_uri, "http": http.check_uri,
@@ -146,6 +152,34 @@ class Storage:
         it was killed mid-write. It lists the directory, so first attempts skip it.
         """
         self._backend(uri, "write to").write(uri, data, content_type, sweep=sweep)
+
+    def stage(self, uri: str, data: bytes, content_type: str, *, tag: str) -> str:
+        """Write `data` to a new object beside `uri` that only attempt `tag` knows of; returns its URI.
+
+        The staged object (`.{name}.{tag}.{random}.sqtmp` in the file's directory, fsync'd, or
+        `{key}.{tag}.{random}.sqtmp` in the bucket) is never listed and never replaces `uri` by itself:
+        only `promote` puts it there, so an attempt that lost its job can stage but need not promote.
+        `tag` names the attempt (`a2`): 1 to 32 letters, digits, '-' or '_'.
+        """
+        return self._backend(uri, "write to").stage(uri, data, content_type, tag=tag)
+
+    def promote(self, staged_uri: str, uri: str) -> None:
+        """Move a staged object onto `uri` (file: a rename; s3: copy with its ContentType, then delete).
+
+        Idempotent: when the staged object is gone and `uri` exists, someone promoted it already and this
+        returns quietly; when both are gone it raises StorageError(transient=False).
+        """
+        self._same_scheme(staged_uri, uri).promote(staged_uri, uri)
+
+    def discard(self, staged_uri: str) -> None:
+        """Delete a staged object; nothing happens when it is already gone."""
+        self._backend(staged_uri, "delete").discard(staged_uri)
+
+    def _same_scheme(self, staged_uri: str, uri: str) -> Backend:
+        backend = self._backend(uri, "write to")
+        if split_uri(staged_uri)[0] != split_uri(uri)[0]:
+            raise ValueError(f"{redact_uri(staged_uri)} and {redact_uri(uri)} are in different stores")
+        return backend
 
     def exists(self, uri: str) -> bool:
         """Whether an object or regular file is at `uri`."""

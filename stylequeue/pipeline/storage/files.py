@@ -25,12 +25,12 @@ from __future__ import annotations
 import errno
 import os
 import stat
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from stylequeue.errors import InputForbidden, InputNotFound, InputTooLarge, JobError, StorageError
-from stylequeue.pipeline.storage.uris import TEMP_SUFFIX, redact_uri
+from stylequeue.pipeline.storage.uris import TEMP_SUFFIX, redact_uri, staged_base, staged_tail
 
 if TYPE_CHECKING:
     from stylequeue.config.settings import Settings
@@ -108,6 +108,13 @@ def _is_symlink(dir_fd: int, name: str) -> bool:
         return False
 
 
+def _is_regular(dir_fd: int, name: str) -> bool:
+    try:
+        return stat.S_ISREG(os.stat(name, dir_fd=dir_fd, follow_symlinks=False).st_mode)
+    except FileNotFoundError:
+        return False
+
+
 def _open_root(root: Root, *, create: bool) -> int:
     try:
         return os.open(root.real, _DIR_FLAGS)
@@ -167,10 +174,10 @@ def _follow(root: Root, parts: Sequence[str], index: int, target: str) -> str:
     return os.path.normpath(os.path.join(base, target, *parts[index + 1:]))
 
 
-def _write_temp(dir_fd: int, stem: str, data: bytes) -> str:
-    """A new file `{stem}{random}.sqtmp` in the directory, holding `data`, fsync'd; returns its name."""
+def _write_temp(dir_fd: int, new_name: Callable[[], str], data: bytes) -> str:
+    """A new file (named by `new_name()`, retried on a clash) in the directory, holding `data`, fsync'd."""
     for _ in range(16):
-        temp = f"{stem}{os.urandom(6).hex()}{TEMP_SUFFIX}"
+        temp = new_name()
         try:
             fd = os.open(temp, _NEW_FLAGS, 0o600, dir_fd=dir_fd)
         except FileExistsError:
@@ -188,7 +195,7 @@ def _write_temp(dir_fd: int, stem: str, data: bytes) -> str:
             raise
         os.close(fd)
         return temp
-    raise FileExistsError(errno.EEXIST, f"no free temp name for {stem}")
+    raise FileExistsError(errno.EEXIST, "no free temp name")
 
 
 def _unlink_quietly(dir_fd: int, name: str) -> None:
@@ -405,7 +412,7 @@ class FileBackend:
         except OSError as exc:
             raise _os_error(exc, uri) from None
         try:
-            temp = _write_temp(fd, f".{name}.", data)
+            temp = _write_temp(fd, lambda: f".{name}.{os.urandom(6).hex()}{TEMP_SUFFIX}", data)
             try:
                 os.replace(temp, name, src_dir_fd=fd, dst_dir_fd=fd)
             except BaseException:
@@ -418,6 +425,54 @@ class FileBackend:
         finally:
             os.close(fd)
 
+    def stage(self, uri: str, data: bytes, content_type: str, *, tag: str) -> str:
+        """Write `data` to a new file `.{name}.{tag}.{random}.sqtmp` beside `uri`, fsync'd; returns its URI."""
+        staged_tail(tag)  # a bad tag is refused before any I/O
+        try:
+            fd, name = self._output_dir(uri, create=True)
+        except OSError as exc:
+            raise _os_error(exc, uri) from None
+        try:
+            temp = _write_temp(fd, lambda: f".{name}{staged_tail(tag)}", data)
+        except OSError as exc:
+            raise _os_error(exc, uri) from None
+        finally:
+            os.close(fd)
+        return f"{uri.rpartition('/')[0]}/{temp}"
+
+    def promote(self, staged_uri: str, uri: str) -> None:
+        """Rename a staged file onto `uri`; quietly nothing when it is gone and `uri` exists (done before)."""
+        staged_dir, staged_name = os.path.split(path_of(staged_uri))
+        directory, name = os.path.split(path_of(uri))
+        if staged_dir != directory or staged_base(staged_name) != f".{name}":
+            raise ValueError(f"{redact_uri(staged_uri)} is not a staged copy of {redact_uri(uri)}")
+        try:
+            fd, name = self._output_dir(uri, create=False)
+        except (FileNotFoundError, NotADirectoryError):
+            raise self._nothing_to_promote(staged_uri, uri) from None
+        except OSError as exc:
+            raise _os_error(exc, uri) from None
+        try:
+            os.rename(staged_name, name, src_dir_fd=fd, dst_dir_fd=fd)
+        except FileNotFoundError:
+            if not _is_regular(fd, name):
+                raise self._nothing_to_promote(staged_uri, uri) from None
+        except OSError as exc:
+            raise _os_error(exc, uri) from None
+        finally:
+            os.close(fd)
+
+    @staticmethod
+    def _nothing_to_promote(staged_uri: str, uri: str) -> StorageError:
+        return StorageError(f"cannot promote {redact_uri(staged_uri)}: it is gone and {redact_uri(uri)} does not "
+                            "exist", transient=False)
+
+    def discard(self, staged_uri: str) -> None:
+        """Remove a staged file; nothing happens when it is already gone."""
+        if staged_base(os.path.basename(path_of(staged_uri))) is None:
+            raise ValueError(f"{redact_uri(staged_uri)} is not a staged file")
+        self.delete(staged_uri)
+
     def exists(self, uri: str) -> bool:
         path = path_of(uri)
         if self._output_root is not None and self._output_root.parts(path):
@@ -428,9 +483,7 @@ class FileBackend:
             except OSError as exc:
                 raise _os_error(exc, uri) from None
             try:
-                return stat.S_ISREG(os.stat(name, dir_fd=fd, follow_symlinks=False).st_mode)
-            except FileNotFoundError:
-                return False
+                return _is_regular(fd, name)
             finally:
                 os.close(fd)
         try:

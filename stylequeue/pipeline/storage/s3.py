@@ -15,7 +15,7 @@ from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
 from stylequeue.errors import InputForbidden, InputNotFound, InputTooLarge, JobError, StorageError
-from stylequeue.pipeline.storage.uris import split_uri
+from stylequeue.pipeline.storage.uris import TEMP_SUFFIX, split_uri, staged_base, staged_tail
 
 if TYPE_CHECKING:
     from botocore.exceptions import ClientError
@@ -51,6 +51,10 @@ def check_uri(uri: str, settings: Settings) -> None:
 def check_prefix(uri: str, settings: Settings) -> None:
     """Refuse (InputForbidden) an `s3://` prefix that names no bucket; no I/O."""
     parse(uri, key_required=False)
+
+
+def _error_code(exc: ClientError) -> str:
+    return str(exc.response.get("Error", {}).get("Code", ""))
 
 
 def _client_error(exc: ClientError, uri: str, *, reading: bool) -> JobError:
@@ -190,6 +194,47 @@ class S3Backend:
         with _s3_errors(uri, reading=False):
             self.client().put_object(Bucket=bucket, Key=key, Body=data, ContentType=content_type)
 
+    def stage(self, uri: str, data: bytes, content_type: str, *, tag: str) -> str:
+        """PUT `data` as `{key}.{tag}.{random}.sqtmp` with `content_type`; returns that object's URI."""
+        bucket, key = parse(uri)
+        staged = f"{key}{staged_tail(tag)}"
+        with _s3_errors(uri, reading=False):
+            self.client().put_object(Bucket=bucket, Key=staged, Body=data, ContentType=content_type)
+        return f"s3://{bucket}/{staged}"
+
+    def promote(self, staged_uri: str, uri: str) -> None:
+        """Copy a staged object onto `uri` (keeping its ContentType), then delete it; idempotent.
+
+        When the staged object is gone and `uri` exists, an earlier promote finished: nothing to do.
+        """
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        bucket, key = parse(uri)
+        staged_bucket, staged = parse(staged_uri)
+        if staged_bucket != bucket or staged_base(staged) != key:
+            raise ValueError(f"{staged_uri} is not a staged copy of {uri}")
+        try:
+            # COPY keeps the staged object's metadata, ContentType included: it was PUT with the right one.
+            self.client().copy_object(Bucket=bucket, Key=key, CopySource={"Bucket": bucket, "Key": staged},
+                                      MetadataDirective="COPY")
+        except ClientError as exc:
+            if _error_code(exc) != "NoSuchKey":
+                raise _client_error(exc, uri, reading=False) from None
+            if not self.exists(uri):
+                raise StorageError(f"cannot promote {staged_uri}: it is gone and {uri} does not exist",
+                                   transient=False) from None
+            return
+        except BotoCoreError as exc:
+            raise _botocore_error(exc, uri) from None
+        self.discard(staged_uri)
+
+    def discard(self, staged_uri: str) -> None:
+        """Delete a staged object; nothing happens when it is already gone."""
+        _bucket, staged = parse(staged_uri)
+        if staged_base(staged) is None:
+            raise ValueError(f"{staged_uri} is not a staged object")
+        self.delete(staged_uri)
+
     def exists(self, uri: str) -> bool:
         bucket, key = parse(uri)
         try:
@@ -217,7 +262,8 @@ class S3Backend:
             with _s3_errors(prefix_uri, reading=True):
                 page = self.client().list_objects_v2(**request)
             for entry in page.get("Contents", []):
-                if not entry["Key"].endswith("/"):  # "folder" placeholder objects are not files
+                # "Folder" placeholder objects are not files; staged copies are not results (yet).
+                if not entry["Key"].endswith(("/", TEMP_SUFFIX)):
                     yield f"s3://{bucket}/{entry['Key']}"
             token = page.get("NextContinuationToken")
             if not page.get("IsTruncated") or not token:

@@ -9,6 +9,7 @@ only their userinfo is dropped.
 
 from __future__ import annotations
 
+import os
 import re
 
 from stylequeue.errors import InputForbidden
@@ -18,6 +19,9 @@ OUTPUT_SCHEMES = ("file", "s3")
 MAX_URI_CHARS = 4096
 # Every temporary object (a write in progress, a staged attempt) ends so; listings skip these names.
 TEMP_SUFFIX = ".sqtmp"
+_TAG_RE = re.compile(r"^[A-Za-z0-9_-]{1,32}$")
+# A staged object's name: the name it stands in for (or `.name` for files), the attempt's tag, random hex.
+_STAGED_RE = re.compile(r"(?P<base>.+)\.[A-Za-z0-9_-]{1,32}\.[0-9a-f]{12}" + re.escape(TEMP_SUFFIX))
 _LITERAL_SCHEMES = frozenset({"file", "s3"})
 _SCHEME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*$")
 _CONTROL_RE = re.compile(r"[\x00-\x1f\x7f]")
@@ -59,3 +63,16 @@ def join_uri(prefix: str, *parts: str) -> str:
     if not tail:
         return base
     return base + tail if base.endswith("/") else f"{base}/{tail}"
+
+
+def staged_tail(tag: str) -> str:
+    """`.{tag}.{random}.sqtmp`: what a staged copy's name adds to the name it stands in for."""
+    if not _TAG_RE.match(tag):
+        raise ValueError(f"attempt tag {tag!r} must be 1 to 32 letters, digits, '-' or '_'")
+    return f".{tag}.{os.urandom(6).hex()}{TEMP_SUFFIX}"
+
+
+def staged_base(staged: str) -> str | None:
+    """The name a staged copy's name was made from (`staged_tail`'s inverse), or None if it is none."""
+    match = _STAGED_RE.fullmatch(staged)
+    return match["base"] if match else None
