@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import http.server
+import logging
 import os
 import shutil
 import stat
@@ -26,6 +27,7 @@ from stylequeue.pipeline.storage import (
     files,
     join_uri,
     netguard,
+    redact_uri,
 )
 from tests.workers import serve_http
 
@@ -132,6 +134,20 @@ def test_unreachable_endpoint_is_a_transient_storage_error() -> None:
     with pytest.raises(StorageError) as caught:
         storage.write("s3://bucket/a.jpg", b"x", "image/jpeg")
     assert caught.value.transient
+
+
+def test_s3_errors_say_what_happened_without_the_endpoint(s3_endpoint: str, caplog: pytest.LogCaptureFixture) -> None:
+    bucket = f"no-such-bucket-{free_port()}"
+    with pytest.raises(StorageError) as caught:
+        s3_storage(s3_endpoint).write(f"s3://{bucket}/a.png", b"x", "image/png")
+    assert caught.value.message == f"S3 answered 404 NoSuchBucket for s3://{bucket}/a.png"
+    port = free_port()
+    caplog.set_level(logging.INFO, logger="stylequeue.pipeline.storage")
+    with pytest.raises(StorageError) as caught:
+        s3_storage(f"http://127.0.0.1:{port}").read("s3://bucket/a.jpg")
+    assert caught.value.transient and caught.value.message.startswith("S3 did not answer for s3://bucket/a.jpg")
+    assert str(port) not in caught.value.message and "127.0.0.1" not in caught.value.message
+    assert f"127.0.0.1:{port}" in caplog.text  # the whole story stays in the worker's own log
 
 
 def test_one_client_per_storage_even_under_concurrent_first_use(s3_endpoint: str) -> None:
@@ -609,6 +625,32 @@ def test_http_status_codes_map_to_job_errors(web: str) -> None:
         with pytest.raises(StorageError) as caught:
             storage.read(f"{web}/status/{status}")
         assert caught.value.transient
+
+
+def test_http_errors_name_the_url_without_its_query(web: str) -> None:
+    storage = http_storage()
+    secret = "X-Amz-Credential=AKIDEXAMPLE&X-Amz-Signature=0123abcd"
+    for path, error in (("status/404", InputNotFound), ("status/503", StorageError), ("status/403", InputForbidden)):
+        with pytest.raises(error) as caught:
+            storage.read(f"{web}/{path}?{secret}")
+        assert caught.value.message.startswith(f"{web}/{path}: ") and "X-Amz" not in caught.value.message
+    with pytest.raises(StorageError) as caught:
+        storage.read(f"http://127.0.0.1:{free_port()}/a.jpg?{secret}")
+    assert "X-Amz" not in caught.value.message
+    with pytest.raises(InputTooLarge) as caught:
+        http_storage(max_input_bytes=10).read(f"{web}/photo.jpg?{secret}")
+    assert "X-Amz" not in caught.value.message
+
+
+@pytest.mark.parametrize(("uri", "shown"), [
+    ("https://user:pw@photos.example.com:8443/a.jpg?X-Amz-Signature=abc#frag", "https://photos.example.com:8443/a.jpg"),
+    ("http://h.example?token=1", "http://h.example"),
+    ("s3://bucket/odd?name.jpg", "s3://bucket/odd?name.jpg"),  # a key is literal: '?' is part of it
+    ("file:///data/outputs/a?.png", "file:///data/outputs/a?.png"),
+    ("not a uri?token=1", "not a uri"),
+])
+def test_redact_uri_drops_userinfo_and_queries(uri: str, shown: str) -> None:
+    assert redact_uri(uri) == shown
 
 
 def test_http_private_addresses_refused_without_the_setting(web: str) -> None:

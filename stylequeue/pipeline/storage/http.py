@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 
 from stylequeue.errors import InputForbidden, InputNotFound, StorageError
 from stylequeue.pipeline.storage import netguard
+from stylequeue.pipeline.storage.uris import redact_uri
 
 if TYPE_CHECKING:
     from stylequeue.config.settings import Settings
@@ -35,6 +36,7 @@ class HttpReader:
         self._ssl_context = ssl_context
 
     def read(self, uri: str) -> bytes:
+        shown = redact_uri(uri)  # presigned URLs carry their signature in the query
         try:
             with netguard.request(
                 "GET", uri, allow_private=self.settings.allow_private_networks,
@@ -46,16 +48,16 @@ class HttpReader:
                 if 200 <= status < 300:
                     return response.read_all(self.settings.max_input_bytes)
         except ssl.SSLCertVerificationError as exc:
-            raise StorageError(f"{uri}: TLS certificate not trusted: {exc.verify_message}", transient=False) from None
+            raise StorageError(f"{shown}: TLS certificate not trusted: {exc.verify_message}", transient=False) from None
         except socket.gaierror as exc:
             if exc.errno in (socket.EAI_NONAME, getattr(socket, "EAI_NODATA", socket.EAI_NONAME)):
-                raise InputNotFound(f"{uri}: host not found") from None
-            raise StorageError(f"{uri}: name resolution failed: {exc}", transient=True) from None
+                raise InputNotFound(f"{shown}: host not found") from None
+            raise StorageError(f"{shown}: name resolution failed: {exc}", transient=True) from None
         except TimeoutError as exc:
-            raise StorageError(f"{uri}: timed out ({exc})", transient=True) from None
+            raise StorageError(f"{shown}: timed out ({exc})", transient=True) from None
         except (OSError, http.client.HTTPException) as exc:
-            raise StorageError(f"{uri}: {type(exc).__name__}: {exc}", transient=True) from None
-        text = f"{uri}: the server answered {status}"
+            raise StorageError(f"{shown}: {type(exc).__name__}: {exc}", transient=True) from None
+        text = f"{shown}: the server answered {status}"
         if status in (401, 403):
             raise InputForbidden(text)
         if status in (408, 425, 429) or status >= 500:

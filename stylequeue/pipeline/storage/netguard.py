@@ -23,6 +23,7 @@ from types import TracebackType
 from urllib.parse import quote, urljoin, urlsplit
 
 from stylequeue.errors import InputForbidden, InputTooLarge
+from stylequeue.pipeline.storage.uris import redact_uri
 
 ALLOWED_SCHEMES = ("http", "https")
 REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
@@ -87,12 +88,12 @@ def _split(url: str) -> tuple[str, str, int, str]:
         parts = urlsplit(url)
         port = parts.port
     except ValueError as exc:
-        raise InputForbidden(f"malformed URL {url!r}: {exc}") from None
+        raise InputForbidden(f"malformed URL {redact_uri(url)!r}: {exc}") from None
     scheme = parts.scheme.lower()
     if scheme not in ALLOWED_SCHEMES:
         raise InputForbidden(f"URL scheme {scheme or '(none)'!r} is not allowed: only http and https")
     if not parts.hostname:
-        raise InputForbidden(f"URL {url!r} names no host")
+        raise InputForbidden(f"URL {redact_uri(url)!r} names no host")
     if parts.username is not None or parts.password is not None:
         raise InputForbidden("URLs with credentials (user:password@host) are not supported")
     path = quote(parts.path or "/", safe=_SAFE_PATH_CHARS)
@@ -262,7 +263,8 @@ class Response:
         """The whole body, streamed; InputTooLarge as soon as it (or its Content-Length) passes `max_bytes`."""
         declared = self.headers.get("Content-Length")
         if declared is not None and declared.strip().isdigit() and int(declared) > max_bytes:
-            raise InputTooLarge(f"{self.url} declares {int(declared)} bytes, more than the limit of {max_bytes}")
+            raise InputTooLarge(f"{redact_uri(self.url)} declares {int(declared)} bytes, more than the limit of "
+                                f"{max_bytes}")
         chunks: list[bytes] = []
         size = 0
         while True:
@@ -271,7 +273,7 @@ class Response:
                 return b"".join(chunks)
             size += len(chunk)
             if size > max_bytes:
-                raise InputTooLarge(f"{self.url} sent more than the limit of {max_bytes} bytes")
+                raise InputTooLarge(f"{redact_uri(self.url)} sent more than the limit of {max_bytes} bytes")
             chunks.append(chunk)
 
     def close(self) -> None:
@@ -337,4 +339,4 @@ def request(method: str, url: str, *, allow_private: bool, headers: dict[str, st
         url = urljoin(url, location.strip())
         if total_timeout_s is not None:
             total_timeout_s = max(total_timeout_s - (time.monotonic() - started), 0.0)
-    raise InputForbidden(f"more than {max_redirects} redirects, last to {url}")
+    raise InputForbidden(f"more than {max_redirects} redirects, last to {redact_uri(url)}")

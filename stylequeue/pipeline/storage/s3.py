@@ -8,6 +8,7 @@ producers that never touch S3 do not pay for it.
 
 from __future__ import annotations
 
+import logging
 import re
 import threading
 from collections.abc import Iterator
@@ -15,12 +16,14 @@ from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
 from stylequeue.errors import InputForbidden, InputNotFound, InputTooLarge, JobError, StorageError
-from stylequeue.pipeline.storage.uris import TEMP_SUFFIX, split_uri, staged_base, staged_tail
+from stylequeue.pipeline.storage.uris import TEMP_SUFFIX, redact_uri, split_uri, staged_base, staged_tail
 
 if TYPE_CHECKING:
     from botocore.exceptions import ClientError
 
     from stylequeue.config.settings import Settings
+
+log = logging.getLogger("stylequeue.pipeline.storage")
 
 CONNECT_TIMEOUT_S = 5.0
 READ_TIMEOUT_S = 60.0
@@ -37,9 +40,9 @@ def parse(uri: str, *, key_required: bool = True) -> tuple[str, str]:
     _scheme, rest = split_uri(uri)
     bucket, _, key = rest.partition("/")
     if not _BUCKET_RE.match(bucket):
-        raise InputForbidden(f"{uri!r} names no valid bucket: expected s3://bucket/key")
+        raise InputForbidden(f"{redact_uri(uri)!r} names no valid bucket: expected s3://bucket/key")
     if key_required and not key:
-        raise InputForbidden(f"{uri!r} names no key: expected s3://bucket/key")
+        raise InputForbidden(f"{redact_uri(uri)!r} names no key: expected s3://bucket/key")
     return bucket, key
 
 
@@ -58,11 +61,14 @@ def _error_code(exc: ClientError) -> str:
 
 
 def _client_error(exc: ClientError, uri: str, *, reading: bool) -> JobError:
-    """The typed error for an S3 error answer."""
-    error = exc.response.get("Error", {})
-    code = str(error.get("Code", ""))
+    """The typed error for an S3 error answer: its status and code, never the store's own text.
+
+    A store's message may name internal hosts or buckets; it goes to this process's log instead.
+    """
+    code = _error_code(exc)
     status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0)
-    text = f"{uri}: S3 answered {status or '?'} {code} {error.get('Message', '')}".rstrip()
+    text = f"S3 answered {status or '?'} {code or 'error'} for {redact_uri(uri)}"
+    log.debug("%s: %s", text, exc)
     if code in _TRANSIENT_CODES or status in (408, 429) or status >= 500:
         return StorageError(text, transient=True)
     if reading and (code in _NOT_FOUND_CODES or status == 404):
@@ -73,15 +79,20 @@ def _client_error(exc: ClientError, uri: str, *, reading: bool) -> JobError:
 
 
 def _botocore_error(exc: Exception, uri: str) -> JobError:
-    """The typed error for a botocore failure that is not an S3 answer (network, credentials, params)."""
+    """The typed error for a botocore failure that is not an S3 answer (network, credentials, params).
+
+    botocore's text names the endpoint URL (an internal host, often): callers get the kind of failure,
+    this process's log the whole text.
+    """
     from botocore.exceptions import NoCredentialsError, ParamValidationError, PartialCredentialsError
 
+    shown = redact_uri(uri)
+    log.info("S3 request for %s failed: %s", shown, exc)
     if isinstance(exc, (NoCredentialsError, PartialCredentialsError)):
-        return StorageError(f"{uri}: no S3 credentials ({exc}); set them as for any boto3 program",
-                            transient=False)
+        return StorageError(f"no S3 credentials for {shown}; set them as for any boto3 program", transient=False)
     if isinstance(exc, ParamValidationError):
-        return InputForbidden(f"{uri}: {exc}")
-    return StorageError(f"{uri}: {type(exc).__name__}: {exc}", transient=True)
+        return InputForbidden(f"{shown} is not a bucket and key S3 accepts")
+    return StorageError(f"S3 did not answer for {shown} ({type(exc).__name__})", transient=True)
 
 
 @contextmanager
@@ -165,7 +176,7 @@ class S3Backend:
     def _too_large(self, uri: str, size: int | None) -> InputTooLarge:
         cap = self.settings.max_input_bytes
         amount = f"{size} bytes" if size is not None else "larger"
-        return InputTooLarge(f"{uri} is {amount}, more than STYLEQUEUE_MAX_INPUT_BYTES={cap}")
+        return InputTooLarge(f"{redact_uri(uri)} is {amount}, more than STYLEQUEUE_MAX_INPUT_BYTES={cap}")
 
     def read(self, uri: str) -> bytes:
         from botocore.exceptions import BotoCoreError
@@ -181,7 +192,9 @@ class S3Backend:
                 raise self._too_large(uri, length)
             data: bytes = body.read(cap + 1)
         except (BotoCoreError, OSError) as exc:
-            raise StorageError(f"{uri}: reading the object failed: {exc}", transient=True) from None
+            log.info("reading %s from S3 failed: %s", redact_uri(uri), exc)
+            raise StorageError(f"reading {redact_uri(uri)} from S3 failed ({type(exc).__name__})",
+                               transient=True) from None
         finally:
             body.close()
         if len(data) > cap:
@@ -212,7 +225,7 @@ class S3Backend:
         bucket, key = parse(uri)
         staged_bucket, staged = parse(staged_uri)
         if staged_bucket != bucket or staged_base(staged) != key:
-            raise ValueError(f"{staged_uri} is not a staged copy of {uri}")
+            raise ValueError(f"{redact_uri(staged_uri)} is not a staged copy of {redact_uri(uri)}")
         try:
             # COPY keeps the staged object's metadata, ContentType included: it was PUT with the right one.
             self.client().copy_object(Bucket=bucket, Key=key, CopySource={"Bucket": bucket, "Key": staged},
@@ -221,8 +234,8 @@ class S3Backend:
             if _error_code(exc) != "NoSuchKey":
                 raise _client_error(exc, uri, reading=False) from None
             if not self.exists(uri):
-                raise StorageError(f"cannot promote {staged_uri}: it is gone and {uri} does not exist",
-                                   transient=False) from None
+                raise StorageError(f"cannot promote {redact_uri(staged_uri)}: it is gone and {redact_uri(uri)} "
+                                   "does not exist", transient=False) from None
             return
         except BotoCoreError as exc:
             raise _botocore_error(exc, uri) from None
@@ -232,7 +245,7 @@ class S3Backend:
         """Delete a staged object; nothing happens when it is already gone."""
         _bucket, staged = parse(staged_uri)
         if staged_base(staged) is None:
-            raise ValueError(f"{staged_uri} is not a staged object")
+            raise ValueError(f"{redact_uri(staged_uri)} is not a staged object")
         self.delete(staged_uri)
 
     def exists(self, uri: str) -> bool:
