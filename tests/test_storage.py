@@ -653,6 +653,14 @@ def test_redact_uri_drops_userinfo_and_queries(uri: str, shown: str) -> None:
     assert redact_uri(uri) == shown
 
 
+def test_a_host_label_over_63_characters_is_refused_at_submit_and_at_read() -> None:
+    uri = f"https://{'a' * 64}.example.com/a.jpg"
+    with pytest.raises(InputForbidden, match="host name"):
+        check_input_uri(uri, Settings(storage_url="s3://out"))
+    with pytest.raises(InputForbidden, match="host name"):
+        http_storage().read(uri)
+
+
 def test_http_private_addresses_refused_without_the_setting(web: str) -> None:
     with pytest.raises(InputForbidden, match="loopback"):
         http_storage(allow_private_networks=False).read(f"{web}/photo.jpg")

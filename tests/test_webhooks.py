@@ -178,7 +178,9 @@ def test_a_receiver_that_does_not_answer_in_time_is_retryable(receiver: str) -> 
 
 
 def test_refused_url_is_a_permanent_failure_without_traffic() -> None:
-    for url in ["http://169.254.169.254/latest/meta-data/", "http://127.0.0.1:1/hook", "ftp://example.com/x"]:
+    # A 64-character label once raised UnicodeError out of deliver, leaving the callback pending forever.
+    for url in ["http://169.254.169.254/latest/meta-data/", "http://127.0.0.1:1/hook", "ftp://example.com/x",
+                f"https://{'a' * 64}.example.com/hook"]:
         result = deliver(url, BODY, {}, allow_private=False)
         assert (result.ok, result.status, result.permanent) == (False, None, True)
         assert "refused" in (result.error or "")

@@ -47,6 +47,8 @@ class HttpReader:
                 status = response.status
                 if 200 <= status < 300:
                     return response.read_all(self.settings.max_input_bytes)
+        except UnicodeError as exc:  # the IDNA codec, should a host name get past netguard's own check
+            raise InputForbidden(f"{shown}: the host name cannot be encoded for DNS ({exc})") from None
         except ssl.SSLCertVerificationError as exc:
             raise StorageError(f"{shown}: TLS certificate not trusted: {exc.verify_message}", transient=False) from None
         except socket.gaierror as exc:

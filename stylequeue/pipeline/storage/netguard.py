@@ -28,6 +28,8 @@ from stylequeue.pipeline.storage.uris import redact_uri
 ALLOWED_SCHEMES = ("http", "https")
 REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
 MAX_REDIRECTS = 5
+MAX_LABEL_CHARS = 63
+MAX_HOST_CHARS = 253
 USER_AGENT = "stylequeue"
 _NAT64 = ipaddress.IPv6Network("64:ff9b::/96")
 _SAFE_PATH_CHARS = "/%:@!$&'()*+,;=-._~"
@@ -82,6 +84,37 @@ class Target:
     addresses: tuple[str, ...]
 
 
+def _check_host_name(host: str) -> None:
+    """Refuse (InputForbidden) a host that cannot go to DNS: IDNA's rules, 63 characters a label, 253 in all.
+
+    Python raises UnicodeError deep inside getaddrinfo or http.client for such a name; judged here, it
+    fails the job (or the callback) at once with a reason, at submit where the producer checks.
+    """
+    if _literal_address(host) is not None:
+        return
+    shown = host if len(host) <= 80 else host[:77] + "..."
+    try:
+        encoded = host.encode("idna")
+    except UnicodeError as exc:  # what the idna codec raises (a ValueError)
+        raise InputForbidden(f"host name {shown!r} is not a valid DNS name ({exc}): each dot-separated label "
+                             f"needs 1 to {MAX_LABEL_CHARS} characters") from None
+    if len(encoded.rstrip(b".")) > MAX_HOST_CHARS:
+        raise InputForbidden(f"host name {shown!r} is longer than the {MAX_HOST_CHARS} characters DNS allows")
+
+
+def _literal_address(host: str) -> IPAddress | None:
+    """The address `host` spells without DNS (also the legacy IPv4 forms 2130706433 and 0x7f.1), or None."""
+    try:
+        return ipaddress.ip_address(host.split("%", 1)[0])
+    except ValueError:
+        pass
+    try:
+        # The system resolver reads these forms as addresses without asking DNS, so they are literals too.
+        return ipaddress.IPv4Address(socket.inet_aton(host))
+    except (OSError, ValueError):
+        return None
+
+
 def _split(url: str) -> tuple[str, str, int, str]:
     """(scheme, host, port, request path) of an http(s) URL; InputForbidden for anything else."""
     try:
@@ -96,6 +129,7 @@ def _split(url: str) -> tuple[str, str, int, str]:
         raise InputForbidden(f"URL {redact_uri(url)!r} names no host")
     if parts.username is not None or parts.password is not None:
         raise InputForbidden("URLs with credentials (user:password@host) are not supported")
+    _check_host_name(parts.hostname)
     path = quote(parts.path or "/", safe=_SAFE_PATH_CHARS)
     if parts.query:
         path += "?" + quote(parts.query, safe=_SAFE_QUERY_CHARS)
@@ -108,7 +142,10 @@ def resolve_target(url: str, *, allow_private: bool) -> Target:
     Raises InputForbidden (scheme, malformed URL, a refused address) or socket.gaierror (DNS).
     """
     scheme, host, port, path = _split(url)
-    infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP)
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP)
+    except UnicodeError as exc:  # the IDNA codec; _split's check should have caught it first
+        raise InputForbidden(f"host name {host[:80]!r} cannot be encoded for DNS ({exc})") from None
     addresses: list[str] = []
     for _family, _type, _proto, _canon, sockaddr in infos:
         text = str(sockaddr[0])
@@ -140,15 +177,26 @@ def check_literal_url(url: str, *, allow_private: bool) -> None:
     lowered = host.lower().rstrip(".")
     if lowered == "localhost" or lowered.endswith(".localhost"):
         raise InputForbidden(f"host {host} is loopback; set STYLEQUEUE_ALLOW_PRIVATE_NETWORKS=true to allow it")
-    try:
-        address = ipaddress.ip_address(host.split("%", 1)[0])
-    except ValueError:
+    address = _literal_address(host)
+    if address is None:
         return  # a name: judged by the worker once it resolves it
     reason = forbidden_reason(address)
     if reason:
         raise InputForbidden(
             f"{host} is a {reason} address; set STYLEQUEUE_ALLOW_PRIVATE_NETWORKS=true to allow private networks"
         )
+
+
+def check_callback_url(url: str, allow_private: bool) -> None:
+    """Refuse (InputForbidden) a callback URL at submit, without DNS, as delivery would refuse it.
+
+    http(s) only, no credentials, a valid host name, and no literal loopback, private or other
+    internal address (nor `localhost`) unless `allow_private`. Names are judged when delivery resolves them.
+    """
+    try:
+        check_literal_url(url, allow_private=allow_private)
+    except InputForbidden as exc:
+        raise InputForbidden(f"callback URL refused: {exc.message}") from None
 
 
 def _connect_any(addresses: tuple[str, ...], port: int, connect_timeout_s: float) -> socket.socket:
