@@ -38,7 +38,9 @@ if TYPE_CHECKING:
 OUTPUTS = "outputs"
 # How many symbolic links one read follows inside the roots (Linux's own limit per lookup is 40).
 MAX_SYMLINKS = 8
-_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+# O_PATH (Linux): a walk needs search permission on a directory, as a path lookup does, not read permission.
+_DIR_FLAGS = getattr(os, "O_PATH", os.O_RDONLY) | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+_LIST_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC  # reopens "." of a walked directory to read it
 _READ_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC  # NONBLOCK: a FIFO cannot stall us
 _NEW_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 
@@ -212,7 +214,12 @@ def _sweep_temps(dir_fd: int, name: str) -> None:
     (`.{name}.{tag}.{random}.sqtmp`) and belongs to that attempt.
     """
     stem = f".{name}."
-    for entry in os.listdir(dir_fd):
+    readable = os.open(".", _LIST_FLAGS, dir_fd=dir_fd)
+    try:
+        entries = os.listdir(readable)
+    finally:
+        os.close(readable)
+    for entry in entries:
         if entry.startswith(stem) and entry.endswith(TEMP_SUFFIX) and "." not in entry[len(stem):-len(TEMP_SUFFIX)]:
             _unlink_quietly(dir_fd, entry)
 
@@ -526,16 +533,21 @@ class FileBackend:
 
     def _files_below(self, dir_fd: int, directory: str, name_prefix: str) -> Iterator[str]:
         """`file://` URIs of the regular files below `dir_fd` (named `directory`), files before subdirectories."""
-        with os.scandir(dir_fd) as scan:
-            entries = sorted((entry for entry in scan if entry.name.startswith(name_prefix)), key=lambda e: e.name)
+        readable = os.open(".", _LIST_FLAGS, dir_fd=dir_fd)
+        try:
+            with os.scandir(readable) as scan:  # the kinds are read while the scan's fd is open
+                found = sorted((e.name, e.is_dir(follow_symlinks=False), e.is_file(follow_symlinks=False),
+                                e.is_symlink()) for e in scan if e.name.startswith(name_prefix))
+        finally:
+            os.close(readable)
         subdirs = []
-        for entry in entries:
-            path = os.path.join(directory, entry.name)
-            if entry.is_dir(follow_symlinks=False):
-                subdirs.append(entry.name)
-            elif entry.name.endswith(TEMP_SUFFIX):
+        for name, is_dir, is_file, is_link in found:
+            path = os.path.join(directory, name)
+            if is_dir:
+                subdirs.append(name)
+            elif name.endswith(TEMP_SUFFIX):
                 continue
-            elif entry.is_file(follow_symlinks=False) or (entry.is_symlink() and self._readable_link(path)):
+            elif is_file or (is_link and self._readable_link(path)):
                 yield "file://" + path
         for name in subdirs:
             try:
