@@ -348,45 +348,41 @@ def test_writes_refuse_a_symlink_anywhere_below_the_output_directory(roots: tupl
     assert sorted(os.listdir(outside)) == ["secret.txt"]
 
 
-def _swap_for_symlink(directory: Path, target: Path) -> None:
-    directory.rename(directory.with_name(directory.name + ".orig"))
-    directory.symlink_to(target, target_is_directory=True)
+def swap_mid_walk(monkeypatch: pytest.MonkeyPatch, before: str, directory: Path, target: Path) -> list[str]:
+    """Make the next walk, just before it opens a directory named `before`, swap `directory` for a symlink
+    to `target` (once). Returns the list of swaps made, to show the race really ran."""
+    swaps: list[str] = []
+
+    def race(root: str, parts: list[str], index: int) -> None:
+        if parts[index] == before and not swaps:
+            swaps.append(str(directory))
+            directory.rename(directory.with_name(directory.name + ".orig"))
+            directory.symlink_to(target, target_is_directory=True)
+
+    monkeypatch.setattr(files, "_before_open", race)
+    return swaps
 
 
 def test_a_directory_swapped_for_a_symlink_mid_write_cannot_redirect_it(
         roots: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch) -> None:
     inside, outside = roots
-    storage = file_storage(inside)
     outputs = inside.parent / "data" / "outputs"
     (outputs / "ink" / "sub").mkdir(parents=True)
-    swaps: list[str] = []
-
-    def race(root: str, parts: list[str], index: int) -> None:
-        # Exactly between the walk's steps: the next directory becomes a symlink to a directory outside.
-        if parts[index] == "sub" and not swaps:
-            swaps.append(parts[index])
-            _swap_for_symlink(Path(root, *parts[:index + 1]), outside)
-
-    monkeypatch.setattr(files, "_before_open", race)
+    # Exactly between the walk's steps, the next directory becomes a symlink to a directory outside.
+    swaps = swap_mid_walk(monkeypatch, "sub", outputs / "ink" / "sub", outside)
     with pytest.raises(InputForbidden, match="symbolic link"):
-        storage.write(f"file://{outputs}/ink/sub/second.jpg", b"x", "image/jpeg")
-    assert swaps == ["sub"] and sorted(os.listdir(outside)) == ["secret.txt"]
+        file_storage(inside).write(f"file://{outputs}/ink/sub/second.jpg", b"x", "image/jpeg")
+    assert swaps and sorted(os.listdir(outside)) == ["secret.txt"]
 
 
 def test_a_directory_swapped_after_it_was_entered_keeps_the_write_where_it_was(
         roots: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch) -> None:
     inside, outside = roots
-    storage = file_storage(inside)
     outputs = inside.parent / "data" / "outputs"
     (outputs / "ink" / "sub").mkdir(parents=True)
-
-    def race(root: str, parts: list[str], index: int) -> None:
-        if parts[index] == "sub" and not (outputs / "ink.orig").exists():
-            _swap_for_symlink(outputs / "ink", outside)  # the walk already holds `ink` open
-
-    monkeypatch.setattr(files, "_before_open", race)
-    storage.write(f"file://{outputs}/ink/sub/second.jpg", b"x", "image/jpeg")
-    assert (outputs / "ink.orig" / "sub" / "second.jpg").read_bytes() == b"x"
+    swaps = swap_mid_walk(monkeypatch, "sub", outputs / "ink", outside)  # the walk holds `ink` open already
+    file_storage(inside).write(f"file://{outputs}/ink/sub/second.jpg", b"x", "image/jpeg")
+    assert swaps and (outputs / "ink.orig" / "sub" / "second.jpg").read_bytes() == b"x"
     assert sorted(os.listdir(outside)) == ["secret.txt"]
 
 
@@ -395,14 +391,10 @@ def test_a_directory_swapped_for_a_symlink_mid_read_cannot_redirect_it(
     inside, outside = roots
     (inside / "sub").mkdir()
     (inside / "sub" / "secret.txt").write_text("inside")
-
-    def race(root: str, parts: list[str], index: int) -> None:
-        if parts[index] == "sub" and not (inside / "sub.orig").exists():
-            _swap_for_symlink(inside / "sub", outside)
-
-    monkeypatch.setattr(files, "_before_open", race)
+    swaps = swap_mid_walk(monkeypatch, "sub", inside / "sub", outside)
     with pytest.raises(InputForbidden, match="outside STYLEQUEUE_INPUT_ROOTS"):
         file_storage(inside).read(f"file://{inside}/sub/secret.txt")
+    assert swaps
 
 
 def test_a_symlinked_directory_inside_the_roots_is_read_through(roots: tuple[Path, Path]) -> None:

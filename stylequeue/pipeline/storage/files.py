@@ -26,6 +26,7 @@ import errno
 import os
 import stat
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -413,12 +414,22 @@ class FileBackend:
         return (f"{redact_uri(uri)}: {where} is a symbolic link; outputs are written only through real "
                 "directories under the output directory")
 
-    def write(self, uri: str, data: bytes, content_type: str, *, sweep: bool = False) -> None:
+    @contextmanager
+    def _writing_in(self, uri: str) -> Iterator[tuple[int, str]]:
+        """(directory fd, file name) for writing `uri`, directories made; OS errors typed, the fd closed after."""
         try:
             fd, name = self._output_dir(uri, create=True)
         except OSError as exc:
             raise _os_error(exc, uri) from None
         try:
+            yield fd, name
+        except OSError as exc:
+            raise _os_error(exc, uri) from None
+        finally:
+            os.close(fd)
+
+    def write(self, uri: str, data: bytes, content_type: str, *, sweep: bool = False) -> None:
+        with self._writing_in(uri) as (fd, name):
             temp = _write_temp(fd, lambda: f".{name}.{os.urandom(6).hex()}{TEMP_SUFFIX}", data)
             try:
                 os.replace(temp, name, src_dir_fd=fd, dst_dir_fd=fd)
@@ -427,24 +438,12 @@ class FileBackend:
                 raise
             if sweep:
                 _sweep_temps(fd, name)
-        except OSError as exc:
-            raise _os_error(exc, uri) from None
-        finally:
-            os.close(fd)
 
     def stage(self, uri: str, data: bytes, content_type: str, *, tag: str) -> str:
         """Write `data` to a new file `.{name}.{tag}.{random}.sqtmp` beside `uri`, fsync'd; returns its URI."""
         staged_tail(tag)  # a bad tag is refused before any I/O
-        try:
-            fd, name = self._output_dir(uri, create=True)
-        except OSError as exc:
-            raise _os_error(exc, uri) from None
-        try:
+        with self._writing_in(uri) as (fd, name):
             temp = _write_temp(fd, lambda: f".{name}{staged_tail(tag)}", data)
-        except OSError as exc:
-            raise _os_error(exc, uri) from None
-        finally:
-            os.close(fd)
         return f"{uri.rpartition('/')[0]}/{temp}"
 
     def promote(self, staged_uri: str, uri: str) -> None:
