@@ -24,10 +24,10 @@ from stylequeue.pipeline.storage import (
     check_input_uri,
     check_output_prefix,
     check_output_uri,
-    files,
     join_uri,
     netguard,
     redact_uri,
+    walk,
 )
 from tests.workers import serve_http
 
@@ -359,7 +359,7 @@ def swap_mid_walk(monkeypatch: pytest.MonkeyPatch, before: str, directory: Path,
             directory.rename(directory.with_name(directory.name + ".orig"))
             directory.symlink_to(target, target_is_directory=True)
 
-    monkeypatch.setattr(files, "_before_open", race)
+    monkeypatch.setattr(walk, "_before_open", race)
     return swaps
 
 

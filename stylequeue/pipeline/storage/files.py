@@ -6,14 +6,15 @@ Roots are resolved with realpath once, when the backend is made (they are the op
   elsewhere under the storage root or the input roots, where the job store's data and logs may live.
 
 Below a root every component is opened with O_NOFOLLOW relative to its parent's directory fd, and the
-final file relative to its directory's fd, so what is checked is what is opened: swapping a directory
-for a symlink at any moment cannot move a read or a write outside. Writes refuse a symbolic link
+final file relative to its directory's fd (`walk.py`), so what is checked is what is opened: swapping a
+directory for a symlink at any moment cannot move a read or a write outside. Writes refuse a symbolic link
 anywhere below the output root. Reads follow a symbolic link only when its target lies inside the input
 roots, by walking the target the same way. Nothing is cached between calls (a cached resolution or an
 open directory fd would be trust that outlives its check).
 
 Writes are atomic: a temp file `.{name}.{random}.sqtmp` in the same directory, fsync'd, renamed over the
-name through the directory fd. Listings skip every `*.sqtmp`.
+name through the directory fd. `stage` leaves an attempt's bytes in `.{name}.{tag}.{random}.sqtmp`
+until `promote` renames it over the name the same way. Listings skip every `*.sqtmp`.
 
 Failures: InputForbidden (outside the roots, through a symbolic link), InputNotFound, InputTooLarge,
 StorageError(transient=False) for permission errors and impossible names, StorageError(transient=True)
@@ -25,13 +26,25 @@ from __future__ import annotations
 import errno
 import os
 import stat
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from stylequeue.errors import InputForbidden, InputNotFound, InputTooLarge, JobError, StorageError
 from stylequeue.pipeline.storage.uris import TEMP_SUFFIX, redact_uri, staged_base, staged_tail
+from stylequeue.pipeline.storage.walk import (
+    DIR_FLAGS,
+    LIST_FLAGS,
+    Root,
+    SymlinkFound,
+    follow,
+    is_regular,
+    is_symlink,
+    locate,
+    unlink_quietly,
+    walk,
+    write_temp,
+)
 
 if TYPE_CHECKING:
     from stylequeue.config.settings import Settings
@@ -39,11 +52,7 @@ if TYPE_CHECKING:
 OUTPUTS = "outputs"
 # How many symbolic links one read follows inside the roots (Linux's own limit per lookup is 40).
 MAX_SYMLINKS = 8
-# O_PATH (Linux): a walk needs search permission on a directory, as a path lookup does, not read permission.
-_DIR_FLAGS = getattr(os, "O_PATH", os.O_RDONLY) | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
-_LIST_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC  # reopens "." of a walked directory to read it
 _READ_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC  # NONBLOCK: a FIFO cannot stall us
-_NEW_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
 def path_of(uri: str) -> str:
@@ -55,159 +64,6 @@ def path_of(uri: str) -> str:
     return file_uri_str(uri)
 
 
-def _before_open(root: str, parts: Sequence[str], index: int) -> None:
-    """Called by every walk just before it opens directory `parts[index]` below `root`; does nothing.
-
-    Tests replace it to swap a directory for a symlink at exactly that moment, the race a walk must survive.
-    """
-
-
-@dataclass(frozen=True)
-class Root:
-    """A directory paths are confined to: `named` as configured (absolute), `real` resolved once."""
-
-    named: str
-    real: str
-
-    @classmethod
-    def of(cls, path: str) -> Root:
-        named = os.path.abspath(path)
-        return cls(named, os.path.realpath(named))
-
-    def parts(self, path: str) -> list[str] | None:
-        """The components of absolute `path` below this root ([] for the root itself); None when outside."""
-        for base in (self.named, self.real):
-            if path == base:
-                return []
-            prefix = base.rstrip("/") + "/"
-            if path.startswith(prefix):
-                return path[len(prefix):].split("/")
-        return None
-
-
-def _locate(path: str, roots: Sequence[Root]) -> tuple[Root, list[str]] | None:
-    """The most specific root holding `path`, and the components below it."""
-    best: tuple[Root, list[str]] | None = None
-    for root in roots:
-        parts = root.parts(path)
-        if parts is not None and (best is None or len(parts) < len(best[1])):
-            best = root, parts
-    return best
-
-
-class _Symlink(Exception):
-    """A walk met a symbolic link at `parts[index]`; `target` is its text when the walk was asked to read it."""
-
-    def __init__(self, index: int, target: str | None) -> None:
-        super().__init__(index)
-        self.index = index
-        self.target = target
-
-
-def _is_symlink(dir_fd: int, name: str) -> bool:
-    try:
-        return stat.S_ISLNK(os.stat(name, dir_fd=dir_fd, follow_symlinks=False).st_mode)
-    except OSError:
-        return False
-
-
-def _is_regular(dir_fd: int, name: str) -> bool:
-    try:
-        return stat.S_ISREG(os.stat(name, dir_fd=dir_fd, follow_symlinks=False).st_mode)
-    except FileNotFoundError:
-        return False
-
-
-def _open_root(root: Root, *, create: bool) -> int:
-    try:
-        return os.open(root.real, _DIR_FLAGS)
-    except FileNotFoundError:
-        if not create:
-            raise
-    except NotADirectoryError:
-        if os.path.islink(root.real):  # replaced by a symlink since it was resolved
-            raise _Symlink(-1, None) from None
-        raise
-    os.makedirs(root.real, exist_ok=True)  # the root and what is above it are the operator's to place
-    return _open_root(root, create=False)
-
-
-def _open_dir_at(dir_fd: int, name: str, *, create: bool) -> int:
-    try:
-        return os.open(name, _DIR_FLAGS, dir_fd=dir_fd)
-    except FileNotFoundError:
-        if not create:
-            raise
-    try:
-        os.mkdir(name, dir_fd=dir_fd)
-    except FileExistsError:
-        pass  # another writer made it meanwhile (or put a symlink there: the open below refuses that)
-    return os.open(name, _DIR_FLAGS, dir_fd=dir_fd)
-
-
-def _walk(root: Root, parts: Sequence[str], *, create: bool = False, read_links: bool = False) -> int:
-    """An fd of the directory `root/parts...`, opened one component at a time, never through a symlink.
-
-    Raises _Symlink where a component is one; FileNotFoundError or NotADirectoryError where a component
-    is missing or not a directory (`create` makes missing directories instead).
-    """
-    fd = _open_root(root, create=create)
-    try:
-        for index, name in enumerate(parts):
-            _before_open(root.real, parts, index)
-            try:
-                child = _open_dir_at(fd, name, create=create)
-            except NotADirectoryError:
-                # O_DIRECTORY|O_NOFOLLOW fails on a symlink with ENOTDIR, as on a file: tell them apart.
-                if not _is_symlink(fd, name):
-                    raise
-                raise _Symlink(index, os.readlink(name, dir_fd=fd) if read_links else None) from None
-            os.close(fd)
-            fd = child
-    except BaseException:
-        os.close(fd)
-        raise
-    return fd
-
-
-def _follow(root: Root, parts: Sequence[str], index: int, target: str) -> str:
-    """The path a symlink at `parts[index]` points to, with the components after it appended."""
-    base = os.path.join(root.real, *parts[:index])
-    # Lexical: `base` was walked without symlinks; the result is walked again from a root, link by link.
-    return os.path.normpath(os.path.join(base, target, *parts[index + 1:]))
-
-
-def _write_temp(dir_fd: int, new_name: Callable[[], str], data: bytes) -> str:
-    """A new file (named by `new_name()`, retried on a clash) in the directory, holding `data`, fsync'd."""
-    for _ in range(16):
-        temp = new_name()
-        try:
-            fd = os.open(temp, _NEW_FLAGS, 0o600, dir_fd=dir_fd)
-        except FileExistsError:
-            continue
-        try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view):]
-            os.fchmod(fd, 0o644)
-            # A job is marked succeeded once its output is in place, so the bytes must survive a crash.
-            os.fsync(fd)
-        except BaseException:
-            os.close(fd)
-            _unlink_quietly(dir_fd, temp)
-            raise
-        os.close(fd)
-        return temp
-    raise FileExistsError(errno.EEXIST, "no free temp name")
-
-
-def _unlink_quietly(dir_fd: int, name: str) -> None:
-    try:
-        os.unlink(name, dir_fd=dir_fd)
-    except OSError:
-        pass
-
-
 def _sweep_temps(dir_fd: int, name: str) -> None:
     """Remove the temp files that writers of `name` killed mid-write left beside it.
 
@@ -215,14 +71,14 @@ def _sweep_temps(dir_fd: int, name: str) -> None:
     (`.{name}.{tag}.{random}.sqtmp`) and belongs to that attempt.
     """
     stem = f".{name}."
-    readable = os.open(".", _LIST_FLAGS, dir_fd=dir_fd)
+    readable = os.open(".", LIST_FLAGS, dir_fd=dir_fd)
     try:
         entries = os.listdir(readable)
     finally:
         os.close(readable)
     for entry in entries:
         if entry.startswith(stem) and entry.endswith(TEMP_SUFFIX) and "." not in entry[len(stem):-len(TEMP_SUFFIX)]:
-            _unlink_quietly(dir_fd, entry)
+            unlink_quietly(dir_fd, entry)
 
 
 def _read_all(fd: int, size_hint: int, cap: int) -> bytes:
@@ -286,7 +142,7 @@ def check_input(uri: str, settings: Settings) -> None:
     roots = [os.path.abspath(root) for root in settings.input_roots or []]
     if not roots:
         raise InputForbidden(_no_roots_message())
-    if _locate(path_of(uri), [Root(root, root) for root in roots]) is None:
+    if locate(path_of(uri), [Root(root, root) for root in roots]) is None:
         raise InputForbidden(f"{redact_uri(uri)} is outside STYLEQUEUE_INPUT_ROOTS")
 
 
@@ -326,7 +182,7 @@ class FileBackend:
     def _open_input(self, path: str, uri: str) -> int:
         """An fd of what `path` names under the input roots, following symlinks only inside them."""
         for hop in range(MAX_SYMLINKS + 1):
-            located = _locate(path, self._input_roots)
+            located = locate(path, self._input_roots)
             if located is None:
                 verb = "resolves" if hop else "is"
                 raise InputForbidden(f"{redact_uri(uri)} {verb} outside STYLEQUEUE_INPUT_ROOTS")
@@ -334,11 +190,11 @@ class FileBackend:
             if not parts:
                 raise InputNotFound(f"{redact_uri(uri)} is not a regular file")
             try:
-                dir_fd = _walk(root, parts[:-1], read_links=True)
-            except _Symlink as link:
+                dir_fd = walk(root, parts[:-1], read_links=True)
+            except SymlinkFound as link:
                 if link.target is None:  # the root itself was replaced by a symlink
                     raise InputForbidden(f"{redact_uri(uri)}: its input root is now a symbolic link") from None
-                path = _follow(root, parts, link.index, link.target)
+                path = follow(root, parts, link.index, link.target)
                 continue
             try:
                 return os.open(parts[-1], _READ_FLAGS, dir_fd=dir_fd)
@@ -348,7 +204,7 @@ class FileBackend:
                 target = os.readlink(parts[-1], dir_fd=dir_fd)
             finally:
                 os.close(dir_fd)
-            path = _follow(root, parts, len(parts) - 1, target)
+            path = follow(root, parts, len(parts) - 1, target)
         raise InputForbidden(f"{redact_uri(uri)}: more than {MAX_SYMLINKS} symbolic links")
 
     def _open_input_file(self, uri: str) -> int:
@@ -400,10 +256,10 @@ class FileBackend:
             raise InputForbidden(f"{redact_uri(uri)} names a directory, not a file")
         assert self._output_root is not None
         try:
-            fd = _walk(self._output_root, parts[:-1], create=create)
-        except _Symlink as link:
+            fd = walk(self._output_root, parts[:-1], create=create)
+        except SymlinkFound as link:
             raise InputForbidden(self._symlink_message(uri, parts, link.index)) from None
-        if _is_symlink(fd, parts[-1]):
+        if is_symlink(fd, parts[-1]):
             os.close(fd)
             raise InputForbidden(self._symlink_message(uri, parts, len(parts) - 1))
         return fd, parts[-1]
@@ -430,11 +286,11 @@ class FileBackend:
 
     def write(self, uri: str, data: bytes, content_type: str, *, sweep: bool = False) -> None:
         with self._writing_in(uri) as (fd, name):
-            temp = _write_temp(fd, lambda: f".{name}.{os.urandom(6).hex()}{TEMP_SUFFIX}", data)
+            temp = write_temp(fd, lambda: f".{name}.{os.urandom(6).hex()}{TEMP_SUFFIX}", data)
             try:
                 os.replace(temp, name, src_dir_fd=fd, dst_dir_fd=fd)
             except BaseException:
-                _unlink_quietly(fd, temp)
+                unlink_quietly(fd, temp)
                 raise
             if sweep:
                 _sweep_temps(fd, name)
@@ -443,7 +299,7 @@ class FileBackend:
         """Write `data` to a new file `.{name}.{tag}.{random}.sqtmp` beside `uri`, fsync'd; returns its URI."""
         staged_tail(tag)  # a bad tag is refused before any I/O
         with self._writing_in(uri) as (fd, name):
-            temp = _write_temp(fd, lambda: f".{name}{staged_tail(tag)}", data)
+            temp = write_temp(fd, lambda: f".{name}{staged_tail(tag)}", data)
         return f"{uri.rpartition('/')[0]}/{temp}"
 
     def promote(self, staged_uri: str, uri: str) -> None:
@@ -461,7 +317,7 @@ class FileBackend:
         try:
             os.rename(staged_name, name, src_dir_fd=fd, dst_dir_fd=fd)
         except FileNotFoundError:
-            if not _is_regular(fd, name):
+            if not is_regular(fd, name):
                 raise self._nothing_to_promote(staged_uri, uri) from None
         except OSError as exc:
             raise _os_error(exc, uri) from None
@@ -489,7 +345,7 @@ class FileBackend:
             except OSError as exc:
                 raise _os_error(exc, uri) from None
             try:
-                return _is_regular(fd, name)
+                return is_regular(fd, name)
             finally:
                 os.close(fd)
         try:
@@ -532,7 +388,7 @@ class FileBackend:
 
     def _files_below(self, dir_fd: int, directory: str, name_prefix: str) -> Iterator[str]:
         """`file://` URIs of the regular files below `dir_fd` (named `directory`), files before subdirectories."""
-        readable = os.open(".", _LIST_FLAGS, dir_fd=dir_fd)
+        readable = os.open(".", LIST_FLAGS, dir_fd=dir_fd)
         try:
             with os.scandir(readable) as scan:  # the kinds are read while the scan's fd is open
                 found = sorted((e.name, e.is_dir(follow_symlinks=False), e.is_file(follow_symlinks=False),
@@ -550,7 +406,7 @@ class FileBackend:
                 yield "file://" + path
         for name in subdirs:
             try:
-                child = os.open(name, _DIR_FLAGS, dir_fd=dir_fd)
+                child = os.open(name, DIR_FLAGS, dir_fd=dir_fd)
             except OSError:
                 continue  # removed, or swapped for a symlink, since it was listed
             try:
@@ -560,7 +416,7 @@ class FileBackend:
 
     def list(self, prefix_uri: str, *, page_size: int = 1000) -> Iterator[str]:
         path = path_of(prefix_uri)
-        located = _locate(path, self._listed_roots)
+        located = locate(path, self._listed_roots)
         if located is None:
             raise InputForbidden(f"{redact_uri(prefix_uri)} is outside STYLEQUEUE_INPUT_ROOTS and the output "
                                  "directory")
@@ -568,16 +424,16 @@ class FileBackend:
         directory, name_prefix = path, ""
         try:
             try:
-                fd = _walk(root, parts)
+                fd = walk(root, parts)
             except (FileNotFoundError, NotADirectoryError):
                 if prefix_uri.endswith("/") or not parts:
                     return
                 # Like S3, a prefix that is not a directory matches the names that start with it.
                 directory, name_prefix = os.path.dirname(path), parts[-1]
-                fd = _walk(root, parts[:-1])
+                fd = walk(root, parts[:-1])
         except (FileNotFoundError, NotADirectoryError):
             return
-        except _Symlink:
+        except SymlinkFound:
             raise InputForbidden(f"{redact_uri(prefix_uri)} passes through a symbolic link") from None
         except OSError as exc:
             raise _os_error(exc, prefix_uri) from None
