@@ -23,6 +23,7 @@ bench: $(STAMP)
 	$(PY) bench/models.py
 	$(PY) bench/submit.py
 	$(PY) bench/codec.py
+	$(PY) bench/storage.py
 	$(PY) bench/e2e.py
 	$(PY) bench/queue_cpu.py
 

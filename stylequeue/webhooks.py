@@ -21,7 +21,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from stylequeue.errors import ConfigError, InputForbidden, StyleQueueError
-from stylequeue.pipeline import netguard
+from stylequeue.pipeline.storage import netguard
+from stylequeue.pipeline.storage.uris import redact_uri
 
 SECRET_PREFIX = "whsec_"
 SIGNATURE_VERSION = "v1"
@@ -156,7 +157,8 @@ def deliver(url: str, body: bytes, headers: Mapping[str, str], *, allow_private:
         return DeliveryResult(ok=True, status=status)
     if 300 <= status < 400:
         return DeliveryResult(ok=False, status=status,
-                              error=f"answered {status} redirect to {location!r}; callbacks do not follow redirects")
+                              error=f"answered {status} redirect to {redact_uri(location or '')!r}; callbacks do not "
+                                    "follow redirects")
     if status == 410:
         return DeliveryResult(ok=False, status=status, permanent=True, error="answered 410 Gone: retries stopped")
     honoured = retry_after if status in (429, 503) else None

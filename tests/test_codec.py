@@ -85,16 +85,17 @@ def test_load_and_store_a_group_with_one_bad_input(pool: CodecPool, roots: tuple
     assert missing.code == "input_not_found"
     assert all(done.seconds >= 0 for done in loaded)
 
-    staged = pool.stage([StageItem(f"file://{outputs}/a.png", a.pixels, spec, "a1"),
-                         StageItem(f"file://{outputs}/b.png", b.pixels, spec, "a1")])
-    assert not (outputs / "a.png").exists()  # staged beside it, not yet in place
-    errors = pool.promote([PromoteItem(done.value.staged_uri, f"file://{outputs}/{name}")
+    written = outputs / "outputs"
+    staged = pool.stage([StageItem(f"file://{written}/a.png", a.pixels, spec, "a1"),
+                         StageItem(f"file://{written}/b.png", b.pixels, spec, "a1")])
+    assert not (written / "a.png").exists()  # staged beside it, not yet in place
+    errors = pool.promote([PromoteItem(done.value.staged_uri, f"file://{written}/{name}")
                            for done, name in zip(staged, ("a.png", "b.png"), strict=True)])
     assert [done.error for done in errors] == [None, None]
-    assert [done.value.size for done in staged] == [(outputs / "a.png").stat().st_size,
-                                                     (outputs / "b.png").stat().st_size]
-    assert np.array_equal(np.asarray(Image.open(outputs / "a.png")), a.pixels)  # png: lossless round trip
-    assert sorted(p.name for p in outputs.iterdir()) == ["a.png", "b.png"]  # nothing staged is left
+    assert [done.value.size for done in staged] == [(written / "a.png").stat().st_size,
+                                                     (written / "b.png").stat().st_size]
+    assert np.array_equal(np.asarray(Image.open(written / "a.png")), a.pixels)  # png: lossless round trip
+    assert sorted(p.name for p in written.iterdir()) == ["a.png", "b.png"]  # nothing staged is left
 
 
 def test_store_outside_the_storage_root_is_refused(pool: CodecPool, spec, tmp_path: Path) -> None:

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from stylequeue.errors import InputForbidden
-from stylequeue.pipeline import netguard
+from stylequeue.pipeline.storage import netguard
 
 REFUSED = [
     "http://127.0.0.1/",
@@ -212,3 +212,45 @@ def test_a_slow_drip_over_tls_is_cut_too(tls_server: tuple[int, ssl.SSLContext])
     with netguard.request("GET", url, allow_private=True, total_timeout_s=0.5, ssl_context=client_context) as response:
         with pytest.raises(TimeoutError):
             response.read_all(10_000)
+
+
+def test_the_old_import_path_is_the_same_module(monkeypatch: pytest.MonkeyPatch) -> None:
+    import stylequeue.pipeline.netguard as old_path
+
+    # One module under two names: patching either patches what the guard itself calls.
+    monkeypatch.setattr(old_path, "refusal", lambda address, *, allow_private: None)
+    netguard.check_url("http://127.0.0.1/", allow_private=False)
+
+
+BAD_HOSTS = [f"{'a' * 64}.example.com", "a..example.com", f"{'abcdefghi.' * 26}com", "\u0080x.example.com"]
+
+
+@pytest.mark.parametrize("host", BAD_HOSTS)
+def test_host_names_dns_cannot_carry_are_refused_with_a_reason(host: str) -> None:
+    url = f"https://{host}/a.jpg"
+    for check in (netguard.check_url, netguard.check_literal_url, netguard.check_callback_url):
+        with pytest.raises(InputForbidden, match="host name"):
+            check(url, allow_private=True)  # never a UnicodeError, and private networks change nothing
+    with pytest.raises(InputForbidden, match="host name"):
+        netguard.request("GET", url, allow_private=True)
+
+
+def test_international_and_63_character_names_pass() -> None:
+    for host in ("bücher.example", f"{'a' * 63}.example.com"):
+        netguard.check_literal_url(f"https://{host}/a.jpg", allow_private=False)
+        netguard.check_callback_url(f"https://{host}/hook", allow_private=False)
+
+
+@pytest.mark.parametrize("url", ["http://10.0.0.1/hook", "http://127.0.0.1:8080/hook", "http://localhost/hook",
+                                 "http://[::1]/hook", "http://2130706433/hook", "http://0x7f.1/hook",
+                                 "http://169.254.169.254/latest/meta-data/", "ftp://hooks.example.com/x",
+                                 "https://user:pw@hooks.example.com/x", "hooks.example.com/x"])
+def test_callback_urls_refused_at_submit(url: str) -> None:
+    with pytest.raises(InputForbidden, match="callback URL refused"):
+        netguard.check_callback_url(url, allow_private=False)
+
+
+def test_callback_urls_accepted_at_submit() -> None:
+    netguard.check_callback_url("https://hooks.example.com/stylequeue?token=abc", allow_private=False)
+    netguard.check_callback_url("http://10.0.0.1/hook", allow_private=True)
+    netguard.check_callback_url("http://8.8.8.8/hook", allow_private=False)  # a public literal

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import http.server
+import logging
 import os
 import shutil
 import stat
@@ -18,8 +19,16 @@ import pytest
 from stylequeue.config.settings import Settings
 from stylequeue.embedded import free_port
 from stylequeue.errors import InputForbidden, InputNotFound, InputTooLarge, StorageError
-from stylequeue.pipeline import netguard
-from stylequeue.pipeline.storage import Storage, check_input_uri, check_output_uri, join_uri
+from stylequeue.pipeline.storage import (
+    Storage,
+    check_input_uri,
+    check_output_prefix,
+    check_output_uri,
+    join_uri,
+    netguard,
+    redact_uri,
+    walk,
+)
 from tests.workers import serve_http
 
 PHOTO = bytes(range(256)) * 8  # 2 KiB
@@ -125,6 +134,20 @@ def test_unreachable_endpoint_is_a_transient_storage_error() -> None:
     with pytest.raises(StorageError) as caught:
         storage.write("s3://bucket/a.jpg", b"x", "image/jpeg")
     assert caught.value.transient
+
+
+def test_s3_errors_say_what_happened_without_the_endpoint(s3_endpoint: str, caplog: pytest.LogCaptureFixture) -> None:
+    bucket = f"no-such-bucket-{free_port()}"
+    with pytest.raises(StorageError) as caught:
+        s3_storage(s3_endpoint).write(f"s3://{bucket}/a.png", b"x", "image/png")
+    assert caught.value.message == f"S3 answered 404 NoSuchBucket for s3://{bucket}/a.png"
+    port = free_port()
+    caplog.set_level(logging.INFO, logger="stylequeue.pipeline.storage")
+    with pytest.raises(StorageError) as caught:
+        s3_storage(f"http://127.0.0.1:{port}").read("s3://bucket/a.jpg")
+    assert caught.value.transient and caught.value.message.startswith("S3 did not answer for s3://bucket/a.jpg")
+    assert str(port) not in caught.value.message and "127.0.0.1" not in caught.value.message
+    assert f"127.0.0.1:{port}" in caplog.text  # the whole story stays in the worker's own log
 
 
 def test_one_client_per_storage_even_under_concurrent_first_use(s3_endpoint: str) -> None:
@@ -253,18 +276,160 @@ def test_a_retried_write_sweeps_the_temp_files_a_killed_writer_left(roots: tuple
     assert (folder / "j_1.png").read_bytes() == b"retry"
 
 
-def test_file_write_outside_storage_and_input_roots_is_forbidden(roots: tuple[Path, Path]) -> None:
+def test_file_outputs_go_only_under_the_output_directory(roots: tuple[Path, Path]) -> None:
     inside, outside = roots
     storage = file_storage(inside)
-    (inside.parent / "data").mkdir()
-    (inside.parent / "data" / "escape").symlink_to(outside)
-    for uri in [f"file://{outside}/x.png", f"file://{inside.parent}/data/../outside/x.png",
-                f"file://{inside.parent}/data/escape/x.png"]:
+    data = inside.parent / "data"
+    (data / "redis").mkdir(parents=True)
+    (data / "redis" / "appendonly.aof").write_bytes(b"*2\r\n")  # the job store's own file under `serve`
+    (data / "outputs").mkdir()
+    (data / "outputs" / "escape").symlink_to(outside)
+    refused = [f"file://{data}/redis/appendonly.aof", f"file://{data}/x.png", f"file://{inside}/x.png",
+               f"file://{outside}/x.png", f"file://{data}/outputs/../redis/appendonly.aof",
+               f"file://{data}/outputs", f"file://{data}/outputs/ink/"]
+    for uri in refused:
+        with pytest.raises(InputForbidden):
+            check_output_uri(uri, storage.settings)  # the producer refuses what the worker refuses
         with pytest.raises(InputForbidden):
             storage.write(uri, b"x", "image/png")
-    assert sorted(os.listdir(outside)) == ["secret.txt"]
+    with pytest.raises(InputForbidden):  # only the worker can see a symlink
+        storage.write(f"file://{data}/outputs/escape/x.png", b"x", "image/png")
+    assert (data / "redis" / "appendonly.aof").read_bytes() == b"*2\r\n"
+    assert sorted(os.listdir(outside)) == ["secret.txt"] and sorted(os.listdir(inside)) == ["a.jpg"]
+    accepted = f"file://{data}/outputs/ink/x.png"
+    check_output_uri(accepted, storage.settings)
+    storage.write(accepted, b"x", "image/png")
+    assert (data / "outputs" / "ink" / "x.png").read_bytes() == b"x"
     with pytest.raises(InputForbidden):
         storage.write("https://example.com/x.png", b"x", "image/png")
+
+
+def test_file_outputs_need_a_file_storage_url(roots: tuple[Path, Path]) -> None:
+    inside, _ = roots
+    storage = Storage(Settings(storage_url="s3://out", input_roots=[str(inside)]))
+    with pytest.raises(InputForbidden, match="STYLEQUEUE_STORAGE_URL is not a file:// URI"):
+        storage.write(f"file://{inside}/outputs/x.png", b"x", "image/png")
+    assert sorted(os.listdir(inside)) == ["a.jpg"]
+
+
+def test_a_refused_output_says_which_setting_decides_and_names_no_query(tmp_path: Path) -> None:
+    settings = Settings(storage_url=f"file://{tmp_path}/data")
+    with pytest.raises(InputForbidden) as caught:
+        check_output_uri(f"file://{tmp_path}/elsewhere/x.png", settings)
+    assert "STYLEQUEUE_STORAGE_URL" in caught.value.message and "/outputs/" in caught.value.message
+    assert f"file://{tmp_path}/elsewhere/x.png is outside" in caught.value.message
+    # A prefix is judged as a prefix: the message names it, not a made-up key under it.
+    with pytest.raises(InputForbidden) as caught:
+        check_output_prefix(f"file://{tmp_path}/elsewhere/", settings)
+    assert caught.value.message.startswith(f"file://{tmp_path}/elsewhere/ is outside")
+    check_output_prefix(f"file://{tmp_path}/data/outputs", settings)
+    check_output_prefix(f"file://{tmp_path}/data/outputs/run1/", settings)
+    check_output_prefix("s3://out", settings)
+    with pytest.raises(InputForbidden):
+        check_output_prefix("https://u:p@example.com/out/?X-Amz-Signature=abc", settings)
+
+
+def test_writes_refuse_a_symlink_anywhere_below_the_output_directory(roots: tuple[Path, Path]) -> None:
+    inside, outside = roots
+    storage = file_storage(inside)
+    outputs = inside.parent / "data" / "outputs"
+    (outputs / "ink").mkdir(parents=True)
+    (outputs / "ink" / "taken.png").symlink_to(outside / "secret.txt")
+    (outputs / "ink" / "deep").symlink_to(outside)
+    for name in ("taken.png", "deep/x.png", "deep/new/x.png"):
+        with pytest.raises(InputForbidden, match="symbolic link"):
+            storage.write(f"file://{outputs}/ink/{name}", b"x", "image/png")
+    assert (outside / "secret.txt").read_text() == "secret" and sorted(os.listdir(outside)) == ["secret.txt"]
+    # The output directory itself replaced by a symlink after the storage was made: refused as well.
+    os.rename(outputs, inside.parent / "data" / "old-outputs")
+    outputs.symlink_to(outside)
+    with pytest.raises(InputForbidden, match="symbolic link"):
+        storage.write(f"file://{outputs}/ink/x.png", b"x", "image/png")
+    assert sorted(os.listdir(outside)) == ["secret.txt"]
+
+
+def swap_mid_walk(monkeypatch: pytest.MonkeyPatch, before: str, directory: Path, target: Path) -> list[str]:
+    """Make the next walk, just before it opens a directory named `before`, swap `directory` for a symlink
+    to `target` (once). Returns the list of swaps made, to show the race really ran."""
+    swaps: list[str] = []
+
+    def race(root: str, parts: list[str], index: int) -> None:
+        if parts[index] == before and not swaps:
+            swaps.append(str(directory))
+            directory.rename(directory.with_name(directory.name + ".orig"))
+            directory.symlink_to(target, target_is_directory=True)
+
+    monkeypatch.setattr(walk, "_before_open", race)
+    return swaps
+
+
+def test_a_directory_swapped_for_a_symlink_mid_write_cannot_redirect_it(
+        roots: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    inside, outside = roots
+    outputs = inside.parent / "data" / "outputs"
+    (outputs / "ink" / "sub").mkdir(parents=True)
+    # Exactly between the walk's steps, the next directory becomes a symlink to a directory outside.
+    swaps = swap_mid_walk(monkeypatch, "sub", outputs / "ink" / "sub", outside)
+    with pytest.raises(InputForbidden, match="symbolic link"):
+        file_storage(inside).write(f"file://{outputs}/ink/sub/second.jpg", b"x", "image/jpeg")
+    assert swaps and sorted(os.listdir(outside)) == ["secret.txt"]
+
+
+def test_a_directory_swapped_after_it_was_entered_keeps_the_write_where_it_was(
+        roots: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    inside, outside = roots
+    outputs = inside.parent / "data" / "outputs"
+    (outputs / "ink" / "sub").mkdir(parents=True)
+    swaps = swap_mid_walk(monkeypatch, "sub", outputs / "ink", outside)  # the walk holds `ink` open already
+    file_storage(inside).write(f"file://{outputs}/ink/sub/second.jpg", b"x", "image/jpeg")
+    assert swaps and (outputs / "ink.orig" / "sub" / "second.jpg").read_bytes() == b"x"
+    assert sorted(os.listdir(outside)) == ["secret.txt"]
+
+
+def test_a_directory_swapped_for_a_symlink_mid_read_cannot_redirect_it(
+        roots: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    inside, outside = roots
+    (inside / "sub").mkdir()
+    (inside / "sub" / "secret.txt").write_text("inside")
+    swaps = swap_mid_walk(monkeypatch, "sub", inside / "sub", outside)
+    with pytest.raises(InputForbidden, match="outside STYLEQUEUE_INPUT_ROOTS"):
+        file_storage(inside).read(f"file://{inside}/sub/secret.txt")
+    assert swaps
+
+
+def test_a_symlinked_directory_inside_the_roots_is_read_through(roots: tuple[Path, Path]) -> None:
+    inside, _ = roots
+    (inside / "albums" / "2024").mkdir(parents=True)
+    (inside / "albums" / "2024" / "b.jpg").write_bytes(PHOTO)
+    (inside / "latest").symlink_to("albums/2024")  # relative, as `ln -s` users write them
+    (inside / "loop").symlink_to("loop")
+    storage = file_storage(inside)
+    assert storage.read(f"file://{inside}/latest/b.jpg") == PHOTO
+    assert storage.exists(f"file://{inside}/latest/b.jpg")
+    with pytest.raises(InputForbidden, match="symbolic links"):
+        storage.read(f"file://{inside}/loop")
+
+
+def test_file_list_and_delete_follow_the_same_roots(roots: tuple[Path, Path]) -> None:
+    inside, outside = roots
+    storage = file_storage(inside)
+    data = inside.parent / "data"
+    for name in ("j_1.png", "j_2.png"):
+        storage.write(f"file://{data}/outputs/ink/{name}", b"x", "image/png")
+    (data / "outputs" / "ink" / ".j_3.png.0123456789ab.sqtmp").write_bytes(b"half")
+    assert list(storage.list(f"file://{data}/outputs/ink/")) == [
+        f"file://{data}/outputs/ink/j_1.png", f"file://{data}/outputs/ink/j_2.png"]
+    assert list(storage.list(f"file://{data}/outputs/ink/j_2")) == [f"file://{data}/outputs/ink/j_2.png"]
+    assert list(storage.list(f"file://{data}/outputs/none/")) == []
+    storage.delete(f"file://{data}/outputs/ink/j_1.png")
+    storage.delete(f"file://{data}/outputs/gone/j_9.png")  # missing: nothing to do
+    assert not storage.exists(f"file://{data}/outputs/ink/j_1.png")
+    for uri in (f"file://{inside}/a.jpg", f"file://{outside}/secret.txt"):
+        with pytest.raises(InputForbidden):
+            storage.delete(uri)  # inputs are never a job's to delete
+    assert (inside / "a.jpg").exists() and (outside / "secret.txt").exists()
+    with pytest.raises(InputForbidden):
+        list(storage.list(f"file://{outside}/"))
 
 
 def test_file_list_walks_recursively(roots: tuple[Path, Path]) -> None:
@@ -278,6 +443,81 @@ def test_file_list_walks_recursively(roots: tuple[Path, Path]) -> None:
         f"file://{inside}/a.jpg", f"file://{inside}/b/e.jpg", f"file://{inside}/b/c/d.jpg"]
     assert list(storage.list(f"file://{inside}/b/")) == [f"file://{inside}/b/e.jpg", f"file://{inside}/b/c/d.jpg"]
     assert all(storage.read(uri) for uri in storage.list(f"file://{inside}"))
+
+
+# --- staged writes (an attempt stages its output; only promote puts it at the job's URI) ----------
+
+
+@pytest.fixture(params=["file", "s3"])
+def staging(request: pytest.FixtureRequest, tmp_path: Path) -> tuple[Storage, str]:
+    """A Storage and an output URI in it, over file:// and over the moto S3 server."""
+    if request.param == "file":
+        return Storage(Settings(storage_url=f"file://{tmp_path}/data")), f"file://{tmp_path}/data/outputs/ink/j_1.png"
+    bucket = request.getfixturevalue("s3_bucket")
+    return s3_storage(request.getfixturevalue("s3_endpoint")), f"s3://{bucket}/outputs/ink/j_1.png"
+
+
+def test_stage_then_promote_puts_the_bytes_at_the_uri_and_twice_is_once(staging: tuple[Storage, str]) -> None:
+    storage, uri = staging
+    staged = storage.stage(uri, PHOTO, "image/png", tag="a2")
+    assert staged.startswith(uri.rpartition("/")[0] + "/") and ".a2." in staged and staged.endswith(".sqtmp")
+    assert not storage.exists(uri)
+    assert list(storage.list(uri.rpartition("/")[0] + "/")) == []  # staged copies are not results
+    storage.promote(staged, uri)
+    assert storage.read(uri) == PHOTO and not storage.exists(staged)
+    storage.promote(staged, uri)  # a second promote (a retried finish) finds it done and changes nothing
+    assert storage.read(uri) == PHOTO
+    assert list(storage.list(uri.rpartition("/")[0] + "/")) == [uri]
+    if uri.startswith("s3://"):
+        bucket, key = uri[len("s3://"):].split("/", 1)
+        assert storage.s3_client().head_object(Bucket=bucket, Key=key)["ContentType"] == "image/png"
+
+
+def test_another_attempts_staged_object_never_replaces_the_promoted_one(staging: tuple[Storage, str]) -> None:
+    storage, uri = staging
+    stale = storage.stage(uri, b"attempt 2", "image/png", tag="a2")
+    winner = storage.stage(uri, b"attempt 3", "image/png", tag="a3")
+    storage.promote(winner, uri)
+    assert storage.read(uri) == b"attempt 3"
+    assert list(storage.list(uri.rpartition("/")[0] + "/")) == [uri]  # the stale copy is there, unlisted
+    storage.discard(stale)
+    storage.discard(stale)  # already gone: fine
+    storage.promote(winner, uri)
+    assert storage.read(uri) == b"attempt 3"
+
+
+def test_promote_with_both_objects_gone_fails_permanently(staging: tuple[Storage, str]) -> None:
+    storage, uri = staging
+    staged = storage.stage(uri, b"x", "image/png", tag="a1")
+    storage.discard(staged)
+    with pytest.raises(StorageError, match="it is gone") as caught:
+        storage.promote(staged, uri)
+    assert not caught.value.transient and not storage.exists(uri)
+
+
+def test_staging_refuses_bad_tags_and_names_that_are_not_staged(staging: tuple[Storage, str]) -> None:
+    storage, uri = staging
+    storage.write(uri, b"result", "image/png")
+    for tag in ("", "a/2", "a.2", "x" * 33):
+        with pytest.raises(ValueError):
+            storage.stage(uri, b"x", "image/png", tag=tag)
+    with pytest.raises(ValueError):
+        storage.discard(uri)  # a result is never discarded as if it were a staged copy
+    other = storage.stage(uri.replace("j_1", "j_2"), b"x", "image/png", tag="a1")
+    with pytest.raises(ValueError):
+        storage.promote(other, uri)  # a staged copy of another output
+    assert storage.read(uri) == b"result"
+
+
+def test_a_staged_file_is_a_hidden_private_file_beside_its_output(tmp_path: Path) -> None:
+    storage = Storage(Settings(storage_url=f"file://{tmp_path}/data"))
+    uri = f"file://{tmp_path}/data/outputs/ink/j_1.png"
+    staged = Path(storage.stage(uri, b"x", "image/png", tag="a7").removeprefix("file://"))
+    assert staged.parent == tmp_path / "data/outputs/ink" and staged.name.startswith(".j_1.png.a7.")
+    storage.write(uri, b"retry", "image/png", sweep=True)  # a retry's sweep leaves a live attempt's copy alone
+    assert staged.read_bytes() == b"x"
+    with pytest.raises(InputForbidden):
+        storage.stage(f"file://{tmp_path}/data/j_1.png", b"x", "image/png", tag="a1")
 
 
 # --- http(s):// ----------------------------------------------------------------------------------
@@ -377,6 +617,40 @@ def test_http_status_codes_map_to_job_errors(web: str) -> None:
         with pytest.raises(StorageError) as caught:
             storage.read(f"{web}/status/{status}")
         assert caught.value.transient
+
+
+def test_http_errors_name_the_url_without_its_query(web: str) -> None:
+    storage = http_storage()
+    secret = "X-Amz-Credential=AKIDEXAMPLE&X-Amz-Signature=0123abcd"
+    for path, error in (("status/404", InputNotFound), ("status/503", StorageError), ("status/403", InputForbidden)):
+        with pytest.raises(error) as caught:
+            storage.read(f"{web}/{path}?{secret}")
+        assert caught.value.message.startswith(f"{web}/{path}: ") and "X-Amz" not in caught.value.message
+    with pytest.raises(StorageError) as caught:
+        storage.read(f"http://127.0.0.1:{free_port()}/a.jpg?{secret}")
+    assert "X-Amz" not in caught.value.message
+    with pytest.raises(InputTooLarge) as caught:
+        http_storage(max_input_bytes=10).read(f"{web}/photo.jpg?{secret}")
+    assert "X-Amz" not in caught.value.message
+
+
+@pytest.mark.parametrize(("uri", "shown"), [
+    ("https://user:pw@photos.example.com:8443/a.jpg?X-Amz-Signature=abc#frag", "https://photos.example.com:8443/a.jpg"),
+    ("http://h.example?token=1", "http://h.example"),
+    ("s3://bucket/odd?name.jpg", "s3://bucket/odd?name.jpg"),  # a key is literal: '?' is part of it
+    ("file:///data/outputs/a?.png", "file:///data/outputs/a?.png"),
+    ("not a uri?token=1", "not a uri"),
+])
+def test_redact_uri_drops_userinfo_and_queries(uri: str, shown: str) -> None:
+    assert redact_uri(uri) == shown
+
+
+def test_a_host_label_over_63_characters_is_refused_at_submit_and_at_read() -> None:
+    uri = f"https://{'a' * 64}.example.com/a.jpg"
+    with pytest.raises(InputForbidden, match="host name"):
+        check_input_uri(uri, Settings(storage_url="s3://out"))
+    with pytest.raises(InputForbidden, match="host name"):
+        http_storage().read(uri)
 
 
 def test_http_private_addresses_refused_without_the_setting(web: str) -> None:

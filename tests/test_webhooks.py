@@ -5,6 +5,8 @@ from __future__ import annotations
 import email.utils
 import http.server
 import json
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -176,7 +178,9 @@ def test_a_receiver_that_does_not_answer_in_time_is_retryable(receiver: str) -> 
 
 
 def test_refused_url_is_a_permanent_failure_without_traffic() -> None:
-    for url in ["http://169.254.169.254/latest/meta-data/", "http://127.0.0.1:1/hook", "ftp://example.com/x"]:
+    # A 64-character label once raised UnicodeError out of deliver, leaving the callback pending forever.
+    for url in ["http://169.254.169.254/latest/meta-data/", "http://127.0.0.1:1/hook", "ftp://example.com/x",
+                f"https://{'a' * 64}.example.com/hook"]:
         result = deliver(url, BODY, {}, allow_private=False)
         assert (result.ok, result.status, result.permanent) == (False, None, True)
         assert "refused" in (result.error or "")
@@ -198,3 +202,11 @@ def test_backoff_schedule_then_give_up() -> None:
     assert honoured is not None and 7.0 <= honoured <= 7.7
     capped = next_delay(2, 10 * 86400.0)
     assert capped is not None and capped <= 3600 * 1.1
+
+
+def test_a_receiver_importing_verify_webhook_loads_no_heavy_package() -> None:
+    # The network guard moved into the storage package; importing it must not drag the backends' deps along.
+    code = ("import sys; from stylequeue import verify_webhook; "
+            "print(','.join(m for m in ('boto3', 'pydantic', 'celery', 'paddle') if m in sys.modules))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == ""

@@ -75,8 +75,8 @@ class Client:
 
     def _validate(self, input_uri: str, style: str, output_uri: str | None, callback_url: str | None,
                   priority: str, metadata: dict[str, Any] | None, deadline_s: float | None) -> StyleSpec:
-        from stylequeue.pipeline.netguard import check_literal_url
         from stylequeue.pipeline.storage import check_input_uri, check_output_uri
+        from stylequeue.pipeline.storage.netguard import check_callback_url
 
         spec = self.catalog.get(style)
         if priority not in PRIORITIES:
@@ -87,7 +87,7 @@ class Client:
         if callback_url is not None:
             if urlparse(callback_url).scheme not in ("http", "https"):
                 raise ConfigError(f"callback URL must be http(s)://, got {callback_url!r}")
-            check_literal_url(callback_url, allow_private=self.settings.allow_private_networks)
+            check_callback_url(callback_url, allow_private=self.settings.allow_private_networks)
         if metadata is not None:
             if not isinstance(metadata, dict):
                 raise ConfigError("metadata must be a JSON object (a dict)")
