@@ -1,6 +1,6 @@
 """The one settings object: environment (`STYLEQUEUE_*`) over an optional TOML file over defaults.
 
-Only `cli.py`, the Celery app factory and `Client()` call `load_settings`; everything else is handed
+Only the CLI (`cli/`), the Celery app factory and `Client()` call `load_settings`; everything else is handed
 the `Settings` (or the values) it needs.
 """
 

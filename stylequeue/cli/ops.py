@@ -1,6 +1,6 @@
 """The operator's commands of `stylequeue`: worker, demo, serve, api, train, export, models import.
 
-They register on the same Typer app as the job commands in cli.py (which imports this module).
+Heavy imports (Paddle, the worker, uvicorn) sit inside the command bodies, so `stylequeue submit` never pays them.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from typing import Annotated
 
 import typer
 
-from stylequeue.cli import EXIT_OK, ConfigOpt, DebugOpt, app, err, models_app, out, run
+from stylequeue.cli.common import EXIT_OK, ConfigOpt, DebugOpt, app, err, models_app, out, run
 from stylequeue.errors import ConfigError
 
 # --- worker --------------------------------------------------------------------------------------
