@@ -260,7 +260,7 @@ def run_demo(out_dir: Path, *, style: str | None = None, photos: list[Path] | No
 
 def run_serve(data_dir: Path, *, console: Console | None = None, worker_args: list[str] | None = None) -> int:
     """Embedded Redis + one worker until Ctrl-C; prints how clients connect."""
-    console = console or Console()
+    console = console or Console(soft_wrap=True)  # the URL must stay on one line
     data_dir = data_dir.resolve()
     data_dir.mkdir(parents=True, exist_ok=True)
     storage = os.environ.get("STYLEQUEUE_STORAGE_URL", f"file://{data_dir}")
