@@ -94,8 +94,10 @@ class EmbeddedRedis:
         private_dir(self.data_dir)
         private_dir(self.log_dir)
         self.password = kept_secret(self.data_dir / "password")
+        # Its own session: Ctrl-C in a terminal reaches the whole foreground group, and Redis must outlive
+        # the worker's last writes; stop() ends it once they are done.
         self.process = subprocess.Popen(self._argv(), stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
-                                        stderr=subprocess.PIPE, umask=0o077)
+                                        stderr=subprocess.PIPE, umask=0o077, start_new_session=True)
         assert self.process.stdin is not None
         self.process.stdin.write(f'requirepass "{self.password}"\nrename-command CONFIG ""\n'.encode())
         self.process.stdin.close()

@@ -29,6 +29,7 @@ from stylequeue.cli.common import (
     out,
     run,
 )
+from stylequeue.config.settings import file_uri_absolute
 from stylequeue.errors import ConfigError, JobNotFound, RedisUnavailable, WaitTimeout
 
 
@@ -67,7 +68,9 @@ def print_records(records: list[dict[str, Any]], as_json: bool, single: bool) ->
 
 @app.command()
 def submit(
-    uris: Annotated[list[str], typer.Argument(help="Input images: s3://, file://, http(s)://", show_default=False)],
+    uris: Annotated[list[str], typer.Argument(
+        help="Input images: s3://, file:// (a relative file://./a.jpg means this directory), http(s)://",
+        show_default=False)],
     style: Annotated[str, typer.Option("--style", "-s", help="Registered style name.")],
     output: Annotated[str | None, typer.Option(help="Output URI (one input) or prefix ending in / (several).")] = None,
     callback: Annotated[str | None, typer.Option(help="Webhook URL called when the job finishes.")] = None,
@@ -84,10 +87,12 @@ def submit(
         client = make_client(config)
         if output and len(uris) > 1 and not output.endswith("/"):
             raise ConfigError("with several inputs, --output is a prefix and must end with '/'")
-        if len(uris) == 1:
-            jobs = [client.submit(uris[0], style=style, callback_url=callback, output_uri=output, priority=priority)]
+        inputs = [file_uri_absolute(uri) for uri in uris]
+        target = file_uri_absolute(output) if output else None
+        if len(inputs) == 1:
+            jobs = [client.submit(inputs[0], style=style, callback_url=callback, output_uri=target, priority=priority)]
         else:
-            jobs = client.submit_many(uris, style, callback_url=callback, output_prefix=output, priority=priority)
+            jobs = client.submit_many(inputs, style, callback_url=callback, output_prefix=target, priority=priority)
         codes = []
         if wait:
             jobs, codes = wait_all(client, [j.id for j in jobs], timeout)
@@ -243,8 +248,8 @@ def bulk(
         from stylequeue.producer.bulk import print_report, run_bulk, write_failures
 
         client = make_client(config)
-        report = run_bulk(client, src_prefix, style=style, dst_prefix=output, resume=resume,
-                          max_in_flight=max_in_flight, limit=limit, console=err)
+        report = run_bulk(client, file_uri_absolute(src_prefix), style=style, dst_prefix=file_uri_absolute(output),
+                          resume=resume, max_in_flight=max_in_flight, limit=limit, console=err)
         if failures is not None:
             write_failures(report.failures, failures)
         if as_json:

@@ -143,16 +143,27 @@ def demo(
 
 @app.command()
 def serve(
-    data: Annotated[Path, typer.Option(help="Data directory (Redis AOF, outputs, logs).")] = Path("stylequeue-data"),
+    data: Annotated[Path, typer.Option(
+        help="Data directory: redis/ and logs/ (private), files/ (inputs/, outputs/), client.env.")] = Path(
+        "stylequeue-data"),
     styles: Annotated[str | None, typer.Option(help="Styles to preload, e.g. a,b.")] = None,
+    redis_port: Annotated[int, typer.Option(help="Port of the embedded Redis (127.0.0.1).", min=1, max=65535)] = 6390,
+    api_port: Annotated[int, typer.Option(help="Port of the HTTP gateway (127.0.0.1).", min=1, max=65535)] = 8000,
+    no_api: Annotated[bool, typer.Option("--no-api", help="Do not start the HTTP gateway.")] = False,
     debug: DebugOpt = False,
 ) -> None:
-    """All-in-one for a single machine: embedded Redis + a worker, until Ctrl-C."""
+    """All-in-one for a single machine: embedded Redis + a worker + the HTTP gateway, until Ctrl-C.
+
+    Writes DATA/client.env with every variable a client needs: `set -a; . DATA/client.env; set +a`.
+    """
 
     def body() -> int:
-        from stylequeue.demo import run_serve
+        from stylequeue.serve import ServeOptions, run_serve
 
-        return run_serve(data, worker_args=["--styles", styles] if styles else None)
+        worker_args = ["--styles", styles] if styles else []
+        options = ServeOptions(data, redis_port=redis_port, api_port=None if no_api else api_port,
+                               worker_args=worker_args + (["--debug"] if debug else []))
+        return run_serve(options, console=out)
 
     run(debug, body)
 
