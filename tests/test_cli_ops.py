@@ -127,3 +127,19 @@ def test_worker_started_the_celery_way(redis_server: EmbeddedRedis, tiny_registr
         worker.send_signal(signal.SIGTERM)
         worker.wait(60)
         log.close()
+
+
+def test_gpu_options_on_a_machine_without_cuda_exit_2_in_one_line(tmp_path: Path, tiny_registry: Path) -> None:
+    if paddle.device.is_compiled_with_cuda():
+        pytest.skip("this Paddle has CUDA: gpu devices are usable here")
+    # Redis unreachable on purpose: the device check comes first, so this is exit 2, not 4
+    env = dict(os.environ, STYLEQUEUE_STYLES=str(tiny_registry), STYLEQUEUE_REDIS_URL=f"redis://127.0.0.1:{free_port()}/0")
+    single = cli("worker", "--device", "gpu:0", env=env, timeout=120)
+    assert single.returncode == 2, single.stderr
+    assert all(part in single.stderr for part in ("no CUDA support", "paddlepaddle-gpu", "--device cpu"))
+    assert "Traceback" not in single.stderr
+    supervised = cli("worker", "--gpus", "0,1", env=env, timeout=180)
+    assert supervised.returncode == 2, supervised.stderr
+    last = supervised.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: stopped supervising") and "gpu0 exited 2" in last and "gpu1 exited 2" in last
+    assert supervised.stderr.count("restarting in") == 0  # a configuration error is never retried

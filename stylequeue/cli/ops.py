@@ -56,7 +56,7 @@ def worker(
         if gpus:
             return supervise_gpus(gpus)
         from stylequeue.config.settings import load_settings
-        from stylequeue.worker.devices import pin_device
+        from stylequeue.worker.devices import check_device_usable, pin_device
 
         settings = load_settings(config, device=device, max_batch=max_batch, max_wait_ms=max_wait_ms)
         pin_device(settings.device)  # before anything imports Paddle
@@ -67,6 +67,7 @@ def worker(
 
         if not callbacks_only:
             require_paddle()
+            check_device_usable(settings.device)  # one line and exit 2, not a traceback from deep in Paddle
 
         options = WorkerOptions(
             styles=[s.strip() for s in styles.split(",") if s.strip()] if styles else None,
@@ -114,7 +115,11 @@ def supervise_gpus(gpus: str) -> int:
         for g in ids
     }
     setup_logging("info")
-    return Supervisor(children).run()
+    supervisor = Supervisor(children)
+    code = supervisor.run()
+    if code and supervisor.reasons:
+        err.print(f"error: stopped supervising: {'; '.join(supervisor.reasons.values())}", markup=False)
+    return code
 
 
 # --- one-machine use, models, training -------------------------------------------------------
