@@ -43,6 +43,9 @@ def worker(
         help="Processes that decode and encode bulk jobs (default: one per core up to 4 on a GPU or with "
              "the null runtime, none when the model runs on the CPU; 0 = none).")] = None,
     metrics_port: Annotated[int | None, typer.Option(help="Serve Prometheus metrics on this port.")] = None,
+    metrics_addr: Annotated[str, typer.Option(
+        help="Address the metrics port listens on; 0.0.0.0 where a scraper on another host must reach it.")
+    ] = "127.0.0.1",
     no_callbacks: Annotated[bool, typer.Option("--no-callbacks", help="Do not deliver webhooks.")] = False,
     callbacks_only: Annotated[bool, typer.Option("--callbacks-only", help="Deliver webhooks only; no model.")] = False,
     hostname: Annotated[str | None, typer.Option(help="Celery node name (default stylequeue-DEVICE@HOST).")] = None,
@@ -72,7 +75,7 @@ def worker(
         options = WorkerOptions(
             styles=[s.strip() for s in styles.split(",") if s.strip()] if styles else None,
             threads=concurrency, codec_processes=codec_procs, models=not callbacks_only, callbacks=not no_callbacks,
-            metrics_port=metrics_port, lease_s=settings.lease_s,
+            metrics_port=metrics_port, metrics_addr=metrics_addr, lease_s=settings.lease_s,
         )
         celery_app = make_celery_app(settings)
         # Build (and load models) before Celery starts, so a bad setup exits 2/4 in one line.

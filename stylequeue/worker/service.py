@@ -55,6 +55,7 @@ class WorkerOptions:
     models: bool = True  # False: --callbacks-only
     callbacks: bool = True  # False: --no-callbacks
     metrics_port: int | None = None
+    metrics_addr: str = "127.0.0.1"  # loopback unless the deployment opens it (--metrics-addr)
     lease_s: float = 30.0
     worker_id: str = field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}")
 
@@ -121,8 +122,8 @@ class WorkerService:
             log.warning("STYLEQUEUE_WEBHOOK_SECRET is not set: callbacks will be sent unsigned")
         self.metrics = WorkerMetrics()
         if self.options.metrics_port:
-            self.metrics.serve(self.options.metrics_port)
-            log.info("metrics on :%d/metrics", self.options.metrics_port)
+            self.metrics.serve(self.options.metrics_port, self.options.metrics_addr)
+            log.info("metrics on %s:%d/metrics", self.options.metrics_addr, self.options.metrics_port)
         threads = self.options.threads or min(32, 2 * self.settings.max_batch + 2)
         self._storage = Storage(self.settings, max_pool_connections=max(32, threads + 4))
         if self.options.models:
