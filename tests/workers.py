@@ -44,6 +44,7 @@ def worker_env(redis_url: str, registry: Path, storage_url: str, **extra: str) -
         "PYTHONUNBUFFERED": "1",
     })
     env.update({f"STYLEQUEUE_{k.upper()}": v for k, v in extra.items()})
+    env.pop("GLOG_minloglevel", None)  # an in-process restyle() may have set it; the worker must quiet Paddle itself
     return env
 
 

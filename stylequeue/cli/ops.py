@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import socket
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,6 +17,7 @@ import typer
 
 from stylequeue.cli.common import EXIT_OK, ConfigOpt, DebugOpt, app, err, models_app, out, run
 from stylequeue.errors import ConfigError
+from stylequeue.models.quiet import import_paddle_quietly, quiet_paddle
 
 # --- worker --------------------------------------------------------------------------------------
 
@@ -56,6 +58,7 @@ def worker(
     """Run a worker: load models once, consume jobs in batches, store results, send callbacks."""
 
     def body() -> int:
+        quiet_paddle(debug)  # before anything imports Paddle; the GPU children inherit it
         if gpus:
             return supervise_gpus(gpus)
         from stylequeue.config.settings import load_settings
@@ -70,6 +73,8 @@ def worker(
 
         if not callbacks_only:
             require_paddle()
+            if not debug:
+                import_paddle_quietly()
             check_device_usable(settings.device)  # one line and exit 2, not a traceback from deep in Paddle
 
         options = WorkerOptions(
@@ -80,7 +85,9 @@ def worker(
         celery_app = make_celery_app(settings)
         # Build (and load models) before Celery starts, so a bad setup exits 2/4 in one line.
         tasks.install(WorkerService(settings, options, celery_app).start())
-        node = hostname or f"stylequeue-{settings.device.replace(':', '')}-{options.worker_id}@%h"
+        # Celery's own CLI expands %h; its Worker class, started from here, would show it as is.
+        node = (hostname or f"stylequeue-{settings.device.replace(':', '')}-{options.worker_id}@%h").replace(
+            "%h", socket.gethostname())
         celery_worker = celery_app.Worker(
             hostname=node, pool_cls="threads", concurrency=8, queues=options.queues, loglevel=loglevel.upper(),
             without_mingle=True, without_gossip=True, optimization="fair",
@@ -216,6 +223,7 @@ def train(
     """Train a CycleGAN from a recipe; prints the registry entry of the trained style."""
 
     def body() -> int:
+        quiet_paddle(debug)
         from stylequeue.models.train import train as run_training
 
         run_training(recipe, resume=not fresh, max_steps=max_steps, console=out)  # prints paths and the entry
@@ -248,6 +256,7 @@ def export(
     """Export a style's generator for fast inference (cached by weights hash)."""
 
     def body() -> int:
+        quiet_paddle(debug)
         from stylequeue.config.settings import load_settings
         from stylequeue.config.styles import StyleCatalog
         from stylequeue.models.export import export_model
@@ -278,6 +287,7 @@ def models_import(
     """
 
     def body() -> int:
+        quiet_paddle(debug)
         from stylequeue.models.weights import import_weights
 
         if direction not in ("AtoB", "BtoA"):
