@@ -60,8 +60,9 @@ def test_models_import_a_paddlegan_checkpoint(tmp_path: Path) -> None:
     paddle.save({"netG_A": g_a.state_dict(), "netG_B": g_b.state_dict(), "netD_A": {}, "netD_B": {}, "epoch": 3},
                 str(checkpoint))
     result = cli("models", "import", str(checkpoint), "--style", "mine", "--direction", "BtoA",
-                 "--dest", str(tmp_path / "mine.pdparams"))
+                 "--dest", str(tmp_path / "mine.pdparams"), env=quiet_env())
     assert result.returncode == 0, result.stderr
+    assert not PADDLE_NOISE.search(result.stderr), result.stderr
     registry = tmp_path / "styles.toml"
     registry.write_text(result.stdout)
     spec = parse_registry(registry)["mine"]
@@ -82,8 +83,9 @@ def test_train_command_runs_a_recipe(tmp_path: Path) -> None:
     recipe = tmp_path / "r.toml"
     recipe.write_text('name = "cli-ink"\ndata_dir = "data"\noutput_dir = "out"\nsteps = 2\ncrop_size = 32\n'
                       'ngf = 4\nn_blocks = 1\nndf = 4\ncheckpoint_every = 1\nthreads = 1\n')
-    result = cli("train", str(recipe))
+    result = cli("train", str(recipe), env=quiet_env())
     assert result.returncode == 0, result.stderr
+    assert not PADDLE_NOISE.search(result.stderr), result.stderr
     assert "[styles.cli-ink]" in result.stdout
     assert (tmp_path / "out" / "checkpoint.pdparams").exists()
     bad = tmp_path / "bad.toml"
