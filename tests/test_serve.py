@@ -20,7 +20,7 @@ import pytest
 from stylequeue.embedded import free_port
 from stylequeue.errors import ConfigError
 from stylequeue.serve import Layout, check_roots_apart, worker_settings
-from tests.workers import make_image, wait_for
+from tests.workers import make_image, processes_mentioning, wait_for
 
 
 def stylequeue(*args: str, env: dict[str, str], cwd: Path | None = None, timeout: float = 60
@@ -39,18 +39,6 @@ def in_client_shell(client_env: Path, command: str, cwd: Path) -> subprocess.Com
 def sourced(client_env: Path) -> dict[str, str]:
     shown = in_client_shell(client_env, "env -0", client_env.parent).stdout
     return dict(item.split("=", 1) for item in shown.split("\0") if item.startswith("STYLEQUEUE_"))
-
-
-def processes_mentioning(text: str) -> list[int]:
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit() and int(entry.name) != os.getpid():
-            try:
-                if text.encode() in (entry / "cmdline").read_bytes():
-                    found.append(int(entry.name))
-            except OSError:
-                continue
-    return found
 
 
 @pytest.fixture
