@@ -201,6 +201,7 @@ def run_serve(options: ServeOptions, *, console: Console | None = None) -> int:
         assert options.api_port is not None
         require_free_port(options.api_port, "--api-port (or --no-api)")
     layout.create()
+    layout.client_env.unlink(missing_ok=True)  # rewritten once all is ready: its appearance says so
     settings = worker_settings(layout, os.environ)
     check_roots_apart(layout, settings)
     redis_server = EmbeddedRedis(data_dir=layout.redis, log_dir=layout.logs, port=options.redis_port)
