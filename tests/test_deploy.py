@@ -234,6 +234,15 @@ def test_command_lines_use_real_subcommands_and_flags(where: str) -> None:
     assert not unknown, f"{where}: `stylequeue {argv[0]}` has no {unknown}"
 
 
+@pytest.mark.parametrize("where", sorted(w for w, a in stylequeue_command_lines().items() if "--metrics-port" in a))
+def test_metrics_in_containers_listen_beyond_loopback_and_on_hosts_stay_on_it(where: str) -> None:
+    # A worker's metrics listen on 127.0.0.1 unless told otherwise; inside a container that is unreachable
+    # by the scraper (k8s) and by a published port (compose), so those open it; a systemd host keeps it local.
+    argv = stylequeue_command_lines()[where]
+    addr = argv[argv.index("--metrics-addr") + 1] if "--metrics-addr" in argv else "127.0.0.1"
+    assert addr == ("127.0.0.1" if where.startswith("systemd") else "0.0.0.0"), where
+
+
 @pytest.mark.parametrize("where", sorted(healthcheck_command_lines()))
 def test_health_checks_run_the_script_the_image_installs(where: str) -> None:
     argv = healthcheck_command_lines()[where]

@@ -9,7 +9,10 @@ import threading
 import time
 from pathlib import Path
 
-from stylequeue.worker.devices import Supervisor, pin_device, visible_device
+import pytest
+
+from stylequeue.errors import ConfigError
+from stylequeue.worker.devices import Supervisor, check_device_usable, pin_device, visible_device
 
 
 def test_pin_gpu_sets_cuda_visible_devices(monkeypatch) -> None:
@@ -49,3 +52,30 @@ def test_supervisor_does_not_restart_a_configuration_error() -> None:
     supervisor = Supervisor({"gpu0": [sys.executable, "-c", "import sys; sys.exit(2)"]}, max_backoff_s=0.1)
     assert supervisor.run(install_signals=False, poll_s=0.05) == 2
     assert supervisor.children[0].restarts == 0
+
+
+def test_supervisor_gives_up_on_a_child_that_fails_the_same_way_at_start() -> None:
+    supervisor = Supervisor({"gpu0": [sys.executable, "-c", "import sys; sys.exit(3)"]}, max_backoff_s=0.05,
+                            fast_fail_s=30, fast_fail_limit=3)
+    assert supervisor.run(install_signals=False, poll_s=0.02) == 3
+    assert supervisor.children[0].restarts == 2  # three starts, three identical quick failures
+    assert "gpu0 exited 3 within 30 s of its start 3 times in a row" in supervisor.reasons["gpu0"]
+
+
+def test_supervisor_reports_a_child_killed_by_a_signal_as_128_plus_n() -> None:
+    suicide = "import os, signal; os.kill(os.getpid(), signal.SIGKILL)"
+    supervisor = Supervisor({"gpu0": [sys.executable, "-c", suicide],
+                             "gpu1": [sys.executable, "-c", "import sys; sys.exit(0)"]},
+                            max_backoff_s=0.05, fast_fail_limit=2)
+    assert supervisor.run(install_signals=False, poll_s=0.02) == 128 + signal.SIGKILL
+    assert list(supervisor.reasons) == ["gpu0"]
+
+
+def test_a_gpu_device_without_any_runtime_that_can_drive_it_is_a_configuration_error() -> None:
+    import paddle
+
+    check_device_usable("cpu")
+    if paddle.device.is_compiled_with_cuda():
+        pytest.skip("this Paddle has CUDA: gpu devices are usable here")
+    with pytest.raises(ConfigError, match="no CUDA support.*paddlepaddle-gpu.*--device cpu"):
+        check_device_usable("gpu:0")

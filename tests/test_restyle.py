@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import io
+import os
+import re
+import subprocess
+import sys
 from pathlib import Path
 
 import boto3
@@ -79,3 +83,21 @@ def test_restyle_unknown_style(cyclegan, tmp_path: Path) -> None:
     registry, _ = cyclegan
     with pytest.raises(stylequeue.UnknownStyle):
         stylequeue.restyle(tmp_path / "x.jpg", "nope", settings=load_settings(styles=registry))
+
+
+PADDLE_NOISE = re.compile(r"No ccache found|!!!!!|^[IWE]\d{4} \d\d:\d\d|OMP_NUM_THREADS", re.MULTILINE)
+
+
+def test_restyle_keeps_paddles_unactionable_warnings_out_of_the_callers_terminal(
+        tiny_registry: Path, tmp_path: Path) -> None:
+    # A fresh process, as a user's script is: Paddle first loads inside restyle(), and exports a static graph.
+    (tmp_path / "a.png").write_bytes(make_image(40, 40))
+    code = ("import sys; from stylequeue import restyle; from stylequeue.config.settings import Settings; "
+            "print(restyle(sys.argv[1], 'tiny', settings=Settings(styles=sys.argv[2], runtime='paddle-inference', "
+            "cache_dir=sys.argv[3])).output)")
+    env = {k: v for k, v in os.environ.items() if k != "GLOG_minloglevel"}  # set by an in-process test, maybe
+    result = subprocess.run([sys.executable, "-c", code, str(tmp_path / "a.png"), str(tiny_registry),
+                             str(tmp_path / "cache")], env=env, capture_output=True, text=True, timeout=180)
+    assert result.returncode == 0, result.stderr
+    assert Path(result.stdout.strip()).is_file()
+    assert not PADDLE_NOISE.search(result.stderr), result.stderr

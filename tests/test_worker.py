@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import socket
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -192,3 +193,9 @@ def test_transient_input_errors_are_retried(stack: dict) -> None:
         job = client.submit(f"{url}/a.png", style="tiny")
         done = client.wait(job.id, timeout=60)
         assert done.state == JobState.SUCCEEDED and done.attempts == 3
+
+
+def test_the_worker_log_names_its_host_and_holds_no_paddle_noise(stack: dict) -> None:
+    log = stack["worker"].output()
+    assert f"@{socket.gethostname()} ready" in log and "%h" not in log  # the Celery node name, expanded
+    assert not re.search(r"No ccache found|!!!!!|^[IWE]\d{4} \d\d:\d\d|OMP_NUM_THREADS", log, re.MULTILINE), log

@@ -44,6 +44,7 @@ def worker_env(redis_url: str, registry: Path, storage_url: str, **extra: str) -
         "PYTHONUNBUFFERED": "1",
     })
     env.update({f"STYLEQUEUE_{k.upper()}": v for k, v in extra.items()})
+    env.pop("GLOG_minloglevel", None)  # an in-process restyle() may have set it; the worker must quiet Paddle itself
     return env
 
 
@@ -148,3 +149,18 @@ def wait_for(predicate: Callable[[], bool], timeout: float, interval: float = 0.
             return True
         time.sleep(interval)
     return predicate()
+
+
+def processes_mentioning(text: str) -> list[int]:
+    """Live processes whose command line or environment mentions `text`."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            blob = (entry / "cmdline").read_bytes() + (entry / "environ").read_bytes()
+        except OSError:
+            continue
+        if text.encode() in blob:
+            found.append(int(entry.name))
+    return found

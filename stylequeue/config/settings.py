@@ -1,6 +1,6 @@
 """The one settings object: environment (`STYLEQUEUE_*`) over an optional TOML file over defaults.
 
-Only `cli.py`, the Celery app factory and `Client()` call `load_settings`; everything else is handed
+Only the CLI (`cli/`), the Celery app factory and `Client()` call `load_settings`; everything else is handed
 the `Settings` (or the values) it needs.
 """
 
@@ -89,7 +89,13 @@ class Settings(BaseSettings):
     def _check_storage_url(cls, value: str) -> str:
         if not value.startswith(("file://", "s3://")):
             raise ValueError("must be a file:// or s3:// URI")
-        return value.rstrip("/")
+        return normalise_storage_url(value)
+
+    @field_validator("input_roots")
+    @classmethod
+    def _absolute_roots(cls, value: list[Path] | None) -> list[Path] | None:
+        # A client and a worker started in different directories must mean the same roots.
+        return None if value is None else [Path(os.path.abspath(os.path.expanduser(root))) for root in value]
 
     @field_validator("webhook_secret")
     @classmethod
@@ -124,6 +130,26 @@ class Settings(BaseSettings):
 def file_uri_path(uri: str) -> Path:
     """`file:///abs/dir` or `file://./rel/dir` -> an absolute Path."""
     return Path(file_uri_str(uri))
+
+
+def normalise_storage_url(value: str) -> str:
+    """A storage root without its trailing slash; a `file://` one made absolute.
+
+    Resolved once, at load, so no record ever stores a `file://./...` that means another directory to a
+    process started elsewhere (a worker, the gateway, a later `status`).
+    """
+    if not value.startswith("file://"):
+        return value.rstrip("/")
+    absolute = file_uri_absolute(value)
+    return absolute if absolute == "file:///" else absolute.rstrip("/")
+
+
+def file_uri_absolute(uri: str) -> str:
+    """`file://./rel/dir/` -> `file:///abs/rel/dir/` (a trailing slash, meaning a prefix, is kept); others unchanged."""
+    if not uri.startswith("file://"):
+        return uri
+    path = file_uri_str(uri)
+    return "file://" + path + ("/" if uri.endswith("/") and not path.endswith("/") else "")
 
 
 def file_uri_str(uri: str) -> str:

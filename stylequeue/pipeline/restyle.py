@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 
 from stylequeue.config.settings import Settings, load_settings
 from stylequeue.config.styles import StyleCatalog
+from stylequeue.models.quiet import quiet_paddle
 from stylequeue.pipeline.process import prepare, render
 
 if TYPE_CHECKING:
@@ -58,6 +59,7 @@ def restyle(src: str | os.PathLike[str], style: str, dst: str | os.PathLike[str]
         dst: a local path or a file:// / s3:// URI; default: `<src stem>-<style>.<ext>` beside a local src.
         settings: default from the environment (STYLEQUEUE_STYLES, STYLEQUEUE_RUNTIME, ...).
     """
+    quiet_paddle()  # Paddle's warnings that a caller cannot act on (stylequeue/models/quiet.py)
     settings = settings or load_settings()
     loaded = _registry(settings).get(style)
     spec = loaded.spec

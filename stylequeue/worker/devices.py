@@ -16,7 +16,11 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+from stylequeue.errors import ConfigError
+
 log = logging.getLogger("stylequeue.worker.devices")
+
+PADDLE_GPU_INDEX = "https://www.paddlepaddle.org.cn/packages/stable/cu126/"
 
 
 def pin_device(device: str, *, cpu_threads: int | None = None) -> None:
@@ -29,6 +33,30 @@ def pin_device(device: str, *, cpu_threads: int | None = None) -> None:
     # oneDNN/OpenMP read these at start-up: one inference thread per core, not per logical task thread.
     os.environ.setdefault("OMP_NUM_THREADS", threads)
     os.environ.setdefault("MKL_NUM_THREADS", threads)
+
+
+def check_device_usable(device: str) -> None:
+    """Raise ConfigError (one line, exit 2) when no runtime installed here can run on `device`.
+
+    The one place that knows which runtimes can drive a GPU; today only a CUDA build of Paddle can.
+    Asking Paddle imports it but initialises no CUDA context, so it may run before or after pin_device.
+    """
+    if not device.startswith("gpu:"):
+        return
+    if _paddle_has_cuda():
+        return
+    raise ConfigError(
+        f"cannot use {device}: this Paddle has no CUDA support; install paddlepaddle-gpu 3.x from Paddle's index "
+        f"(pip install 'paddlepaddle-gpu==3.*' -i {PADDLE_GPU_INDEX}) in place of paddlepaddle, or use --device cpu"
+    )
+
+
+def _paddle_has_cuda() -> bool:
+    try:
+        import paddle
+    except ImportError:
+        return False
+    return bool(paddle.device.is_compiled_with_cuda())
 
 
 def visible_device(device: str) -> str:
@@ -46,20 +74,32 @@ class _Child:
     backoff_s: float = 1.0
     next_start: float = 0.0
     last_code: int = 0
+    quick_failures: int = 0  # exits in a row, each within fast_fail_s of its start, all with last_code
+
+
+def exit_status(code: int) -> int:
+    """A Popen return code as a shell would report it: killed by signal N is 128 + N."""
+    return 128 - code if code < 0 else code
 
 
 class Supervisor:
     """Runs one child process per argv, restarting crashed ones with backoff; SIGTERM/SIGINT stop all.
 
-    A child that exits 0 (a clean shutdown) or 2 (a configuration error, which a restart cannot fix)
-    is not restarted.
+    A child is not restarted when it exits 0 (a clean shutdown) or 2 (a configuration error, which a
+    restart cannot fix), nor once it has failed `fast_fail_limit` times in a row within `fast_fail_s`
+    of its start with the same exit code (a crash at start-up that a restart only repeats). `reasons`
+    says, per child, why it was given up.
     """
 
     def __init__(self, children: dict[str, Sequence[str]], *, max_backoff_s: float = 60.0,
+                 fast_fail_s: float = 30.0, fast_fail_limit: int = 3,
                  popen: Callable[..., subprocess.Popen[bytes]] = subprocess.Popen) -> None:
         self.children = [_Child(name, list(argv)) for name, argv in children.items()]
         self.max_backoff_s = max_backoff_s
+        self.fast_fail_s = fast_fail_s
+        self.fast_fail_limit = fast_fail_limit
         self.popen = popen
+        self.reasons: dict[str, str] = {}
         self._stopping = False
 
     def _start(self, child: _Child) -> None:
@@ -74,7 +114,7 @@ class Supervisor:
                 child.process.send_signal(signal.SIGTERM)
 
     def run(self, *, install_signals: bool = True, poll_s: float = 0.5) -> int:
-        """Supervise until stopped or every child has ended for good; returns the worst exit code."""
+        """Supervise until stopped or every child has ended for good; returns the worst exit status."""
         if install_signals:
             signal.signal(signal.SIGTERM, self.stop)
             signal.signal(signal.SIGINT, self.stop)
@@ -94,17 +134,41 @@ class Supervisor:
                 code = child.process.poll()
                 if code is None:
                     continue
-                if self._stopping or code in (0, 2):
+                if self._stopping or code == 0:
                     codes[child.name] = code
-                    continue
-                if time.monotonic() - child.started_at > 60:
-                    child.backoff_s = 1.0  # it ran a while: a fresh crash, not a crash loop
-                child.restarts += 1
-                child.last_code = code
-                log.warning("%s exited with %d; restarting in %.0f s (restart %d)", child.name, code,
-                            child.backoff_s, child.restarts)
-                child.process = None
-                child.next_start = time.monotonic() + child.backoff_s
-                child.backoff_s = min(child.backoff_s * 2, self.max_backoff_s)
+                elif self._given_up(child, code):
+                    codes[child.name] = code
+                else:
+                    self._schedule_restart(child, code)
             time.sleep(poll_s)
-        return max(codes.values(), default=0)
+        return max((exit_status(code) for code in codes.values()), default=0)
+
+    def _given_up(self, child: _Child, code: int) -> bool:
+        ran_s = time.monotonic() - child.started_at
+        if ran_s > self.fast_fail_s:
+            child.quick_failures = 0
+        elif child.quick_failures and code == child.last_code:
+            child.quick_failures += 1
+        else:
+            child.quick_failures = 1
+        if code == 2:
+            reason = f"{child.name} exited 2, a configuration error a restart cannot fix"
+        elif child.quick_failures >= self.fast_fail_limit:
+            reason = (f"{child.name} exited {exit_status(code)} within {self.fast_fail_s:.0f} s of its start "
+                      f"{child.quick_failures} times in a row")
+        else:
+            return False
+        self.reasons[child.name] = reason
+        log.error("%s; not restarting it", reason)
+        return True
+
+    def _schedule_restart(self, child: _Child, code: int) -> None:
+        if time.monotonic() - child.started_at > 60:
+            child.backoff_s = 1.0  # it ran a while: a fresh crash, not a crash loop
+        child.restarts += 1
+        child.last_code = code
+        log.warning("%s exited with %d; restarting in %.0f s (restart %d)", child.name, code,
+                    child.backoff_s, child.restarts)
+        child.process = None
+        child.next_start = time.monotonic() + child.backoff_s
+        child.backoff_s = min(child.backoff_s * 2, self.max_backoff_s)

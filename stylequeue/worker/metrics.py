@@ -1,4 +1,4 @@
-"""Prometheus metrics of one worker process, served on `--metrics-port`.
+"""Prometheus metrics of one worker process, served on `--metrics-port` (loopback unless `--metrics-addr`).
 
 jobs by final state and style, batch sizes, stage latencies, broker queue depths, model load time, and the
 errors the worker survived (job threads, the sweep's finds).
@@ -56,5 +56,5 @@ class WorkerMetrics:
             child = self._jobs.setdefault((state, style), self.jobs.labels(state, style))
         child.inc()
 
-    def serve(self, port: int, addr: str = "0.0.0.0") -> Any:
+    def serve(self, port: int, addr: str = "127.0.0.1") -> Any:
         return start_http_server(port, addr=addr, registry=self.registry)

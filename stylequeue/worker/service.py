@@ -54,7 +54,7 @@ class WorkerOptions:
     models: bool = True  # False: --callbacks-only
     callbacks: bool = True  # False: --no-callbacks
     metrics_port: int | None = None
-    metrics_addr: str = "127.0.0.1"
+    metrics_addr: str = "127.0.0.1"  # loopback unless the deployment opens it (--metrics-addr)
     lease_s: float = 30.0
     worker_id: str = field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}")
 

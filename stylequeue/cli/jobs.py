@@ -1,8 +1,6 @@
-"""The `stylequeue` command (SPEC section 6).
+"""The job commands of `stylequeue`: submit, status, wait, cancel, styles, bulk (SPEC section 6).
 
-Exit codes: 0 ok; 1 a waited job failed or was cancelled; 2 usage/configuration; 3 job not found;
-4 Redis unreachable; 5 `wait` timed out. Several ids: each is handled, and the exit code is the first
-of 4, 3, 5, 1 that occurred. Errors are one line on stderr (a traceback only with --debug).
+The producer's side: nothing here imports `stylequeue.worker` or Paddle, so these commands stay light.
 """
 
 from __future__ import annotations
@@ -10,79 +8,29 @@ from __future__ import annotations
 import json
 import sys
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any, NoReturn
+from typing import Annotated, Any
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
-from stylequeue.errors import (
-    ConfigError,
-    JobNotFound,
-    RedisUnavailable,
-    StyleQueueError,
-    WaitTimeout,
+from stylequeue.cli.common import (
+    EXIT_JOB_FAILED,
+    EXIT_NOT_FOUND,
+    EXIT_OK,
+    EXIT_TIMEOUT,
+    ConfigOpt,
+    DebugOpt,
+    JsonOpt,
+    app,
+    err,
+    first_exit,
+    out,
+    run,
 )
-
-EXIT_OK, EXIT_JOB_FAILED, EXIT_USAGE, EXIT_NOT_FOUND, EXIT_REDIS, EXIT_TIMEOUT = 0, 1, 2, 3, 4, 5
-EXIT_PRECEDENCE = (EXIT_REDIS, EXIT_NOT_FOUND, EXIT_TIMEOUT, EXIT_JOB_FAILED)
-
-app = typer.Typer(
-    name="stylequeue",
-    help="Restyle photos with CycleGAN generators, asynchronously: Redis + Celery workers + object storage.",
-    no_args_is_help=True,
-    pretty_exceptions_enable=False,
-    add_completion=False,
-    rich_markup_mode=None,
-)
-models_app = typer.Typer(help="Manage model weights.", no_args_is_help=True)
-app.add_typer(models_app, name="models")
-
-out = Console(highlight=False, soft_wrap=True)
-err = Console(stderr=True, highlight=False, soft_wrap=True)
-
-ConfigOpt = Annotated[Path | None, typer.Option(
-    "--config", help="Settings TOML file (keys = STYLEQUEUE_* names, lower case).", envvar="STYLEQUEUE_CONFIG")]
-DebugOpt = Annotated[bool, typer.Option("--debug", help="Show tracebacks.")]
-JsonOpt = Annotated[bool, typer.Option("--json", help="Print the job record(s) as JSON (SPEC section 4).")]
-
-
-def exit_code_for(exc: BaseException) -> int:
-    if isinstance(exc, RedisUnavailable):
-        return EXIT_REDIS
-    if isinstance(exc, JobNotFound):
-        return EXIT_NOT_FOUND
-    if isinstance(exc, WaitTimeout):
-        return EXIT_TIMEOUT
-    return EXIT_USAGE
-
-
-def fail(exc: BaseException, debug: bool) -> NoReturn:
-    if debug:
-        err.print_exception()
-    err.print(f"error: {exc}", markup=False)
-    raise typer.Exit(exit_code_for(exc))
-
-
-def run(debug: bool, body: Callable[[], int | None]) -> None:
-    """Run a command body, turning stylequeue's errors into one line and an exit code."""
-    try:
-        code = body()
-    except typer.Exit:
-        raise
-    except (StyleQueueError, TimeoutError) as exc:
-        fail(exc, debug)
-    except KeyboardInterrupt:
-        err.print("interrupted")
-        raise typer.Exit(130) from None
-    raise typer.Exit(code or EXIT_OK)
-
-
-def first_exit(codes: Iterable[int]) -> int:
-    seen = set(codes)
-    return next((code for code in EXIT_PRECEDENCE if code in seen), EXIT_OK)
+from stylequeue.config.settings import file_uri_absolute
+from stylequeue.errors import ConfigError, JobNotFound, RedisUnavailable, WaitTimeout
 
 
 def make_client(config: Path | None) -> Any:
@@ -120,11 +68,15 @@ def print_records(records: list[dict[str, Any]], as_json: bool, single: bool) ->
 
 @app.command()
 def submit(
-    uris: Annotated[list[str], typer.Argument(help="Input images: s3://, file://, http(s)://", show_default=False)],
+    uris: Annotated[list[str], typer.Argument(
+        help="Input images: s3://, file:// (a relative file://./a.jpg means this directory), http(s)://",
+        show_default=False)],
     style: Annotated[str, typer.Option("--style", "-s", help="Registered style name.")],
     output: Annotated[str | None, typer.Option(help="Output URI (one input) or prefix ending in / (several).")] = None,
     callback: Annotated[str | None, typer.Option(help="Webhook URL called when the job finishes.")] = None,
     priority: Annotated[str, typer.Option(help="interactive or bulk.")] = "interactive",
+    deadline: Annotated[float | None, typer.Option(
+        help="Seconds the job may wait to be started; later it ends cancelled (error 'expired').")] = None,
     wait: Annotated[bool, typer.Option("--wait", help="Wait for the jobs to finish.")] = False,
     timeout: Annotated[float, typer.Option(help="With --wait: seconds to wait.")] = 600,
     as_json: JsonOpt = False,
@@ -137,10 +89,14 @@ def submit(
         client = make_client(config)
         if output and len(uris) > 1 and not output.endswith("/"):
             raise ConfigError("with several inputs, --output is a prefix and must end with '/'")
-        if len(uris) == 1:
-            jobs = [client.submit(uris[0], style=style, callback_url=callback, output_uri=output, priority=priority)]
+        inputs = [file_uri_absolute(uri) for uri in uris]
+        target = file_uri_absolute(output) if output else None
+        if len(inputs) == 1:
+            jobs = [client.submit(inputs[0], style=style, callback_url=callback, output_uri=target, priority=priority,
+                                  deadline_s=deadline)]
         else:
-            jobs = client.submit_many(uris, style, callback_url=callback, output_prefix=output, priority=priority)
+            jobs = client.submit_many(inputs, style, callback_url=callback, output_prefix=target, priority=priority,
+                                      deadline_s=deadline)
         codes = []
         if wait:
             jobs, codes = wait_all(client, [j.id for j in jobs], timeout)
@@ -296,8 +252,8 @@ def bulk(
         from stylequeue.producer.bulk import print_report, run_bulk, write_failures
 
         client = make_client(config)
-        report = run_bulk(client, src_prefix, style=style, dst_prefix=output, resume=resume,
-                          max_in_flight=max_in_flight, limit=limit, console=err)
+        report = run_bulk(client, file_uri_absolute(src_prefix), style=style, dst_prefix=file_uri_absolute(output),
+                          resume=resume, max_in_flight=max_in_flight, limit=limit, console=err)
         if failures is not None:
             write_failures(report.failures, failures)
         if as_json:
@@ -307,22 +263,3 @@ def bulk(
         return report.exit_code
 
     run(debug, body)
-
-
-def _register_operator_commands() -> None:
-    # worker, demo, serve, train, export, models import: the operator's commands live in cli_ops.py.
-    import stylequeue.cli_ops  # noqa: F401
-
-
-_register_operator_commands()
-
-
-def main() -> None:
-    try:
-        app()
-    except ConfigError as exc:  # raised while building settings outside a command body
-        err.print(f"error: {exc}", markup=False)
-        sys.exit(EXIT_USAGE)
-
-
-__all__ = ["app", "main"]

@@ -1,12 +1,13 @@
 """The operator's commands of `stylequeue`: worker, demo, serve, api, train, export, models import.
 
-They register on the same Typer app as the job commands in cli.py (which imports this module).
+Heavy imports (Paddle, the worker, uvicorn) sit inside the command bodies, so `stylequeue submit` never pays them.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import socket
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,8 +15,9 @@ from typing import Annotated
 
 import typer
 
-from stylequeue.cli import EXIT_OK, ConfigOpt, DebugOpt, app, err, models_app, out, run
+from stylequeue.cli.common import EXIT_OK, ConfigOpt, DebugOpt, app, err, models_app, out, run
 from stylequeue.errors import ConfigError
+from stylequeue.models.quiet import import_paddle_quietly, quiet_paddle
 
 # --- worker --------------------------------------------------------------------------------------
 
@@ -43,6 +45,9 @@ def worker(
         help="Processes that decode and encode bulk jobs (default: one per core up to 4 on a GPU or with "
              "the null runtime, none when the model runs on the CPU; 0 = none).")] = None,
     metrics_port: Annotated[int | None, typer.Option(help="Serve Prometheus metrics on this port.")] = None,
+    metrics_addr: Annotated[str, typer.Option(
+        help="Address the metrics port listens on; 0.0.0.0 where a scraper on another host must reach it.")
+    ] = "127.0.0.1",
     no_callbacks: Annotated[bool, typer.Option("--no-callbacks", help="Do not deliver webhooks.")] = False,
     callbacks_only: Annotated[bool, typer.Option("--callbacks-only", help="Deliver webhooks only; no model.")] = False,
     hostname: Annotated[str | None, typer.Option(help="Celery node name (default stylequeue-DEVICE@HOST).")] = None,
@@ -53,30 +58,36 @@ def worker(
     """Run a worker: load models once, consume jobs in batches, store results, send callbacks."""
 
     def body() -> int:
+        quiet_paddle(debug)  # before anything imports Paddle; the GPU children inherit it
         if gpus:
             return supervise_gpus(gpus)
         from stylequeue.config.settings import load_settings
-        from stylequeue.worker.devices import pin_device
+        from stylequeue.worker.devices import check_device_usable, pin_device
 
         settings = load_settings(config, device=device, max_batch=max_batch, max_wait_ms=max_wait_ms)
         pin_device(settings.device)  # before anything imports Paddle
         setup_logging(loglevel)
+        from stylequeue.broker import make_celery_app
         from stylequeue.worker import tasks
-        from stylequeue.worker.app import make_celery_app
         from stylequeue.worker.service import WorkerOptions, WorkerService, require_paddle
 
         if not callbacks_only:
             require_paddle()
+            if not debug:
+                import_paddle_quietly()
+            check_device_usable(settings.device)  # one line and exit 2, not a traceback from deep in Paddle
 
         options = WorkerOptions(
             styles=[s.strip() for s in styles.split(",") if s.strip()] if styles else None,
             threads=concurrency, codec_processes=codec_procs, models=not callbacks_only, callbacks=not no_callbacks,
-            metrics_port=metrics_port, lease_s=settings.lease_s,
+            metrics_port=metrics_port, metrics_addr=metrics_addr, lease_s=settings.lease_s,
         )
         celery_app = make_celery_app(settings)
         # Build (and load models) before Celery starts, so a bad setup exits 2/4 in one line.
         tasks.install(WorkerService(settings, options, celery_app).start())
-        node = hostname or f"stylequeue-{settings.device.replace(':', '')}-{options.worker_id}@%h"
+        # Celery's own CLI expands %h; its Worker class, started from here, would show it as is.
+        node = (hostname or f"stylequeue-{settings.device.replace(':', '')}-{options.worker_id}@%h").replace(
+            "%h", socket.gethostname())
         celery_worker = celery_app.Worker(
             hostname=node, pool_cls="threads", concurrency=8, queues=options.queues, loglevel=loglevel.upper(),
             without_mingle=True, without_gossip=True, optimization="fair",
@@ -114,7 +125,11 @@ def supervise_gpus(gpus: str) -> int:
         for g in ids
     }
     setup_logging("info")
-    return Supervisor(children).run()
+    supervisor = Supervisor(children)
+    code = supervisor.run()
+    if code and supervisor.reasons:
+        err.print(f"error: stopped supervising: {'; '.join(supervisor.reasons.values())}", markup=False)
+    return code
 
 
 # --- one-machine use, models, training -------------------------------------------------------
@@ -143,16 +158,27 @@ def demo(
 
 @app.command()
 def serve(
-    data: Annotated[Path, typer.Option(help="Data directory (Redis AOF, outputs, logs).")] = Path("stylequeue-data"),
+    data: Annotated[Path, typer.Option(
+        help="Data directory: redis/ and logs/ (private), files/ (inputs/, outputs/), client.env.")] = Path(
+        "stylequeue-data"),
     styles: Annotated[str | None, typer.Option(help="Styles to preload, e.g. a,b.")] = None,
+    redis_port: Annotated[int, typer.Option(help="Port of the embedded Redis (127.0.0.1).", min=1, max=65535)] = 6390,
+    api_port: Annotated[int, typer.Option(help="Port of the HTTP gateway (127.0.0.1).", min=1, max=65535)] = 8000,
+    no_api: Annotated[bool, typer.Option("--no-api", help="Do not start the HTTP gateway.")] = False,
     debug: DebugOpt = False,
 ) -> None:
-    """All-in-one for a single machine: embedded Redis + a worker, until Ctrl-C."""
+    """All-in-one for a single machine: embedded Redis + a worker + the HTTP gateway, until Ctrl-C.
+
+    Writes DATA/client.env with every variable a client needs: `set -a; . DATA/client.env; set +a`.
+    """
 
     def body() -> int:
-        from stylequeue.demo import run_serve
+        from stylequeue.serve import ServeOptions, run_serve
 
-        return run_serve(data, worker_args=["--styles", styles] if styles else None)
+        worker_args = ["--styles", styles] if styles else []
+        options = ServeOptions(data, redis_port=redis_port, api_port=None if no_api else api_port,
+                               worker_args=worker_args + (["--debug"] if debug else []))
+        return run_serve(options, console=out)
 
     run(debug, body)
 
@@ -197,6 +223,7 @@ def train(
     """Train a CycleGAN from a recipe; prints the registry entry of the trained style."""
 
     def body() -> int:
+        quiet_paddle(debug)
         from stylequeue.models.train import train as run_training
 
         run_training(recipe, resume=not fresh, max_steps=max_steps, console=out)  # prints paths and the entry
@@ -229,6 +256,7 @@ def export(
     """Export a style's generator for fast inference (cached by weights hash)."""
 
     def body() -> int:
+        quiet_paddle(debug)
         from stylequeue.config.settings import load_settings
         from stylequeue.config.styles import StyleCatalog
         from stylequeue.models.export import export_model
@@ -259,6 +287,7 @@ def models_import(
     """
 
     def body() -> int:
+        quiet_paddle(debug)
         from stylequeue.models.weights import import_weights
 
         if direction not in ("AtoB", "BtoA"):
