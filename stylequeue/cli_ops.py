@@ -63,13 +63,14 @@ def worker(
         setup_logging(loglevel)
         from stylequeue.worker import tasks
         from stylequeue.worker.app import make_celery_app
-        from stylequeue.worker.service import WorkerOptions, WorkerService, require_paddle
+        from stylequeue.worker.service import WorkerOptions, WorkerService, require_runtime
 
+        names = [s.strip() for s in styles.split(",") if s.strip()] if styles else None
         if not callbacks_only:
-            require_paddle()
+            require_runtime(settings, names)  # before Redis: a machine that cannot serve says so first
 
         options = WorkerOptions(
-            styles=[s.strip() for s in styles.split(",") if s.strip()] if styles else None,
+            styles=names,
             threads=concurrency, codec_processes=codec_procs, models=not callbacks_only, callbacks=not no_callbacks,
             metrics_port=metrics_port, lease_s=settings.lease_s,
         )

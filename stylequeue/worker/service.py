@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from stylequeue.config.settings import Settings
 from stylequeue.config.styles import StyleCatalog
-from stylequeue.errors import ConfigError, PaddleMissing
+from stylequeue.errors import ConfigError
 from stylequeue.jobs import Job, RedisJobStore, iso_now
 from stylequeue.worker import messages
 from stylequeue.worker.batching import BULK, INTERACTIVE
@@ -64,16 +64,15 @@ class WorkerOptions:
         return queues + ([messages.CALLBACK_QUEUE] if self.callbacks else [])
 
 
-def require_paddle() -> None:
-    """Fail with one line naming what to install when this process cannot import Paddle."""
-    import importlib.util
+def require_runtime(settings: Settings, styles: list[str] | None) -> list[str]:
+    """The runtimes that can serve these styles here (all registered ones for None); a ConfigError of one
+    line naming what to install when none can (models/runtimes.py: Paddle is one way, not the only one)."""
+    from stylequeue.models.runtimes import serving_runtimes
 
-    try:
-        found = importlib.util.find_spec("paddle") is not None
-    except (ImportError, ValueError):  # ValueError: a module blocked with sys.modules["paddle"] = None
-        found = False
-    if not found:
-        raise PaddleMissing()
+    catalog = StyleCatalog(settings.styles)
+    names = styles if styles is not None else sorted(catalog.all())
+    specs = [catalog.get(name) for name in names]  # an unknown name is a configuration error too
+    return serving_runtimes(settings.runtime, settings.device, specs, settings.cache_dir)
 
 
 class WorkerService:
@@ -139,7 +138,7 @@ class WorkerService:
         from stylequeue.worker.execution import JobExecutor
         from stylequeue.worker.inference import InferencePool
 
-        require_paddle()
+        require_runtime(self.settings, self.options.styles)
         from stylequeue.models.registry import ModelRegistry
 
         warming = self._start_codec()
