@@ -152,8 +152,11 @@ class WorkerService:
                                  max_loaded=max(4, len(styles)))
         metrics = self.metrics
         assert metrics is not None
+        # On a GPU a max batch left at its default is measured at load (worker/inference.py); a set one wins.
+        default_batch = Settings.model_fields["max_batch"].default
         self.pool = InferencePool(
             registry, max_batch=self.settings.max_batch, max_wait_ms=self.settings.max_wait_ms,
+            search_batch=self.settings.device != "cpu" and self.settings.max_batch == default_batch,
             timeout_s=self.settings.job_timeout_s, on_loaded=self._published,
             on_batch=lambda style, size, seconds: (metrics.batch_size.labels(style).observe(size),
                                                    metrics.batch_seconds.labels(style).observe(seconds)),
