@@ -154,3 +154,14 @@ def test_serves_with_paddle_unimportable(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.split() == ["torch", "torch", "False"]
     assert psnr_db(expected, np.load(tmp_path / "out.npy")) >= PSNR_GATE_DB
+
+
+def test_a_pinned_worker_finds_its_gpu_at_cuda_0(monkeypatch: pytest.MonkeyPatch) -> None:
+    from stylequeue.models.torch_runtime import _visible_index
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3")  # what `worker --device gpu:3` sets before torch starts
+    assert _visible_index(3) == 0
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,5")
+    assert (_visible_index(5), _visible_index(2)) == (1, 0)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
+    assert _visible_index(1) == 1

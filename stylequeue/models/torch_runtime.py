@@ -52,6 +52,12 @@ _PINNED_SHAPES = 8  # pinned buffer pairs kept, one pair per batch shape, least 
 Finish = Callable[[], np.ndarray]
 
 
+def _visible_index(index: int) -> int:
+    """CUDA's index of physical GPU `index`: a worker pinned with CUDA_VISIBLE_DEVICES=3 sees gpu:3 as cuda:0."""
+    visible = [part.strip() for part in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if part.strip()]
+    return visible.index(str(index)) if str(index) in visible else index
+
+
 class _CpuPath:
     """The CPU's side of the seam: plain tensors, synchronous; `finish` just hands the result back."""
 
@@ -73,7 +79,7 @@ class _CudaPath:  # pragma: no cover - runs on GPU machines only (bench/gpu.py)
     def __init__(self, index: int) -> None:
         if not torch.cuda.is_available():
             raise ConfigError("device gpu:N asked for, but this PyTorch sees no CUDA GPU (a CPU-only build?)")
-        self.device = torch.device(f"cuda:{index}")
+        self.device = torch.device(f"cuda:{_visible_index(index)}")
         torch.cuda.set_device(self.device)
         self._upload = torch.cuda.Stream(self.device)
         self._compute = torch.cuda.Stream(self.device)
