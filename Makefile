@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint bench clean
+.PHONY: demo test lint bench clean torch gpu-bundle
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -26,6 +26,23 @@ bench: $(STAMP)
 	$(PY) bench/storage.py
 	$(PY) bench/e2e.py
 	$(PY) bench/queue_cpu.py
+
+# PyTorch for the `torch` runtime and its tests, only where its CPU wheel lies on this disk: the lookup is
+# --no-index (find-links only), so no multi-GB CUDA build is ever fetched; elsewhere torch is left to the
+# user (`pip install 'stylequeue[torch]'`) and its tests skip.
+TORCH_VERSION := 2.13.0
+torch: $(STAMP)
+	@if $(PY) -c "import torch" 2>/dev/null; then echo "torch: already installed"; exit 0; fi; \
+	dir=$$(mktemp -d); \
+	if $(PY) -m pip download -q --no-index --no-deps --only-binary=:all: -d $$dir torch==$(TORCH_VERSION) \
+	     2>/dev/null && ls $$dir | grep -q '+cpu'; then \
+	  $(PY) -m pip install -q $$dir/torch-*.whl && echo "torch: installed $$(ls $$dir)"; \
+	else echo "torch: no local CPU wheel of torch $(TORCH_VERSION); not installed (torch tests will skip)"; fi; \
+	rm -rf $$dir
+
+# What bench/gpu.py needs on the lent GPU machine beyond its image, as wheels in .gpubundle/ (see the script).
+gpu-bundle: $(STAMP)
+	$(PY) scripts/gpu_bundle.py
 
 clean:
 	rm -rf $(VENV) stylequeue-demo stylequeue-data

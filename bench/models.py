@@ -32,7 +32,7 @@ Results = dict[tuple[str, str], dict[int, tuple[float, float]]]
 
 
 def _versions() -> str:
-    names = ["paddlepaddle", "paddle2onnx", "openvino", "onnxruntime"]
+    names = ["paddlepaddle", "paddle2onnx", "openvino", "onnxruntime", "torch"]
     found = []
     for name in names:
         try:
@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
 
     threads = args.threads or backends.default_threads()
     pairs = [("dygraph", "fp32"), ("paddle-inference", "fp32"), ("paddle-inference", "bf16"),
-             ("onnxruntime", "fp32"), ("openvino", "fp32"), ("openvino", "bf16")]
+             ("onnxruntime", "fp32"), ("openvino", "fp32"), ("openvino", "bf16"), ("torch", "fp32"), ("torch", "bf16")]
     pairs = [(name, precision) for name, precision in pairs
              if backends.runtime_installed(name) and (precision != "bf16" or backends.cpu_has_bf16())]
     load_before = os.getloadavg()[0]

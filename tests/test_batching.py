@@ -170,3 +170,74 @@ def test_a_deep_mixed_backlog_forms_full_batches_in_order() -> None:
         rest = [value for value in batch if value != -1.0]
         assert rest == sorted(rest)  # oldest first within a batch
     batcher.close()
+
+
+class AsyncDevice:
+    """A device that runs queued batches one after another on its own thread (a GPU stream, in effect):
+    `start(batch)` queues and returns `finish()`; every call is logged in order."""
+
+    def __init__(self, seconds_per_batch: float, poison: float | None = None) -> None:
+        self.seconds = seconds_per_batch
+        self.poison = poison
+        self.events: list[tuple[str, int]] = []
+        self.lock = threading.Lock()
+        self.free_at = time.monotonic()
+
+    def start(self, batch: np.ndarray):  # type: ignore[no-untyped-def]
+        with self.lock:
+            number = sum(1 for kind, _ in self.events if kind == "start")
+            self.events.append(("start", number))
+            begins = max(time.monotonic(), self.free_at)
+            self.free_at = ready = begins + self.seconds
+        if self.poison is not None and np.any(batch[:, 0, 0, 0] == self.poison):
+            def fail() -> np.ndarray:
+                raise ValueError("poison")
+            return fail
+
+        def finish() -> np.ndarray:
+            time.sleep(max(0.0, ready - time.monotonic()))
+            with self.lock:
+                self.events.append(("finish", number))
+            return batch * 2
+
+        return finish
+
+    def run(self, batch: np.ndarray) -> np.ndarray:
+        return self.start(batch)()
+
+
+def test_an_asynchronous_model_gets_the_next_batch_before_the_last_one_is_handed_out() -> None:
+    device = AsyncDevice(0.05)
+    busy: list[float] = []
+    batcher = DynamicBatcher(device.run, start_batch=device.start, max_batch=4, max_wait_ms=5,
+                             on_batch=lambda size, seconds: busy.append(seconds))
+    started = time.monotonic()
+    group = batcher.submit_many([img(i) for i in range(16)])
+    outputs = group.result(10)
+    wall = time.monotonic() - started
+    assert [float(out[0, 0, 0]) for out in outputs] == [2.0 * i for i in range(16)]
+    # Batch N+1 was queued before batch N was finished: the device never waited for the thread.
+    order = device.events
+    for n in range(3):
+        assert order.index(("start", n + 1)) < order.index(("finish", n))
+    assert len(busy) == 4 and sum(busy) <= wall and sum(busy) >= 4 * 0.05 * 0.9
+    batcher.close()
+
+
+def test_an_asynchronous_model_does_not_hold_back_a_lone_item() -> None:
+    device = AsyncDevice(0.01)
+    batcher = DynamicBatcher(device.run, start_batch=device.start, max_batch=8, max_wait_ms=5)
+    for i in range(3):  # one at a time: each is finished without waiting for a batch-mate that never comes
+        began = time.monotonic()
+        assert batcher.submit(img(i), priority=INTERACTIVE).result(5)[0, 0, 0] == 2 * i
+        assert time.monotonic() - began < 2.0
+    batcher.close()
+
+
+def test_a_poison_item_fails_alone_on_an_asynchronous_model() -> None:
+    device = AsyncDevice(0.0, poison=3.0)
+    batcher = DynamicBatcher(device.run, start_batch=device.start, max_batch=4, max_wait_ms=20)
+    outcomes = batcher.submit_many([img(i) for i in range(8)]).result(10)
+    assert isinstance(outcomes[3], ValueError)
+    assert [float(o[0, 0, 0]) for i, o in enumerate(outcomes) if i != 3] == [2.0 * i for i in range(8) if i != 3]
+    batcher.close()

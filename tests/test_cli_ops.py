@@ -94,16 +94,18 @@ def test_train_command_runs_a_recipe(tmp_path: Path) -> None:
     assert refused.returncode == 2 and "steps" in refused.stderr
 
 
-def test_worker_without_paddle_exits_2_naming_the_package(tmp_path: Path, tiny_registry: Path) -> None:
+def test_worker_with_no_runtime_exits_2_naming_what_to_install(tmp_path: Path, tiny_registry: Path) -> None:
+    """Neither Paddle nor PyTorch (ONNX Runtime and OpenVINO alone have no export to read): one line, exit 2."""
     blocker = tmp_path / "blocker"
     blocker.mkdir()
-    (blocker / "sitecustomize.py").write_text("import sys\nsys.modules['paddle'] = None\n")
+    (blocker / "sitecustomize.py").write_text("import sys\nsys.modules['paddle'] = sys.modules['torch'] = None\n")
     pythonpath = os.pathsep.join(filter(None, [str(blocker), os.environ.get("PYTHONPATH")]))
     env = dict(os.environ, PYTHONPATH=pythonpath, STYLEQUEUE_STYLES=str(tiny_registry),
-               STYLEQUEUE_REDIS_URL=f"redis://127.0.0.1:{free_port()}/0")
+               STYLEQUEUE_CACHE_DIR=str(tmp_path / "cache"), STYLEQUEUE_REDIS_URL=f"redis://127.0.0.1:{free_port()}/0")
     result = cli("worker", env=env, timeout=60)
     assert result.returncode == 2
-    assert "stylequeue[cpu]" in result.stderr and "paddlepaddle-gpu" in result.stderr
+    assert "stylequeue[torch]" in result.stderr and "stylequeue[cpu]" in result.stderr
+    assert "paddlepaddle-gpu" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
 
 
@@ -151,7 +153,8 @@ def test_gpu_options_on_a_machine_without_cuda_exit_2_in_one_line(tmp_path: Path
     single = cli("worker", "--device", "gpu:0", env=env, timeout=120)
     assert single.returncode == 2, single.stderr
     assert len(single.stderr.strip().splitlines()) == 1, single.stderr
-    assert all(part in single.stderr for part in ("no CUDA support", "paddlepaddle-gpu", "--device cpu"))
+    expected = ("can use a GPU", "paddlepaddle-gpu", "stylequeue[torch]", "--device cpu")
+    assert all(part in single.stderr for part in expected)
     assert "Traceback" not in single.stderr
     supervised = cli("worker", "--gpus", "0,1", env=env, timeout=180)
     assert supervised.returncode == 2, supervised.stderr

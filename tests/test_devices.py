@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import signal
 import sys
@@ -77,5 +78,10 @@ def test_a_gpu_device_without_any_runtime_that_can_drive_it_is_a_configuration_e
     check_device_usable("cpu")
     if paddle.device.is_compiled_with_cuda():
         pytest.skip("this Paddle has CUDA: gpu devices are usable here")
-    with pytest.raises(ConfigError, match="no CUDA support.*paddlepaddle-gpu.*--device cpu"):
+    if importlib.util.find_spec("torch") is not None:
+        import torch
+
+        if torch.cuda.is_available():
+            pytest.skip("this PyTorch sees a GPU: gpu devices are usable here")
+    with pytest.raises(ConfigError, match="can use a GPU.*paddlepaddle-gpu.*stylequeue\\[torch\\].*--device cpu"):
         check_device_usable("gpu:0")

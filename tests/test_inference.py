@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import time
+import types
 
 import numpy as np
+import pytest
 
 from stylequeue.config.styles import StyleSpec
 from stylequeue.models.registry import LoadedStyle
+from stylequeue.worker import inference
 from stylequeue.worker.inference import useful_batch
 
 
@@ -59,3 +62,67 @@ def test_the_probe_is_square_at_the_working_size_capped_at_256() -> None:
 
     useful_batch(loaded(Recording(0.0, 0.0), max_side=1000), 4)
     assert {shape[1:] for shape in seen} == {(3, 256, 256)}
+
+
+class GpuLike:
+    """A card on a fake clock: a fixed cost per call, a tiny cost per image, out of memory above `fits`."""
+
+    name = "fake"
+
+    def __init__(self, fits: int, clock: list[float]) -> None:
+        self.fits, self.clock = fits, clock
+        self.warmed: list[tuple[int, int, int]] = []
+
+    def run(self, batch: np.ndarray) -> np.ndarray:
+        if len(batch) > self.fits:
+            raise MemoryError("CUDA out of memory")
+        self.clock[0] += 0.004 + 0.0001 * len(batch)
+        return batch
+
+    def warm(self, batch: int, height: int, width: int) -> float:
+        self.warmed.append((batch, height, width))
+        return 1.25
+
+
+@pytest.fixture
+def clock(monkeypatch: pytest.MonkeyPatch) -> list[float]:
+    now = [0.0]
+    monkeypatch.setattr(inference, "time", types.SimpleNamespace(perf_counter=lambda: now[0]))
+    return now
+
+
+def test_a_gpu_measures_its_batch_size_up_to_what_fits(clock: list[float]) -> None:
+    runtime = GpuLike(fits=32, clock=clock)
+    style = loaded(runtime, max_side=96)
+    style.info["device"] = "gpu:0"
+    # ms per image: 4.1 alone, 0.6 at 8, 0.35 at 16, 0.225 at 32; 64 does not fit.
+    assert useful_batch(style, 8, search=True) == 32 and style.info["batch"] == 32
+    assert style.info["batch_rates"] == {"1": 243.9, "8": 1666.7, "16": 2857.1, "32": 4444.4}
+    assert runtime.warmed == [(32, 96, 96)] and style.info["compile_s"] == 1.2  # prepared for what it will serve
+
+
+def test_the_smallest_batch_within_five_percent_of_the_best_wins(clock: list[float]) -> None:
+    class Flat(GpuLike):  # 1 ms per image at any batch, 3% less from 64 on
+        def run(self, batch: np.ndarray) -> np.ndarray:
+            self.clock[0] += 0.001 * len(batch) * (1.0 if len(batch) < 64 else 0.97)
+            return batch
+
+    runtime = Flat(fits=1024, clock=clock)
+    style = loaded(runtime)
+    style.info["device"] = "gpu:0"
+    assert useful_batch(style, 8, search=True) == 1  # 64 and 128 are 3% faster: not worth their latency
+
+
+def test_an_explicit_max_batch_wins_on_a_gpu(clock: list[float]) -> None:
+    runtime = GpuLike(fits=1024, clock=clock)
+    style = loaded(runtime)
+    style.info["device"] = "gpu:0"
+    assert useful_batch(style, 16, search=False) == 16
+    assert "batch_rates" not in style.info and runtime.warmed == [(16, 64, 64)]
+
+
+def test_a_cpu_never_searches_nor_warms(clock: list[float]) -> None:
+    runtime = GpuLike(fits=1024, clock=clock)
+    style = loaded(runtime)
+    useful_batch(style, 8, search=True)
+    assert "batch_rates" not in style.info and runtime.warmed == []

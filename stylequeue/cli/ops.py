@@ -69,16 +69,17 @@ def worker(
         setup_logging(loglevel)
         from stylequeue.broker import make_celery_app
         from stylequeue.worker import tasks
-        from stylequeue.worker.service import WorkerOptions, WorkerService, require_paddle
+        from stylequeue.worker.service import WorkerOptions, WorkerService, require_runtime
 
+        names = [s.strip() for s in styles.split(",") if s.strip()] if styles else None
         if not callbacks_only:
-            require_paddle()
+            require_runtime(settings, names)  # before Redis: a machine that cannot serve says so first
             if not debug:
                 import_paddle_quietly()
-            check_device_usable(settings.device)  # one line and exit 2, not a traceback from deep in Paddle
+            check_device_usable(settings.device)  # one line and exit 2, not a traceback from deep in a runtime
 
         options = WorkerOptions(
-            styles=[s.strip() for s in styles.split(",") if s.strip()] if styles else None,
+            styles=names,
             threads=concurrency, codec_processes=codec_procs, models=not callbacks_only, callbacks=not no_callbacks,
             metrics_port=metrics_port, metrics_addr=metrics_addr, lease_s=settings.lease_s,
         )

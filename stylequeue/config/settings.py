@@ -43,8 +43,8 @@ class Settings(BaseSettings):
     s3_public_endpoint_url: str | None = None
     styles: Path | None = None
     device: str = "cpu"
-    # "null" returns its input unchanged: for measuring queue overhead only (bench/e2e.py).
-    runtime: Literal["auto", "openvino", "paddle-inference", "onnxruntime", "dygraph", "null"] = "auto"
+    # One of models/runtimes.py's table, or auto; "null" returns its input unchanged (bench/e2e.py).
+    runtime: str = "auto"
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     max_batch: int = Field(8, ge=1, le=1024)
     max_wait_ms: float = Field(10, ge=0)
@@ -75,6 +75,15 @@ class Settings(BaseSettings):
     def _check_device(cls, value: str) -> str:
         if not _DEVICE_RE.match(value):
             raise ValueError("must be 'cpu' or 'gpu:N' (N a GPU index, e.g. gpu:0)")
+        return value
+
+    @field_validator("runtime")
+    @classmethod
+    def _check_runtime(cls, value: str) -> str:
+        from stylequeue.models.runtimes import RUNTIME_CHOICES  # the table module imports nothing heavy
+
+        if value not in RUNTIME_CHOICES:
+            raise ValueError(f"must be one of {', '.join(RUNTIME_CHOICES)}")
         return value
 
     @field_validator("redis_url")

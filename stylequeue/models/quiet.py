@@ -31,13 +31,17 @@ def quiet_paddle(debug: bool = False) -> None:
 
 
 def import_paddle_quietly() -> None:
-    """`import paddle`, without its OMP_NUM_THREADS notice; anything else it prints passes through."""
+    """`import paddle`, without its OMP_NUM_THREADS notice; anything else it prints passes through.
+
+    Nothing happens where Paddle is not installed (a worker serving through another runtime)."""
     if "paddle" in sys.modules:
         return
     captured = io.StringIO()
     try:
         with contextlib.redirect_stderr(captured):
             import paddle  # noqa: F401 - imported for its side effect: loaded once, quietly
+    except ImportError:
+        pass
     finally:
         for line in captured.getvalue().splitlines(keepends=True):
             if not line.startswith(_OMP_NOTICE):

@@ -1,8 +1,9 @@
 """One inference interface (`Runtime`) and the choice of the fastest correct one (`select_runtime`).
 
-`auto` measures rather than assumes (CPUs differ, PERF.md): every available candidate runs once untimed
-on a probe image, then is timed; its output is compared with Paddle's fp32 dynamic graph on the same
-input, and the fastest with PSNR >= 40 dB wins. The decision is cached on disk, keyed by everything that
+`auto` measures rather than assumes (CPUs differ, PERF.md): every available candidate of the runtime
+table (models/runtimes.py) runs once untimed on a probe image, then is timed; its output is compared with
+the fp32 reference on the same input (Paddle's dynamic graph; PyTorch fp32 where Paddle is not installed),
+and the fastest with PSNR >= 40 dB wins. The decision is cached on disk, keyed by everything that
 could change it, so a restarted worker skips the timing.
 """
 
@@ -28,11 +29,11 @@ import numpy as np
 from stylequeue.config.styles import StyleSpec, weights_sha256
 from stylequeue.errors import ConfigError
 from stylequeue.models import runtime_backends as backends
-from stylequeue.models.export import ONNX_FILE, export_model, is_exported_dir
+from stylequeue.models import runtimes
+from stylequeue.models.export import is_exported_dir
 
 logger = logging.getLogger("stylequeue.models")
 
-RUNTIMES = ("auto", "openvino", "paddle-inference", "onnxruntime", "dygraph", "null")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 PSNR_GATE_DB = 40.0
 # Cost grows with pixels, so the ranking at 128x128 is the ranking at 256-512 px, for a quarter of
@@ -106,44 +107,26 @@ def release(runtime: Any) -> None:
 
 
 def _candidates(runtime: str, precision: str, device: str) -> list[tuple[str, str]]:
-    if device == "cpu":
-        pairs = [("openvino", "bf16"), ("openvino", "fp32"), ("paddle-inference", "bf16"),
-                 ("paddle-inference", "fp32"), ("onnxruntime", "fp32")]
-        if not backends.cpu_has_bf16():
-            pairs = [pair for pair in pairs if pair[1] != "bf16"]
-    else:
-        pairs = [("paddle-inference", "fp16"), ("paddle-inference", "fp32"), ("onnxruntime", "fp32")]
+    """(runtime, precision) pairs `auto` would time for this request, in the table's order of preference."""
+    pairs = [(row.name, p) for row in runtimes.RUNTIME_TABLE if row.auto for p in row.precisions(device)]
+    if device == "cpu" and not backends.cpu_has_bf16():
+        pairs = [pair for pair in pairs if pair[1] != "bf16"]
     return [(r, p) for r, p in pairs if runtime in ("auto", r) and precision in ("auto", p)]
 
 
 def build_runtime(
     name: str, precision: str, spec: StyleSpec, *, device: str, cache_dir: str | Path, threads: int | None = None
 ) -> Runtime:
-    """Build one runtime for a style, exporting (cached) what it needs."""
-    if name == "null":
-        return backends.NullRuntime()
+    """Build one runtime for a style through its row of the runtime table, exporting (cached) what it reads."""
+    row = runtimes.runtime_kind(name)
     if not backends.runtime_installed(name):
         raise ConfigError(f"runtime {name} is not installed: {backends.INSTALL_HINTS[name]}")
-    if name == "dygraph":
-        if is_exported_dir(spec.weights):
-            raise ConfigError(f"style {spec.name!r}: dygraph needs a weights file, not an exported model dir")
-        return backends.DygraphRuntime(spec, device=device, threads=threads)
-    if name == "paddle-inference":
-        model_dir = export_model(spec, fmt="paddle", cache_dir=cache_dir)
-        return backends.PaddleInferenceRuntime(model_dir, precision=precision, device=device, threads=threads)
-    onnx_file = export_model(spec, fmt="onnx", cache_dir=cache_dir) / ONNX_FILE
-    if name == "onnxruntime":
-        return backends.OnnxRuntimeRuntime(onnx_file, device=device, threads=threads)
-    if name == "openvino":
-        if device != "cpu":
-            raise ConfigError("openvino runs on the CPU here; use paddle-inference on a GPU")
-        return backends.OpenVINORuntime(onnx_file, precision=precision, threads=threads)
-    raise ConfigError(f"unknown runtime {name!r}; one of {', '.join(RUNTIMES)}")
+    return row.build(spec, precision, device, cache_dir, threads)
 
 
 def _check_request(runtime: str, precision: str, device: str) -> None:
-    if runtime not in RUNTIMES:
-        raise ConfigError(f"unknown runtime {runtime!r}; one of {', '.join(RUNTIMES)}")
+    if runtime != "auto":
+        runtimes.runtime_kind(runtime)  # unknown: ConfigError listing the names
     if precision not in PRECISIONS:
         raise ConfigError(f"unknown precision {precision!r}; one of {', '.join(PRECISIONS)}")
     backends.gpu_index(device)
@@ -151,20 +134,19 @@ def _check_request(runtime: str, precision: str, device: str) -> None:
         raise ConfigError(f"STYLEQUEUE_RUNTIME={runtime} is not installed: {backends.INSTALL_HINTS[runtime]}")
     if device == "cpu" and precision == "fp16":
         raise ConfigError("precision fp16 is for GPUs; on a CPU use fp32, bf16 or auto")
-    if device != "cpu" and precision == "bf16":
-        raise ConfigError("precision bf16 is for CPUs here; on a GPU use fp16, fp32 or auto")
-    if precision == "bf16" and not backends.cpu_has_bf16():
+    if device == "cpu" and precision == "bf16" and not backends.cpu_has_bf16():
         raise ConfigError("precision bf16 needs a CPU with avx512_bf16 or amx_bf16; this one has neither")
     if runtime == "dygraph" and precision not in ("auto", "fp32"):
         raise ConfigError("the dygraph runtime is the fp32 reference; use precision fp32 or auto")
-    if runtime not in ("auto", "dygraph", "null") and not _candidates(runtime, precision, device):
-        raise ConfigError(f"runtime {runtime} does not run precision {precision} on {device}")
+    if runtime not in ("dygraph", "null") and not _candidates(runtime, precision, device):
+        what = "no runtime here" if runtime == "auto" else f"runtime {runtime}"
+        raise ConfigError(f"{what} runs precision {precision} on {device}")
 
 
 def _package_versions() -> dict[str, str]:
     versions = {}
     for package in ("stylequeue", "paddlepaddle", "paddlepaddle-gpu", "paddle2onnx", "openvino", "onnxruntime",
-                    "onnxruntime-gpu", "numpy"):
+                    "onnxruntime-gpu", "torch", "numpy"):
         try:
             versions[package] = metadata.version(package)
         except metadata.PackageNotFoundError:
@@ -232,14 +214,25 @@ def _row(name: str, precision: str, ms: float | None, psnr: float | None, ok: bo
     return row
 
 
+def _reference_pair(spec: StyleSpec) -> tuple[str, str]:
+    """What every candidate is compared with: Paddle's fp32 dynamic graph where Paddle is installed, else
+    PyTorch fp32 on the same weights, else ONNX Runtime fp32 on a cached export."""
+    exported = is_exported_dir(spec.weights)
+    if backends.runtime_installed("dygraph"):
+        # An exported model dir has no dygraph: Paddle Inference fp32 (116 dB from dygraph, PERF.md) stands in.
+        return ("paddle-inference", "fp32") if exported else ("dygraph", "fp32")
+    if not exported and backends.runtime_installed("torch"):
+        return ("torch", "fp32")
+    return ("onnxruntime", "fp32")
+
+
 def _measure(
     spec: StyleSpec, pairs: list[tuple[str, str]], *, device: str, cache_dir: str | Path, threads: int | None
 ) -> tuple[Runtime | None, list[dict[str, Any]]]:
     """Time every candidate against the fp32 reference; return the winner (still built) and the table."""
     probe = probe_input(min(PROBE_SIDE, max(16, spec.max_side - spec.max_side % 4)))
     rows: list[dict[str, Any]] = []
-    # An exported model dir has no dygraph: Paddle Inference fp32 (116 dB from dygraph, PERF.md) stands in.
-    ref_pair = ("paddle-inference", "fp32") if is_exported_dir(spec.weights) else ("dygraph", "fp32")
+    ref_pair = _reference_pair(spec)
     ref_runtime = build_runtime(*ref_pair, spec, device=device, cache_dir=cache_dir, threads=threads)
     try:
         ref_ms, reference = _time_runs(ref_runtime, probe, 1)
@@ -302,11 +295,11 @@ def select_runtime(
     cache_dir: str | Path,
     threads: int | None = None,
 ) -> Selection:
-    """Build the runtime a style runs on; `auto` picks the fastest within PSNR 40 dB of fp32 dygraph.
+    """Build the runtime a style runs on; `auto` picks the fastest within PSNR 40 dB of the fp32 reference.
 
     Args:
-        runtime: auto, openvino, paddle-inference, onnxruntime, dygraph, or null (explicit only).
-        precision: auto, fp32, bf16 (CPUs with avx512_bf16/amx_bf16) or fp16 (GPUs).
+        runtime: auto, or a name from the runtime table (models/runtimes.py); null is explicit only.
+        precision: auto, fp32, bf16 (CPUs with avx512_bf16/amx_bf16; GPUs with torch) or fp16 (GPUs).
         device: cpu or gpu:N.
         cache_dir: where exports and the timing decision are cached.
         threads: inference threads; default all cores this process may use.
@@ -345,11 +338,13 @@ def _select_auto(spec: StyleSpec, pairs: list[tuple[str, str]], request: dict[st
             logger.warning("cached runtime choice for %s no longer builds (%s); measuring again", spec.name, exc)
     winner, rows = _measure(spec, pairs, device=device, cache_dir=cache_dir, threads=threads)
     if winner is None:
-        fallback = next((r for r in rows if r.get("reference") and r["runtime"] == "dygraph"), None)
-        if fallback is None:
+        reference = rows[0]
+        if reference["runtime"] not in ("dygraph", "torch"):  # only a weights-file reference is exact by definition
             raise ConfigError(f"style {spec.name!r}: no runtime passed the {PSNR_GATE_DB:.0f} dB gate: {rows}")
-        logger.warning("no fast runtime passed for style %s; serving with the dygraph reference", spec.name)
-        winner = build_runtime("dygraph", "fp32", spec, device=device, cache_dir=cache_dir, threads=threads)
+        logger.warning("no fast runtime passed for style %s; serving with the %s reference", spec.name,
+                       reference["runtime"])
+        winner = build_runtime(reference["runtime"], "fp32", spec, device=device, cache_dir=cache_dir,
+                               threads=threads)
     info = {**_info(winner, device, rows), "cached": False}
     _write_decision(path, info)
     _log_table(spec, info)

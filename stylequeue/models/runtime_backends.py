@@ -1,4 +1,5 @@
-"""The inference engines behind `runtime.Runtime`: dygraph, Paddle Inference, ONNX Runtime, OpenVINO, null.
+"""The Paddle-family and ONNX engines behind `runtime.Runtime`: dygraph, Paddle Inference, ONNX Runtime,
+OpenVINO, null (PyTorch is in torch_runtime.py).
 
 Each takes float32 NCHW in [-1, 1] (any N, H, W with H and W multiples of 4) and returns the same shape.
 Input and output names are read from the loaded model, never assumed. `run` is serialised per runtime
@@ -8,7 +9,6 @@ Input and output names are read from the loaded model, never assumed. `run` is s
 from __future__ import annotations
 
 import functools
-import importlib.util
 import logging
 import os
 import threading
@@ -19,28 +19,17 @@ import numpy as np
 
 from stylequeue.config.styles import StyleSpec
 from stylequeue.errors import ConfigError, PaddleMissing
+from stylequeue.models import runtimes
 
 logger = logging.getLogger("stylequeue.models")
 
-# What to install when a runtime's package is missing.
-INSTALL_HINTS: dict[str, str] = {
-    "dygraph": "PaddlePaddle: `pip install 'stylequeue[cpu]'` (GPU: paddlepaddle-gpu, then 'stylequeue[gpu]')",
-    "paddle-inference": "PaddlePaddle: `pip install 'stylequeue[cpu]'` (GPU: paddlepaddle-gpu, then 'stylequeue[gpu]')",
-    "onnxruntime": "ONNX Runtime: `pip install 'stylequeue[onnx]'` (and paddle2onnx, in 'stylequeue[cpu]')",
-    "openvino": "OpenVINO: `pip install 'stylequeue[cpu]'`",
-}
-_MODULES = {"dygraph": "paddle", "paddle-inference": "paddle", "onnxruntime": "onnxruntime", "openvino": "openvino"}
+# What to install when a runtime's package is missing (from the runtime table).
+INSTALL_HINTS: dict[str, str] = {row.name: row.install_hint for row in runtimes.RUNTIME_TABLE}
 
 
 def runtime_installed(name: str) -> bool:
-    """Whether the package a runtime needs can be imported here (without importing it)."""
-    module = _MODULES.get(name)
-    if module is None:
-        return name == "null"
-    if importlib.util.find_spec(module) is None:
-        return False
-    # ONNX-based runtimes read the paddle2onnx export.
-    return name not in ("onnxruntime", "openvino") or importlib.util.find_spec("paddle2onnx") is not None
+    """Whether the packages a runtime needs can be imported here (without importing them)."""
+    return runtimes.installed(name)
 
 
 def default_threads() -> int:

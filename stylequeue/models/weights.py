@@ -7,8 +7,10 @@ Accepted files (SPEC section 3a):
 - an original PyTorch CycleGAN `latest_net_G.pth` (48 keys: no instance-norm entries, filled here with
   scale 1 / bias 0). Needs the `stylequeue[torch]` extra.
 
-Security: `.pdparams` and `.pth` files are Python pickles, and unpickling can run code. Only load files
-the operator registered or imported on purpose; never a file a job submitter supplied.
+Reading needs no Paddle (models/checkpoints.py: `.pdparams` pickles through an unpickler that builds
+numpy arrays and containers only, `.pth` through `torch.load(weights_only=True)`); so the torch runtime
+loads every format on a machine without Paddle. Still, load only files the operator registered or
+imported on purpose, never a file a job submitter supplied.
 """
 
 from __future__ import annotations
@@ -22,7 +24,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from stylequeue.errors import ConfigError, PaddleMissing, WeightsError
+from stylequeue.errors import PaddleMissing, WeightsError
+from stylequeue.models.checkpoints import read_checkpoint
 
 if TYPE_CHECKING:
     from stylequeue.config.styles import StyleSpec
@@ -30,7 +33,6 @@ if TYPE_CHECKING:
 
 Layout = dict[str, tuple[int, ...]]
 
-_TORCH_SUFFIXES = (".pth", ".pt")
 _DROPPED_SUFFIXES = (".running_mean", ".running_var", ".num_batches_tracked")
 _BLOCK_RE = re.compile(r"^model\.(\d+)\.conv_block\.")
 
@@ -82,46 +84,6 @@ def infer_architecture(state: Mapping[str, Any]) -> tuple[int, int, bool]:
     blocks = {int(m.group(1)) for key in state if (m := _BLOCK_RE.match(key))}
     use_dropout = any(key.endswith("conv_block.6.weight") for key in state)
     return int(np.shape(first)[0]), len(blocks), use_dropout
-
-
-def _read_torch(path: Path) -> Any:
-    try:
-        import torch
-    except ImportError:
-        raise ConfigError(
-            f"{path} is a PyTorch checkpoint: reading it needs PyTorch, `pip install 'stylequeue[torch]'`"
-        ) from None
-    try:
-        # weights_only refuses arbitrary pickled objects; a CycleGAN state dict needs none.
-        obj = torch.load(str(path), map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise WeightsError(f"{path}: cannot read as a PyTorch checkpoint: {exc}") from None
-    if isinstance(obj, Mapping):
-        return {k: v.detach().cpu().numpy() if isinstance(v, torch.Tensor) else v for k, v in obj.items()}
-    return obj
-
-
-def _read_paddle(path: Path) -> Any:
-    try:
-        import paddle
-    except ImportError:
-        raise PaddleMissing() from None
-    try:
-        return paddle.load(str(path), return_numpy=True)
-    except Exception as exc:
-        raise WeightsError(f"{path}: cannot read as a Paddle .pdparams file: {exc}") from None
-
-
-def read_checkpoint(path: str | Path) -> Any:
-    """Unpickle a weights file (Paddle or PyTorch); see the module docstring about trust."""
-    source = Path(path)
-    if not source.is_file():
-        raise WeightsError(f"weights file {source} not found")
-    with open(source, "rb") as fh:
-        is_zip = fh.read(4) == b"PK\x03\x04"  # torch.save's format since PyTorch 1.6
-    if source.suffix in _TORCH_SUFFIXES or is_zip:
-        return _read_torch(source)
-    return _read_paddle(source)
 
 
 def _select_generator(obj: Any, direction: str, source: str) -> Mapping[str, Any]:

@@ -32,6 +32,19 @@ def decode(data: bytes, *, max_pixels: int, target_side: int = 0) -> np.ndarray 
     With `target_side`, libjpeg scales in the DCT while both sides stay >= target_side (as Pillow's
     draft mode does); the caller resizes to the working size.
     """
+    size = plain_size(data, max_pixels=max_pixels)
+    if size is None:
+        return None
+    width, height = size
+    side = min(target_side, width, height) if target_side else 0
+    try:
+        return simplejpeg.decode_jpeg(data, colorspace="RGB", min_width=side, min_height=side, strict=True)
+    except ValueError:  # truncated or corrupt: Pillow's path names the problem
+        return None
+
+
+def plain_size(data: bytes, *, max_pixels: int) -> tuple[int, int] | None:
+    """(width, height) of a plain JPEG (see the module docstring) within `max_pixels`, else None."""
     if simplejpeg is None or data[:3] != b"\xff\xd8\xff" or _needs_pillow(data):
         return None
     try:
@@ -40,11 +53,7 @@ def decode(data: bytes, *, max_pixels: int, target_side: int = 0) -> np.ndarray 
         return None
     if colorspace not in ("YCbCr", "Gray") or width < 1 or height < 1 or width * height > max_pixels:
         return None
-    side = min(target_side, width, height) if target_side else 0
-    try:
-        return simplejpeg.decode_jpeg(data, colorspace="RGB", min_width=side, min_height=side, strict=True)
-    except ValueError:  # truncated or corrupt: Pillow's path names the problem
-        return None
+    return width, height
 
 
 def encode(pixels: np.ndarray, quality: int) -> bytes | None:

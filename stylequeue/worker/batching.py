@@ -4,6 +4,12 @@ Callers hand in one image array and get a Future of its output, or several at on
 and get one GroupFuture for all of them; they never see a batch. One inference thread per batcher
 (per loaded model) groups waiting items of the same shape, interactive items first, and runs them.
 If a batch raises, its items are run one by one, so a poison image fails alone.
+
+A model that runs asynchronously (a GPU: `start_batch(batch)` queues it and returns a `finish()` that
+waits for its output) is kept busy: while batch N runs, the thread forms batch N+1 and queues it
+behind N, then hands out N's outputs. It does so only with a batch that is ready at once (full, or past
+its wait); otherwise it finishes N first. The seconds reported per batch are the device's busy time as
+the thread sees it, so their sum never exceeds the wall time.
 """
 
 from __future__ import annotations
@@ -102,6 +108,15 @@ class _Item:
 
 
 @dataclass
+class _InFlight:
+    """A batch queued on an asynchronous model: its items, its `finish()`, and when it was queued."""
+
+    items: list[_Item]
+    finish: Callable[[], np.ndarray]
+    queued: float
+
+
+@dataclass
 class BatchStats:
     """What the batcher did, for metrics and benchmarks."""
 
@@ -124,14 +139,19 @@ class DynamicBatcher:
         max_batch: largest batch formed.
         max_wait_ms: how long the first waiting item may wait for batch-mates before running anyway.
         on_batch: optional callback(size, seconds) after every batch (metrics).
+        start_batch: the model's asynchronous form, `start_batch(batch)() == run_batch(batch)`; with it,
+            the next batch is formed and queued while one runs (see the module docstring).
     """
 
     def __init__(self, run_batch: Callable[[np.ndarray], np.ndarray], *, max_batch: int = 8,
                  max_wait_ms: float = 10.0, name: str = "batcher",
-                 on_batch: Callable[[int, float], None] | None = None) -> None:
+                 on_batch: Callable[[int, float], None] | None = None,
+                 start_batch: Callable[[np.ndarray], Callable[[], np.ndarray]] | None = None) -> None:
         if max_batch < 1:
             raise ValueError("max_batch must be >= 1")
         self.run_batch = run_batch
+        self.start_batch = start_batch
+        self._last_done = 0.0  # when the last asynchronous batch was seen finished
         self.max_batch = max_batch
         self.max_wait_s = max_wait_ms / 1000.0
         self.on_batch = on_batch
@@ -195,11 +215,15 @@ class DynamicBatcher:
         """The item to serve next: interactive first, then the oldest (one look per shape and priority)."""
         return min(queue[0] for pair in self._queues.values() for queue in pair if queue)
 
-    def _take_batch(self) -> list[_Item] | None:
+    def _take_batch(self, wait: bool = True) -> list[_Item] | None:
+        """The next batch; None once closed and drained. With `wait=False` (a batch is in flight) only a
+        batch that is ready now (full, or past its wait), else [] at once."""
         with self._cond:
             while not self._count:
                 if self._closed:
                     return None
+                if not wait:
+                    return []
                 self._cond.wait()
             head = self._head()
             deadline = head.enqueued + self.max_wait_s
@@ -210,6 +234,8 @@ class DynamicBatcher:
                 left = deadline - time.monotonic()
                 if left <= 0:
                     break
+                if not wait:
+                    return []
                 self._cond.wait(left)
                 if self._head() is not head:  # an interactive item arrived: serve it first
                     head = self._head()
@@ -225,13 +251,58 @@ class DynamicBatcher:
             return batch
 
     def _loop(self) -> None:
+        in_flight: _InFlight | None = None
         while True:
-            batch = self._take_batch()
+            batch = self._take_batch(wait=in_flight is None)
             if batch is None:
+                if in_flight is not None:
+                    self._finish(in_flight)
                 return
             live = [item for item in batch if item.sink._claim()]
-            if live:
+            queued = None
+            if live and self.start_batch is None:
                 self._run(live)
+            elif live:
+                queued = self._queue(live)  # behind the batch in flight, if any
+            if in_flight is not None:
+                self._finish(in_flight)
+            in_flight = queued
+
+    def _queue(self, batch: list[_Item]) -> _InFlight | None:
+        assert self.start_batch is not None
+        try:
+            finish = self.start_batch(np.stack([item.array for item in batch]))
+        except Exception as exc:
+            self._failed(batch, exc)
+            return None
+        return _InFlight(batch, finish, time.perf_counter())
+
+    def _finish(self, flight: _InFlight) -> None:
+        try:
+            outputs = flight.finish()
+            if outputs.shape[0] != len(flight.items):
+                raise RuntimeError(f"model returned {outputs.shape[0]} outputs for a batch of {len(flight.items)}")
+        except Exception as exc:
+            self._failed(flight.items, exc)
+            return
+        done = time.perf_counter()
+        # The device ran this batch from when it was queued or when the one before it finished, if later.
+        busy = done - max(flight.queued, self._last_done)
+        self._last_done = done
+        self.stats.record(len(flight.items))
+        if self.on_batch:
+            self.on_batch(len(flight.items), busy)
+        for item, output in zip(flight.items, outputs, strict=True):
+            item.finish(output)
+
+    def _failed(self, batch: list[_Item], exc: Exception) -> None:
+        """A batch raised: a single item fails with it; a larger batch's items run one by one."""
+        if len(batch) == 1:
+            batch[0].finish(exc)
+            return
+        log.warning("batch of %d failed (%s); running its items one by one", len(batch), exc)
+        for item in batch:
+            self._run_single(item)
 
     def _run(self, batch: list[_Item]) -> None:
         started = time.perf_counter()
@@ -240,12 +311,7 @@ class DynamicBatcher:
             if outputs.shape[0] != len(batch):
                 raise RuntimeError(f"model returned {outputs.shape[0]} outputs for a batch of {len(batch)}")
         except Exception as exc:
-            if len(batch) == 1:
-                batch[0].finish(exc)
-                return
-            log.warning("batch of %d failed (%s); running its items one by one", len(batch), exc)
-            for item in batch:
-                self._run_single(item)
+            self._failed(batch, exc)
             return
         self.stats.record(len(batch))
         if self.on_batch:

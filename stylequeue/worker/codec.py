@@ -251,15 +251,19 @@ class CodecPool:
 
 _storage: Any = None
 _io: ThreadPoolExecutor | None = None
+_gpu_decode: str | None = None  # the CUDA device large JPEGs decode on (pipeline/gpu_decode.py), if any
 
 
 def _child_main(conn: Connection, settings: Settings) -> None:
+    from stylequeue.pipeline import gpu_decode
     from stylequeue.pipeline.storage import Storage
 
-    global _storage, _io
+    global _storage, _io, _gpu_decode
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group; the parent decides
     _storage = Storage(settings, max_pool_connections=16)
     _io = ThreadPoolExecutor(8, thread_name_prefix="codec-io")
+    if settings.device != "cpu" and gpu_decode.available("cuda:0"):
+        _gpu_decode = "cuda:0"  # the worker pinned its one GPU (CUDA_VISIBLE_DEVICES): it is cuda:0 here
     while True:
         try:
             request = _recv(conn)
@@ -308,11 +312,15 @@ def _child_load(items: list[LoadItem]) -> list[Done]:
     else:
         datas = [_read_one(uri) for uri in uris]
     fetch_each = (time.perf_counter() - started) / len(items)
+    on_gpu, gpu_each = _decode_on_gpu(datas, items)
     outcomes: list[Done] = []
-    for data, item in zip(datas, items, strict=True):
+    for data, item, decoded in zip(datas, items, on_gpu, strict=True):
         began = time.perf_counter()
         if isinstance(data, JobError):
             outcomes.append(Done(data, fetch_each))
+            continue
+        if decoded is not None:
+            outcomes.append(Done(decoded, fetch_each + gpu_each))
             continue
         try:
             result: Any = prepare(data, item.spec, max_pixels=item.max_pixels)
@@ -320,6 +328,19 @@ def _child_load(items: list[LoadItem]) -> list[Done]:
             result = _as_job_error(exc)
         outcomes.append(Done(result, fetch_each + time.perf_counter() - began))
     return outcomes
+
+
+def _decode_on_gpu(datas: list[bytes | JobError], items: list[LoadItem]) -> tuple[list[Any], float]:
+    """The group's large plain JPEGs decoded together on the GPU (None for the rest), and seconds per image."""
+    if _gpu_decode is None or len(items) < 2:
+        return [None] * len(items), 0.0
+    from stylequeue.pipeline.gpu_decode import prepare_many
+
+    started = time.perf_counter()
+    decoded = prepare_many(datas, [item.spec for item in items], max_pixels=min(item.max_pixels for item in items),
+                           device=_gpu_decode)
+    taken = sum(1 for d in decoded if d is not None)
+    return decoded, (time.perf_counter() - started) / max(1, taken)
 
 
 def _stage_one(item: tuple[str, bytes, str, str]) -> Staged | JobError:

@@ -38,16 +38,17 @@ def pin_device(device: str, *, cpu_threads: int | None = None) -> None:
 def check_device_usable(device: str) -> None:
     """Raise ConfigError (one line, exit 2) when no runtime installed here can run on `device`.
 
-    The one place that knows which runtimes can drive a GPU; today only a CUDA build of Paddle can.
-    Asking Paddle imports it but initialises no CUDA context, so it may run before or after pin_device.
+    The one place that knows which runtimes can drive a GPU: a CUDA build of Paddle, or PyTorch seeing a CUDA
+    device. Asking either initialises no CUDA context, so it may run before or after pin_device.
     """
     if not device.startswith("gpu:"):
         return
-    if _paddle_has_cuda():
+    if _paddle_has_cuda() or _torch_has_cuda():
         return
     raise ConfigError(
-        f"cannot use {device}: this Paddle has no CUDA support; install paddlepaddle-gpu 3.x from Paddle's index "
-        f"(pip install 'paddlepaddle-gpu==3.*' -i {PADDLE_GPU_INDEX}) in place of paddlepaddle, or use --device cpu"
+        f"cannot use {device}: neither Paddle nor PyTorch here can use a GPU; install paddlepaddle-gpu 3.x from "
+        f"Paddle's index (pip install 'paddlepaddle-gpu==3.*' -i {PADDLE_GPU_INDEX}) in place of paddlepaddle, or a "
+        "CUDA build of PyTorch with 'stylequeue[torch]', or use --device cpu"
     )
 
 
@@ -57,6 +58,14 @@ def _paddle_has_cuda() -> bool:
     except ImportError:
         return False
     return bool(paddle.device.is_compiled_with_cuda())
+
+
+def _torch_has_cuda() -> bool:
+    try:
+        import torch
+    except ImportError:
+        return False
+    return bool(torch.cuda.is_available())
 
 
 def visible_device(device: str) -> str:

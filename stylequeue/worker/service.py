@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 from stylequeue import broker
 from stylequeue.config.settings import Settings
 from stylequeue.config.styles import StyleCatalog
-from stylequeue.errors import ConfigError, PaddleMissing
+from stylequeue.errors import ConfigError
 from stylequeue.jobs import Job, JobState, Presence, Priority, RedisJobStore, iso_now
 from stylequeue.worker.backpressure import Backpressure
 
@@ -64,16 +64,15 @@ class WorkerOptions:
         return queues + ([broker.CALLBACK_QUEUE] if self.callbacks else [])
 
 
-def require_paddle() -> None:
-    """Fail with one line naming what to install when this process cannot import Paddle."""
-    import importlib.util
+def require_runtime(settings: Settings, styles: list[str] | None) -> list[str]:
+    """The runtimes that can serve these styles here (all registered ones for None); a ConfigError of one
+    line naming what to install when none can (models/runtimes.py: Paddle is one way, not the only one)."""
+    from stylequeue.models.runtimes import serving_runtimes
 
-    try:
-        found = importlib.util.find_spec("paddle") is not None
-    except (ImportError, ValueError):  # ValueError: a module blocked with sys.modules["paddle"] = None
-        found = False
-    if not found:
-        raise PaddleMissing()
+    catalog = StyleCatalog(settings.styles)
+    names = styles if styles is not None else sorted(catalog.all())
+    specs = [catalog.get(name) for name in names]  # an unknown name is a configuration error too
+    return serving_runtimes(settings.runtime, settings.device, specs, settings.cache_dir)
 
 
 class WorkerService:
@@ -134,7 +133,7 @@ class WorkerService:
         from stylequeue.worker.execution import JobExecutor
         from stylequeue.worker.inference import InferencePool
 
-        require_paddle()
+        require_runtime(self.settings, self.options.styles)
         from stylequeue.models.registry import ModelRegistry
 
         warming = self._start_codec()
@@ -148,8 +147,11 @@ class WorkerService:
                                  max_loaded=max(4, len(styles)))
         metrics = self.metrics
         assert metrics is not None and self._storage is not None
+        # On a GPU a max batch left at its default is measured at load (worker/inference.py); a set one wins.
+        default_batch = Settings.model_fields["max_batch"].default
         self.pool = InferencePool(
             registry, max_batch=self.settings.max_batch, max_wait_ms=self.settings.max_wait_ms,
+            search_batch=self.settings.device != "cpu" and self.settings.max_batch == default_batch,
             timeout_s=self.settings.job_timeout_s, on_loaded=self._published,
             on_batch=lambda style, size, seconds: (metrics.batch_size.labels(style).observe(size),
                                                    metrics.batch_seconds.labels(style).observe(seconds)),
