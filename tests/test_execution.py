@@ -362,8 +362,13 @@ def test_job_threads_survive_a_job_store_that_fails_in_their_error_handling(stor
 
     storage.hooks["read"] = [break_redis]
     executor.accept([job.id], INTERACTIVE)
-    assert wait_for(lambda: executor.inflight() == 0, 5)
-    assert errors and isinstance(errors[0], RedisUnavailable)
+    assert wait_for(lambda: bool(errors), 5) and isinstance(errors[0], RedisUnavailable)
+    assert executor.held() == [(job.id, 1)]  # parked: still held (its lease renewed) until Redis answers
+    assert store.get(job.id).state == JobState.RUNNING
+    assert executor.retry_parked() == 1  # what the lease keeper does every round
+    assert executor.inflight() == 0
+    failed = store.get(job.id)
+    assert failed.state == JobState.FAILED and failed.error["code"] == "storage_error" and failed.attempts == 1
     later = submit(store)
     executor.accept([later.id], INTERACTIVE)  # the threads still work
     assert final(store, later.id).state == JobState.SUCCEEDED

@@ -58,6 +58,8 @@ class Settings(BaseSettings):
     allow_private_networks: bool = False
     max_input_bytes: int = Field(26214400, ge=1)
     max_input_pixels: int = Field(50000000, ge=1)
+    # How long a worker holds jobs back while a dependency is down before they fail `storage_error` (SPEC 4).
+    outage_s: float = Field(900, gt=0)
     # Not in SPEC's table: where exported models and runtime choices are cached, and how long a
     # worker's claim on a running job lasts without renewal (a killed worker's jobs return after it).
     cache_dir: Path = Path(os.path.expanduser("~/.cache/stylequeue"))

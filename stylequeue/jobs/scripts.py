@@ -353,7 +353,7 @@ return results
 # ARGV: owner (JSON), lease (ms), then per job: n, then n items: job id, attempt, staged URI (JSON), then
 #       field/value pairs (the results the job will have)
 # Per job, the owner check before an output is promoted: only a running job held by this owner in this
-# attempt, with no output fenced yet, records its staged output and results and gets a fresh lease. From then
+# attempt, with no other output fenced yet, records its staged output and results and gets a fresh lease. From then
 # on no other attempt can begin the job; if this one is lost, whoever claims it finishes the promotion.
 # Returns per job 1 (fenced) or 0.
 FENCE = _script("fence", """
@@ -363,7 +363,8 @@ for i = 2, #KEYS do
   local n = tonumber(ARGV[at])
   local A = {unpack(ARGV, at + 1, at + n)}
   local now = redis.call('HMGET', KEYS[i], 'state', 'owner', 'attempts', 'staged_uri')
-  if now[1] == '"running"' and now[2] == ARGV[1] and now[3] == A[2] and ((not now[4]) or now[4] == 'null') then
+  local free = (not now[4]) or now[4] == 'null' or now[4] == A[3]  -- A[3] again: a retry after a lost reply
+  if now[1] == '"running"' and now[2] == ARGV[1] and now[3] == A[2] and free then
     local lease = t + tonumber(ARGV[2])
     redis.call('HSET', KEYS[i], 'staged_uri', A[3], 'lease_until', lease)
     if n > 3 then redis.call('HSET', KEYS[i], unpack(A, 4)) end

@@ -439,13 +439,16 @@ class RedisJobStore:
 
     # --- dependencies found down (shared across workers) -------------------------------------------------
 
-    def outage_begun(self, dependency: str, worker_id: str, at: float) -> float:
-        """Record that `dependency` is down (unless already recorded); returns when it was first seen down."""
+    def outage_begun(self, dependency: str, worker_id: str, at: float, *, stale_after_s: float) -> float:
+        """Record that `dependency` is down (unless a worker recorded it less than `stale_after_s` ago); returns
+        when it was first seen down, so every worker counts STYLEQUEUE_OUTAGE_S from the same moment."""
         key = self.keys.name(OUTAGES)
         with redis_errors(self):
-            self.redis.hsetnx(key, dependency, json.dumps({"since": at, "by": worker_id}))
             raw = self.redis.hget(key, dependency)
-        return float(json.loads(raw)["since"]) if raw else at
+            if raw and at - float(json.loads(raw)["since"]) < stale_after_s:
+                return float(json.loads(raw)["since"])
+            self.redis.hset(key, dependency, json.dumps({"since": at, "by": worker_id}))
+        return at
 
     def outage_ended(self, dependency: str) -> None:
         with redis_errors(self):

@@ -12,6 +12,10 @@ An output is written so that a stale attempt can neither replace the winner's by
 4. mark the job `succeeded`.
 An attempt that lost the job before step 2 deletes only its own staged object. One that dies between 2 and 4
 leaves the job fenced: whoever claims it next finishes the promotion (claim outcome `promote`).
+
+Faults of the infrastructure are not the job's: a dependency the outage guard (worker/outage.py) finds down
+gets the jobs that need it handed back to `queued` without spending an attempt; a job store that cannot be
+reached in a finishing step parks that step, retried every round of the lease keeper until Redis answers.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ from stylequeue.jobs import MAX_ATTEMPTS, Change, ClaimOutcome, Job, JobState, P
 from stylequeue.pipeline.process import Prepared, prepare, render
 from stylequeue.worker.batching import GroupFuture
 from stylequeue.worker.codec import Done, LoadItem, PromoteItem, Staged, StageItem
+from stylequeue.worker.outage import OutageGuard
 
 log = logging.getLogger("stylequeue.worker")
 
@@ -89,6 +94,7 @@ class Held:
     claimed_at: float = 0.0  # the executor's clock
     started: bool = False
     abandoned: bool = False
+    parked: bool = False  # a finishing step waits for the job store: stays held (and renewed) meanwhile
 
     @property
     def job_id(self) -> str:
@@ -183,6 +189,8 @@ class JobExecutor:
         on_stage: called with (stage, seconds) for metrics.
         on_error: called with each unexpected error a job thread survived (metrics).
         codec: a `Codec` for bulk groups; None runs them on the job threads.
+        guard: an `OutageGuard`; None treats every transient error as the job's.
+        dependency_of: the dependency a URI needs (outage.dependency_of with the S3 endpoint bound).
         clock: monotonic seconds (tests inject a fake one).
     """
 
@@ -191,6 +199,7 @@ class JobExecutor:
                  on_finished: Callable[[Job, int], None] | None = None,
                  on_stage: Callable[[str, float], None] | None = None,
                  on_error: Callable[[BaseException], None] | None = None, codec: Codec | None = None,
+                 guard: OutageGuard | None = None, dependency_of: Callable[[str], str | None] | None = None,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.store = store
         self.codec = codec
@@ -203,7 +212,11 @@ class JobExecutor:
         self.on_finished = on_finished or (lambda job, token: None)
         self.on_stage = on_stage or (lambda stage, seconds: None)
         self.on_error = on_error or (lambda exc: None)
+        self.guard = guard
+        self.dependency_of = dependency_of or (lambda uri: None)
         self.clock = clock
+        # Finishing steps that met an unreachable job store, retried by `retry_parked` until they go through.
+        self._parked: list[tuple[list[Held], Callable[[], None]]] = []
         # Items are groups: one interactive job, or bulk jobs of one message (`group_size` of them, or the
         # whole message with a codec pool), which a job thread runs together (one wake-up per group, one
         # fence and one finishing round trip).
@@ -356,9 +369,55 @@ class JobExecutor:
 
     def _release(self, held: Held) -> None:
         with self._idle:
-            if self._held.get(held.job_id) is held:
+            if self._held.get(held.job_id) is held and not held.parked:
                 del self._held[held.job_id]
             self._idle.notify_all()
+
+    # --- parked steps (the job store unreachable) -----------------------------------------------------
+
+    def _park(self, helds: Sequence[Held], step: Callable[[], None], exc: Exception) -> None:
+        """Keep `helds` and retry `step` later: their work is done, only recording it waits for Redis."""
+        log.warning("jobs %s: the job store is unreachable (%s); finishing them when it answers",
+                    ", ".join(h.job_id for h in helds), exc)
+        self._survived(exc)
+        with self._lock:
+            for held in helds:
+                held.parked = True
+            self._parked.append((list(helds), step))
+
+    def retry_parked(self) -> int:
+        """Retry the parked finishing steps (the lease keeper calls this each round); returns how many went
+        through. A step that still meets an unreachable store stays parked; its jobs stay held and renewed."""
+        with self._lock:
+            parked, self._parked = self._parked, []
+        done = 0
+        for index, (helds, step) in enumerate(parked):
+            with self._lock:
+                for held in helds:
+                    held.parked = False  # a step that parks again (a later stage met Redis away) sets it anew
+            if all(self._is_abandoned(held) for held in helds):
+                self._unpark(helds)
+                continue
+            try:
+                step()
+            except RedisUnavailable:
+                with self._lock:
+                    for again, _ in parked[index:]:
+                        for held in again:
+                            held.parked = True
+                    self._parked.extend(parked[index:])
+                return done
+            except Exception as exc:
+                log.exception("jobs %s: a parked step failed", ", ".join(h.job_id for h in helds))
+                self._survived(exc)
+            done += 1
+            self._unpark(helds)
+        return done
+
+    def _unpark(self, helds: Sequence[Held]) -> None:
+        """Let go of jobs whose parked step went through (those parked again stay)."""
+        for held in helds:
+            self._release(held)
 
     def _survived(self, exc: BaseException) -> None:
         try:
@@ -391,8 +450,9 @@ class JobExecutor:
         by_style: dict[str, list[_Work]] = {}
         for work, done in zip(works, loaded, strict=True):
             if done.error is not None:
-                self._attempt_failed(work.held, done.error)
+                self._attempt_failed(work.held, done.error, work.held.job.input_uri)
                 continue
+            self._reached(work.held.job.input_uri)
             work.prepared = done.value
             work.timings["fetch"] = self._record("fetch", done.seconds)
             if not self._is_abandoned(work.held):
@@ -420,8 +480,9 @@ class JobExecutor:
         staged = []
         for (work, _), done in zip(outputs, stored, strict=True):
             if done.error is not None:
-                self._attempt_failed(work.held, done.error)
+                self._attempt_failed(work.held, done.error, work.held.job.output_uri)
                 continue
+            self._reached(work.held.job.output_uri)
             result: Staged = done.value
             work.staged_uri, work.output_bytes = result.staged_uri, result.size
             work.timings["store"] = self._record("store", done.seconds)
@@ -433,6 +494,8 @@ class JobExecutor:
         None (the job handled) on an error or cancellation."""
         job = held.job
         if self._is_abandoned(held):  # cancelled while it waited here
+            return None
+        if self._held_back(held):
             return None
         work = _Work(held)
         if job.started_at and job.created_at:
@@ -454,7 +517,13 @@ class JobExecutor:
         job = held.job
         try:
             started = time.perf_counter()
-            work.prepared = prepare(self.storage.read(job.input_uri), work.spec, max_pixels=self.max_input_pixels)
+            try:
+                data = self.storage.read(job.input_uri)
+            except JobError as exc:
+                self._attempt_failed(held, exc, job.input_uri)
+                return None
+            self._reached(job.input_uri)
+            work.prepared = prepare(data, work.spec, max_pixels=self.max_input_pixels)
             work.timings["fetch"] = self._stage("fetch", started)
             work.submitted = time.perf_counter()
             work.future = self.models.submit(job.style, work.prepared.pixels, held.priority)
@@ -474,8 +543,13 @@ class JobExecutor:
                 return False
             started = time.perf_counter()
             encoded = render(output, spec)
-            work.staged_uri = self.storage.stage(held.job.output_uri, encoded, spec.content_type,
-                                                 tag=f"a{held.attempts}")
+            try:
+                work.staged_uri = self.storage.stage(held.job.output_uri, encoded, spec.content_type,
+                                                     tag=f"a{held.attempts}")
+            except JobError as exc:
+                self._attempt_failed(held, exc, held.job.output_uri)
+                return False
+            self._reached(held.job.output_uri)
             work.output_bytes = len(encoded)
             work.timings["store"] = self._stage("store", started)
         except Exception as exc:
@@ -490,9 +564,13 @@ class JobExecutor:
         deleted, never promoted."""
         if not staged:
             return
-        fenced = self.store.fence_many(
-            self.worker_id, [(w.held.job_id, w.held.attempts, w.staged_uri, w.results()) for w in staged],
-            lease_s=self.lease_s)
+        try:
+            fenced = self.store.fence_many(
+                self.worker_id, [(w.held.job_id, w.held.attempts, w.staged_uri, w.results()) for w in staged],
+                lease_s=self.lease_s)
+        except RedisUnavailable as exc:  # fencing again with the same staged output is harmless
+            self._park([w.held for w in staged], lambda: self._complete(staged), exc)
+            return
         promoted: list[_Work] = []
         for work, ok in zip(staged, fenced, strict=True):
             if ok:
@@ -545,9 +623,13 @@ class JobExecutor:
         """Mark fenced-and-promoted jobs succeeded, all in one round trip."""
         if not helds:
             return
-        moved = self.store.transition_many([
-            Change(h.job_id, JobState.RUNNING, JobState.SUCCEEDED, owner=self.worker_id, attempt=h.attempts)
-            for h in helds])
+        try:
+            moved = self.store.transition_many([
+                Change(h.job_id, JobState.RUNNING, JobState.SUCCEEDED, owner=self.worker_id, attempt=h.attempts)
+                for h in helds])
+        except RedisUnavailable as exc:
+            self._park(helds, lambda: self._succeed(helds), exc)
+            return
         for held, result in zip(helds, moved, strict=True):
             if result:
                 held.job.state = JobState.SUCCEEDED
@@ -565,7 +647,41 @@ class JobExecutor:
 
     # --- failures -----------------------------------------------------------------------------------
 
-    def _attempt_failed(self, held: Held, exc: Exception) -> None:
+    def _reached(self, uri: str) -> None:
+        if self.guard is not None:
+            self.guard.succeeded(self.dependency_of(uri))
+
+    def _held_back(self, held: Held) -> bool:
+        """Hand the job back (no attempt spent) if a dependency it needs is down; True if it was."""
+        if self.guard is None:
+            return False
+        for uri in (held.job.input_uri, held.job.output_uri):
+            dependency = self.dependency_of(uri)
+            if self.guard.holds(dependency):
+                self._hand_back(held, dependency)
+                return True
+        return False
+
+    def _hand_back(self, held: Held, dependency: str | None) -> None:
+        """Back to `queued` with its attempt returned, due when the dependency is probed next."""
+        delay = self.guard.retry_in(dependency) if self.guard is not None else 1.0
+        error = {"code": "storage_error", "message": f"waiting for {dependency} to answer again (not this job's "
+                 "fault: no attempt was spent)"}
+        try:
+            self.store.transition(held.job_id, JobState.RUNNING, JobState.QUEUED, owner=self.worker_id,
+                                  attempt=held.attempts, delay_s=delay, give_back=True, error=error)
+        except RedisUnavailable as exc:
+            self._survived(exc)
+            return
+        log.info("job %s: handed back without spending an attempt (%s is down); due again in %.0f s",
+                 held.job_id, dependency, delay)
+
+    def _attempt_failed(self, held: Held, exc: Exception, uri: str | None = None) -> None:
+        if (self.guard is not None and uri is not None and isinstance(exc, JobError) and exc.transient
+                and self.guard.failed(self.dependency_of(uri), held.job_id, uri)):
+            if not self._is_abandoned(held):
+                self._hand_back(held, self.dependency_of(uri))
+            return
         if isinstance(exc, StyleQueueError):
             error = exc if isinstance(exc, JobError) else InternalError(str(exc))
             log.info("job %s: attempt %d failed: %s: %s", held.job_id, held.attempts, error.code, error.message)
@@ -576,12 +692,11 @@ class JobExecutor:
             self._fail_quietly(held, error)
 
     def _fail_quietly(self, held: Held, error: JobError) -> None:
-        """`_fail`, surviving a job store that cannot be reached (the lease then ends and the job is reaped)."""
+        """`_fail`, parked while the job store cannot be reached."""
         try:
             self._fail(held, error)
         except RedisUnavailable as exc:
-            log.warning("job %s: could not record its failure (%s); it returns when its lease ends", held.job_id, exc)
-            self._survived(exc)
+            self._park([held], lambda: self._fail(held, error), exc)
 
     def _fail(self, held: Held, error: JobError) -> None:
         """Map an attempt's error to the job's next state: a retry or a failure (the one place)."""

@@ -39,6 +39,8 @@ class Holder(Protocol):
 
     def held(self) -> list[tuple[str, int]]: ...
 
+    def retry_parked(self) -> int: ...
+
     def abandon(self, job_ids: Sequence[str]) -> None: ...
 
     def timed_out(self) -> list[str]: ...
@@ -55,6 +57,7 @@ class LeaseKeeper:
         queue_depths: messages waiting per broker queue of each priority (for the sweep).
         heartbeat: JSON-able info published with each heartbeat.
         sweep_after_s: how long a job may sit queued with no message owed before the sweep looks at it.
+        probe: called every round (the outage guard's `probe_due`), so a dependency found down is probed on time.
         clock: monotonic seconds (tests inject a fake one and call the duties directly).
     """
 
@@ -62,7 +65,8 @@ class LeaseKeeper:
                  send_jobs: Callable[[Sequence[str], Priority], None], send_callback: Callable[[str, int], None],
                  queue_depths: Callable[[], dict[Priority, int]], heartbeat: Callable[[], dict[str, Any]],
                  sweep_after_s: float, tick_s: float | None = None, due_tick_s: float = DUE_TICK_S,
-                 sweep_every_s: float = SWEEP_EVERY_S, clock: Callable[[], float] = time.monotonic) -> None:
+                 sweep_every_s: float = SWEEP_EVERY_S, probe: Callable[[], None] | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.store = store
         self.presence = Presence(store)
         self.executor = executor
@@ -76,6 +80,7 @@ class LeaseKeeper:
         self.tick_s = tick_s if tick_s is not None else max(0.2, min(5.0, lease_s / 3))
         self.due_tick_s = min(due_tick_s, self.tick_s)
         self.sweep_every_s = sweep_every_s
+        self.probe = probe or (lambda: None)
         self.clock = clock
         self.sweep_found = 0  # jobs this worker's sweeps scheduled (a metric: it should stay 0)
         self.errors = 0  # rounds that failed (Redis away for a moment)
@@ -94,7 +99,10 @@ class LeaseKeeper:
         next_tick = next_sweep = self.clock()
         while not self._stop.wait(self.due_tick_s):
             now = self.clock()
+            self._probe()
             try:
+                if self.executor is not None:
+                    self.executor.retry_parked()
                 if now >= next_tick:
                     next_tick = now + self.tick_s
                     self.tick()
@@ -108,6 +116,12 @@ class LeaseKeeper:
             except Exception:
                 self.errors += 1
                 log.exception("lease keeper: unexpected error")
+
+    def _probe(self) -> None:
+        try:
+            self.probe()
+        except Exception:
+            log.exception("lease keeper: probing a dependency failed unexpectedly")
 
     # --- the duties (public so tests drive them deterministically) ----------------------------------
 

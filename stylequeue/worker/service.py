@@ -36,6 +36,7 @@ if TYPE_CHECKING:
     from stylequeue.worker.inference import InferencePool
     from stylequeue.worker.leases import LeaseKeeper
     from stylequeue.worker.metrics import WorkerMetrics
+    from stylequeue.worker.outage import OutageGuard
 
 log = logging.getLogger("stylequeue.worker")
 
@@ -93,6 +94,7 @@ class WorkerService:
         self.codec: CodecPool | None = None
         self.keeper: LeaseKeeper | None = None
         self.callbacks: CallbackDispatcher | None = None
+        self.guard: OutageGuard | None = None
         self._storage: Storage | None = None
         self._consumer: Any = None
         self._sweep_reported = 0
@@ -116,6 +118,7 @@ class WorkerService:
             log.info("metrics on %s:%d/metrics", self.options.metrics_addr, self.options.metrics_port)
         threads = self.options.threads or min(32, 2 * self.settings.max_batch + 2)
         self._storage = Storage(self.settings, max_pool_connections=max(32, threads + 4))
+        self._start_guard()
         if self.options.models:
             self._start_models(threads)
         if self.options.callbacks:
@@ -126,8 +129,30 @@ class WorkerService:
             send_callback=lambda job_id, token: broker.send_callback(self.app, job_id, token),
             queue_depths=self._job_queue_depths, heartbeat=self._heartbeat,
             sweep_after_s=SWEEP_AFTER_VISIBILITY_PERIODS * self.settings.visibility_timeout_s,
+            probe=self.guard.probe_due if self.guard is not None else None,
         ).start()
         return self
+
+    def _start_guard(self) -> None:
+        from stylequeue.worker.outage import OutageGuard
+
+        storage = self._storage
+        assert storage is not None
+        self.guard = OutageGuard(
+            outage_s=self.settings.outage_s, probe=storage.probe,
+            record_start=lambda dependency, now: self.store.outage_begun(dependency, self.worker_id, now,
+                                                                         stale_after_s=2 * self.settings.outage_s),
+            record_end=self.store.outage_ended,
+            on_change=lambda dependency, down: self._flow(force=True))
+
+    def dependency_of(self, uri: str) -> str | None:
+        from stylequeue.worker.outage import dependency_of
+
+        return dependency_of(uri, self.settings.s3_endpoint_url)
+
+    def _output_store_down(self) -> bool:
+        """Whether the store every job's output goes to is down: then no job can finish, so take none."""
+        return self.guard is not None and self.guard.holds(self.dependency_of(self.settings.storage_url + "/x"))
 
     def _start_models(self, threads: int) -> None:
         from stylequeue.worker.execution import JobExecutor
@@ -165,6 +190,7 @@ class WorkerService:
             job_timeout_s=self.settings.job_timeout_s, threads=threads, group_size=self.settings.max_batch,
             on_finished=self._on_finished, on_stage=metrics.observe_stage,
             on_error=lambda exc: metrics.thread_errors.inc(), codec=self.codec,
+            guard=self.guard, dependency_of=self.dependency_of,
         )
 
     def _start_codec(self) -> threading.Thread | None:
@@ -262,23 +288,29 @@ class WorkerService:
 
     # --- flow control -------------------------------------------------------------------------------
 
-    def _flow(self) -> None:
-        """Ask Celery's loop to reconcile the bulk queue with backpressure when its decision changed."""
+    def _flow(self, force: bool = False) -> None:
+        """Ask Celery's loop to reconcile the job queues with backpressure and outages when a decision changed."""
         if self.executor is None or self._consumer is None:
             return
-        if self.backpressure.update(self.executor.inflight()):
+        if self.backpressure.update(self.executor.inflight()) or force:
             # Celery's event loop runs pending callbacks in no particular order (a set), so it is told to
             # reconcile with the wanted state, never to pause or resume: the last one to run is right.
             self._consumer.hub.call_soon(self._apply_flow)
 
     def _apply_flow(self) -> None:
-        """On Celery's event loop: consume from the bulk queue, or not, as backpressure now says."""
+        """On Celery's event loop: consume from each job queue, or not, as backpressure and outages now say.
+
+        The bulk queue pauses at the high-water mark; both pause while the output store is down (no job could
+        finish; the jobs held back wait on the due set, and other workers may still take them)."""
         consumer = self._consumer
-        consuming = consumer.task_consumer.consuming_from(broker.BULK_QUEUE)
-        if self.backpressure.paused and consuming:
-            consumer.cancel_task_queue(broker.BULK_QUEUE)
-        elif not self.backpressure.paused and not consuming:
-            consumer.add_task_queue(broker.BULK_QUEUE)
+        outage = self._output_store_down()
+        for queue, paused in ((broker.BULK_QUEUE, self.backpressure.paused or outage),
+                              (broker.INTERACTIVE_QUEUE, outage)):
+            consuming = consumer.task_consumer.consuming_from(queue)
+            if paused and consuming:
+                consumer.cancel_task_queue(queue)
+            elif not paused and not consuming:
+                consumer.add_task_queue(queue)
 
     # --- hooks --------------------------------------------------------------------------------------
 
@@ -326,4 +358,5 @@ class WorkerService:
                 log.debug("queue depths unavailable: %s", exc)
         return {"device": self.settings.device, "inflight": inflight, "started": self._started_at,
                 "ready": self._consumer is not None, "pid": os.getpid(),
-                "styles": sorted(self.pool.loaded()) if self.pool else [], "bulk_paused": self.backpressure.paused}
+                "styles": sorted(self.pool.loaded()) if self.pool else [], "bulk_paused": self.backpressure.paused,
+                "dependencies_down": self.guard.down() if self.guard is not None else []}

@@ -181,6 +181,13 @@ class Storage:
             raise ValueError(f"{redact_uri(staged_uri)} and {redact_uri(uri)} are in different stores")
         return backend
 
+    def probe(self, uri: str) -> bool:
+        """Whether the remote store or host behind `uri` answers at all (any answer but a 5xx); file://: True."""
+        scheme, _ = split_uri(uri)
+        reader = self._readers.get(scheme)
+        probe = getattr(reader, "probe", None)
+        return bool(probe(uri)) if probe is not None else True
+
     def exists(self, uri: str) -> bool:
         """Whether an object or regular file is at `uri`."""
         return self._backend(uri, "test").exists(uri)

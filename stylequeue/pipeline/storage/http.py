@@ -11,8 +11,9 @@ import http.client
 import socket
 import ssl
 from typing import TYPE_CHECKING
+from urllib.parse import urlsplit
 
-from stylequeue.errors import InputForbidden, InputNotFound, StorageError
+from stylequeue.errors import InputForbidden, InputNotFound, StorageError, StyleQueueError
 from stylequeue.pipeline.storage import netguard
 from stylequeue.pipeline.storage.uris import redact_uri
 
@@ -65,3 +66,17 @@ class HttpReader:
         if status in (408, 425, 429) or status >= 500:
             raise StorageError(text, transient=True)
         raise InputNotFound(text)
+
+    def probe(self, uri: str) -> bool:
+        """Whether the host of `uri` answers at all: any answer but a 5xx to a HEAD of its root."""
+        parts = urlsplit(uri)
+        try:
+            with netguard.request(
+                "HEAD", f"{parts.scheme}://{parts.netloc.rpartition('@')[2]}/",
+                allow_private=self.settings.allow_private_networks, headers={}, max_redirects=0,
+                connect_timeout_s=CONNECT_TIMEOUT_S, read_timeout_s=CONNECT_TIMEOUT_S,
+                total_timeout_s=2 * CONNECT_TIMEOUT_S, ssl_context=self._ssl_context,
+            ) as response:
+                return response.status < 500
+        except (OSError, ValueError, http.client.HTTPException, StyleQueueError):
+            return False

@@ -248,6 +248,20 @@ class S3Backend:
             raise ValueError(f"{redact_uri(staged_uri)} is not a staged object")
         self.delete(staged_uri)
 
+    def probe(self, uri: str) -> bool:
+        """Whether the store behind `uri` answers at all: any answer but a 5xx (the outage guard's probe)."""
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        bucket, _ = parse(uri, key_required=False)
+        try:
+            self.client().head_bucket(Bucket=bucket)
+        except ClientError as exc:
+            status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0)
+            return 0 < status < 500
+        except BotoCoreError:
+            return False
+        return True
+
     def exists(self, uri: str) -> bool:
         bucket, key = parse(uri)
         try:
