@@ -72,6 +72,16 @@ def test_models_import_a_paddlegan_checkpoint(tmp_path: Path) -> None:
         np.testing.assert_array_equal(imported[key].numpy(), value.numpy())
     missing = cli("models", "import", str(tmp_path / "absent.pth"), "--style", "x")
     assert missing.returncode == 2 and "not found" in missing.stderr
+    # --registry adds the entry to a registry a running worker reads (issue 17.4), once per name
+    shared = tmp_path / "live" / "styles.toml"
+    added = cli("models", "import", str(checkpoint), "--style", "mine", "--registry", str(shared),
+                "--dest", str(tmp_path / "mine2.pdparams"), env=quiet_env())
+    assert added.returncode == 0, added.stderr
+    assert "mine" in parse_registry(shared) and str(shared) in added.stderr
+    again = cli("models", "import", str(checkpoint), "--style", "mine", "--registry", str(shared),
+                "--dest", str(tmp_path / "mine3.pdparams"), env=quiet_env())
+    assert again.returncode == 2 and "already has a style 'mine'" in again.stderr
+    assert not (tmp_path / "mine3.pdparams").exists()
 
 
 def test_train_command_runs_a_recipe(tmp_path: Path) -> None:

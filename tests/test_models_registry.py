@@ -177,3 +177,19 @@ def test_different_styles_load_side_by_side(three_styles: StyleCatalog, tmp_path
     assert sorted(loaded) == ["a", "b"] and loaded["a"].model != loaded["b"].model
     x = probe_input(16)
     assert not np.allclose(loaded["a"].runtime.run(x), loaded["b"].runtime.run(x))  # each has its own weights
+
+
+def test_registries_combine_and_a_new_style_is_found_at_once(tmp_path: Path, tiny_registry: Path) -> None:
+    """Issue 17.4: the bundled styles stay when STYLEQUEUE_STYLES names a file, and a style added to that file
+    a moment ago (what `models import` tells the user to do) is found by a running worker's catalog."""
+    import shutil
+
+    registry = tmp_path / "styles.toml"
+    shutil.copy(tiny_registry, registry)
+    shutil.copy(tiny_registry.parent / "tiny.pdparams", tmp_path / "tiny.pdparams")
+    catalog = StyleCatalog(registry, recheck_s=3600)  # no periodic look within this test
+    assert {"tiny", "ink-demo"} <= set(catalog.all()) and set(catalog.own()) == {"tiny"}
+    registry.write_text(registry.read_text() + registry.read_text().replace("[styles.tiny]", "[styles.tiny2]"))
+    assert catalog.get("tiny2").name == "tiny2"  # looked again at once instead of failing
+    with pytest.raises(UnknownStyle, match="registered styles: .*tiny2"):
+        catalog.get("nope")

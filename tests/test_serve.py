@@ -117,7 +117,7 @@ def test_the_gateway_answers_with_the_token_from_client_env(served: tuple[Path, 
     url, token = values["STYLEQUEUE_API_URL"], values["STYLEQUEUE_API_TOKEN"]
     request = urllib.request.Request(f"{url}/v1/styles", headers={"Authorization": f"Bearer {token}"})
     with urllib.request.urlopen(request, timeout=10) as response:
-        assert [s["name"] for s in json.loads(response.read())["styles"]] == ["tiny"]
+        assert "tiny" in [s["name"] for s in json.loads(response.read())["styles"]]
     with pytest.raises(urllib.error.HTTPError) as refused:
         urllib.request.urlopen(f"{url}/v1/styles", timeout=10)
     assert refused.value.code == 401

@@ -99,6 +99,14 @@ def worker(
     run(debug, body)
 
 
+def _check_new_style(registry: Path, style: str) -> None:
+    """A style may be added to a registry only once; a malformed registry is reported before any conversion."""
+    from stylequeue.config.styles import parse_registry
+
+    if registry.exists() and registry.read_text().strip() and style in parse_registry(registry):
+        raise ConfigError(f"{registry} already has a style {style!r}: choose another --style or edit the file")
+
+
 def without_options(argv: list[str], names: tuple[str, ...]) -> list[str]:
     """argv minus `--name value` and `--name=value` for each name."""
     kept, skip = [], False
@@ -280,6 +288,9 @@ def models_import(
     style: Annotated[str, typer.Option("--style", "-s", help="Name for the style.")],
     direction: Annotated[str, typer.Option(help="AtoB (netG_A) or BtoA (netG_B) for full checkpoints.")] = "AtoB",
     dest: Annotated[Path | None, typer.Option(help="Where to write the converted weights.")] = None,
+    registry: Annotated[Path | None, typer.Option(
+        help="Add the entry to this styles registry (made if missing; workers see it within a second). "
+             "Default: STYLEQUEUE_STYLES if set, else only print the entry.")] = None,
     debug: DebugOpt = False,
 ) -> None:
     """Convert a checkpoint to a bare Paddle generator and print its registry entry.
@@ -296,8 +307,20 @@ def models_import(
         if not file.exists():
             raise ConfigError(f"{file} not found")
         target = dest or file.with_name(f"{style}.pdparams")
+        registry_file = registry or (Path(os.environ["STYLEQUEUE_STYLES"]) if os.environ.get("STYLEQUEUE_STYLES")
+                                     else None)
+        if registry_file is not None:
+            _check_new_style(registry_file, style)
         snippet = import_weights(file, target, direction=direction, style=style)
-        err.print(f"wrote {target}; add this to your styles registry (STYLEQUEUE_STYLES):")
+        if registry_file is None:
+            err.print(f"wrote {target}; add this to your styles registry (STYLEQUEUE_STYLES), or pass --registry:")
+            sys.stdout.write(snippet)
+            return EXIT_OK
+        registry_file.parent.mkdir(parents=True, exist_ok=True)
+        existing = registry_file.read_text() if registry_file.exists() else ""
+        registry_file.write_text(existing + ("\n" if existing and not existing.endswith("\n\n") else "") + snippet)
+        err.print(f"wrote {target}; added style {style!r} to {registry_file} (workers reading it pick it up "
+                  "within a second)")
         sys.stdout.write(snippet)
         return EXIT_OK
 

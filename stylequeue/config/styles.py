@@ -129,42 +129,64 @@ def parse_registry(path: str | Path) -> dict[str, StyleSpec]:
 
 
 class StyleCatalog:
-    """The registry as producers and workers see it: names -> StyleSpec, re-read when the file changes.
+    """The registry as producers and workers see it: names -> StyleSpec, re-read when a file changes.
 
-    The file's mtime is looked at most every `recheck_s` seconds: `get` sits on every job's path.
+    Registries combine: the bundled registry's styles are always there, and the file named by
+    STYLEQUEUE_STYLES (`path`) adds its own, a style of the same name replacing the bundled one. Files are
+    looked at (mtime) at most every `recheck_s` seconds, since `get` sits on every job's path; a name not found
+    makes `get` look again at once, so a style added to the file a moment ago is found.
     """
 
     def __init__(self, path: str | Path | None, *, recheck_s: float = 1.0) -> None:
         self.path = Path(path) if path else BUNDLED_REGISTRY
+        self.paths = [BUNDLED_REGISTRY] if self.path.resolve() == BUNDLED_REGISTRY.resolve() else [
+            BUNDLED_REGISTRY, self.path]
         self.recheck_s = recheck_s
         self._lock = threading.Lock()
-        self._mtime: float | None = None
+        self._mtimes: list[float | None] = []
         self._checked = float("-inf")
         self._styles: dict[str, StyleSpec] = {}
+        self._own: dict[str, StyleSpec] = {}
 
-    def _current(self) -> dict[str, StyleSpec]:
+    def _current(self, *, fresh: bool = False) -> dict[str, StyleSpec]:
         now = time.monotonic()
         with self._lock:
-            if now - self._checked >= self.recheck_s or not self._styles:
-                try:
-                    mtime: float | None = self.path.stat().st_mtime
-                except OSError:
-                    mtime = None
-                if mtime is None or mtime != self._mtime:
-                    self._styles = parse_registry(self.path)
-                    self._mtime = mtime
+            if fresh or now - self._checked >= self.recheck_s or not self._styles:
+                mtimes = [_mtime(path) for path in self.paths]
+                if mtimes != self._mtimes or not self._styles:
+                    parsed = [parse_registry(path) for path in self.paths]
+                    self._styles = {name: spec for styles in parsed for name, spec in styles.items()}
+                    self._own = parsed[-1]
+                    self._mtimes = mtimes
                 self._checked = now
             return self._styles
 
     def all(self) -> dict[str, StyleSpec]:
+        """Every style: the bundled ones and the configured file's."""
         return dict(self._current())
+
+    def own(self) -> dict[str, StyleSpec]:
+        """The configured file's styles (the bundled ones when none is configured): what a worker preloads."""
+        self._current()
+        with self._lock:
+            return dict(self._own)
 
     def get(self, name: str) -> StyleSpec:
         styles = self._current()
         if name not in styles:
+            styles = self._current(fresh=True)
+        if name not in styles:
             known = ", ".join(sorted(styles)) or "none"
-            raise UnknownStyle(f"unknown style {name!r}; registered styles: {known}")
+            raise UnknownStyle(f"unknown style {name!r}; registered styles: {known} (registries: "
+                               f"{', '.join(str(p) for p in self.paths)})")
         return styles[name]
+
+
+def _mtime(path: Path) -> float | None:
+    try:
+        return path.stat().st_mtime
+    except OSError:
+        return None
 
 
 _HASH_CACHE: dict[tuple[str, float, int], str] = {}

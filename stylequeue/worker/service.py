@@ -71,7 +71,7 @@ def require_runtime(settings: Settings, styles: list[str] | None) -> list[str]:
     from stylequeue.models.runtimes import serving_runtimes
 
     catalog = StyleCatalog(settings.styles)
-    names = styles if styles is not None else sorted(catalog.all())
+    names = styles if styles is not None else sorted(catalog.own())
     specs = [catalog.get(name) for name in names]  # an unknown name is a configuration error too
     return serving_runtimes(settings.runtime, settings.device, specs, settings.cache_dir)
 
@@ -164,7 +164,7 @@ class WorkerService:
         warming = self._start_codec()
 
         catalog = StyleCatalog(self.settings.styles)
-        styles = self.options.styles if self.options.styles is not None else sorted(catalog.all())
+        styles = self.options.styles if self.options.styles is not None else sorted(catalog.own())
         for name in styles:
             catalog.get(name)  # an unknown --styles name is a configuration error, before anything loads
         registry = ModelRegistry(catalog, runtime=self.settings.runtime, precision=self.settings.precision,
