@@ -86,8 +86,12 @@ def test_get_unknown_job(client: Client) -> None:
 
 def test_wait_returns_when_finished_and_times_out_otherwise(client: Client) -> None:
     job = client.submit("s3://photos/a.jpg", style="tiny")
-    with pytest.raises(WaitTimeout):
+    with pytest.raises(WaitTimeout, match="no worker is consuming"):  # none runs in this test (issue 17.5)
         client.wait(job.id, timeout=0.3)
+    client.presence.heartbeat("w-elsewhere-1", {"ready": True})
+    with pytest.raises(WaitTimeout) as timed_out:
+        client.wait(job.id, timeout=0.1)
+    assert "no worker" not in str(timed_out.value)  # a live worker: nothing to add
     # TimeoutError is what SPEC promises; WaitTimeout is one
     with pytest.raises(TimeoutError):
         client.wait(job.id, timeout=0.05)

@@ -157,6 +157,7 @@ class CallbackDispatcher:
             self._busy[host] = self._busy.get(host, 0) + 1
             if waiting and self._busy[host] < self._per_host:
                 self._ready.append(host)
+                self._lock.notify()  # another thread may take this host's next delivery
             elif not waiting:
                 del self._waiting[host]
             return host, delivery
