@@ -167,3 +167,11 @@ def test_command_modules_never_import_each_other_and_job_commands_skip_the_worke
             "print(','.join(m for m in ('paddle', 'stylequeue.worker.service') if m in sys.modules))")
     loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
     assert loaded == ""
+
+
+def test_submit_with_the_broker_down_exits_4_naming_the_broker(env: dict[str, str]) -> None:
+    result = cli("submit", "s3://photos/a.jpg", "--style", "tiny",
+                 env=env | {"STYLEQUEUE_BROKER_URL": f"amqp://127.0.0.1:{free_port()}//"})
+    assert result.returncode == 4, result.stderr
+    assert "broker" in result.stderr and "nothing was submitted" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1  # one line, no traceback

@@ -126,3 +126,24 @@ def test_producer_import_stays_light() -> None:
             "if m in sys.modules))")
     loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
     assert loaded == ""
+
+
+def test_a_submit_the_broker_refuses_leaves_nothing_behind(redis_url: str, tiny_registry: Path,
+                                                          tmp_path: Path) -> None:
+    """Issue 17.1: the job store is up, the broker is not: the submit raises the error an unreachable Redis
+    raises (naming the broker), and leaves no record, no owed message and no idempotency key behind."""
+    from stylequeue.errors import BrokerUnavailable
+
+    dead_broker = f"amqp://guest:guest@127.0.0.1:{free_port()}//"
+    client = Client(redis_url=redis_url, styles=tiny_registry, storage_url=f"file://{tmp_path}/store",
+                    broker_url=dead_broker)
+    try:
+        with pytest.raises(RedisUnavailable, match="broker") as refused:
+            client.submit("s3://photos/a.jpg", style="tiny", idempotency_key="retry-me")
+        assert isinstance(refused.value, BrokerUnavailable) and "guest:guest" not in str(refused.value)
+        with pytest.raises(BrokerUnavailable):
+            client.submit_many(["s3://photos/b.jpg", "s3://photos/c.jpg"], style="tiny")
+        leftovers = redis.Redis.from_url(redis_url).keys("sq:*")
+        assert leftovers == [], leftovers  # no job, no due entry, no idempotency key
+    finally:
+        client.close()
