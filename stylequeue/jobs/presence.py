@@ -31,7 +31,7 @@ class Presence:
         with redis_errors(self._store):
             raw = self._redis.hgetall(self._workers)
         now = time.time()
-        live = {k.decode(): json.loads(v) for k, v in raw.items()}
+        live = {_text(k): json.loads(v) for k, v in raw.items()}
         return {k: v for k, v in live.items() if now - v.get("seen", 0) <= max_age_s}
 
     def forget_worker(self, worker_id: str) -> None:
@@ -39,7 +39,7 @@ class Presence:
             pipe = self._redis.pipeline(transaction=False)
             pipe.hdel(self._workers, worker_id)
             for field_name in self._redis.hkeys(self._runtimes):
-                if field_name.decode().endswith(f"|{worker_id}"):
+                if _text(field_name).endswith(f"|{worker_id}"):
                     pipe.hdel(self._runtimes, field_name)
             pipe.execute()
 
@@ -53,6 +53,10 @@ class Presence:
             raw = self._redis.hgetall(self._runtimes)
         out: dict[str, dict[str, dict[str, Any]]] = {}
         for key, value in raw.items():
-            style, _, worker = key.decode().partition("|")
+            style, _, worker = _text(key).partition("|")
             out.setdefault(style, {})[worker] = json.loads(value)
         return out
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value

@@ -66,7 +66,8 @@ def resize(image: torch.Tensor, size: tuple[int, int]) -> np.ndarray:
         scaled = functional.interpolate(image[None].float(), size=(height, width), mode="bicubic",
                                         antialias=True, align_corners=False)[0]
         image = scaled.clamp_(0, 255).round_().to(torch.uint8)
-    return image.permute(1, 2, 0).contiguous().cpu().numpy()  # type: ignore[no-any-return]
+    pixels: np.ndarray = image.permute(1, 2, 0).contiguous().cpu().numpy()
+    return pixels
 
 
 def prepare_many(datas: Sequence[bytes | Any], specs: Sequence[StyleSpec], *, max_pixels: int, device: str,

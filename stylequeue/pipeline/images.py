@@ -171,7 +171,8 @@ def from_model_output(array: np.ndarray) -> np.ndarray:
 
 def to_array(image: Image.Image, size: tuple[int, int]) -> np.ndarray:
     """RGB image -> float32 [3, H, W] in [-1, 1] at `size` = (width, height), bicubic resize."""
-    return to_model_input(to_pixels(image, size)[None])[0]
+    array: np.ndarray = to_model_input(to_pixels(image, size)[None])[0]
+    return array
 
 
 def from_array(array: np.ndarray) -> Image.Image:

@@ -38,7 +38,9 @@ def decode(data: bytes, *, max_pixels: int, target_side: int = 0) -> np.ndarray 
     width, height = size
     side = min(target_side, width, height) if target_side else 0
     try:
-        return simplejpeg.decode_jpeg(data, colorspace="RGB", min_width=side, min_height=side, strict=True)
+        pixels: np.ndarray = simplejpeg.decode_jpeg(data, colorspace="RGB", min_width=side, min_height=side,
+                                                    strict=True)
+        return pixels
     except ValueError:  # truncated or corrupt: Pillow's path names the problem
         return None
 
@@ -60,8 +62,9 @@ def encode(pixels: np.ndarray, quality: int) -> bytes | None:
     """JPEG bytes (4:2:0, no metadata) of uint8 [H, W, 3] RGB pixels; None without simplejpeg."""
     if simplejpeg is None:
         return None
-    return simplejpeg.encode_jpeg(np.ascontiguousarray(pixels), quality=quality, colorspace="RGB",
-                                  colorsubsampling="420")
+    encoded: bytes = simplejpeg.encode_jpeg(np.ascontiguousarray(pixels), quality=quality, colorspace="RGB",
+                                            colorsubsampling="420")
+    return encoded
 
 
 def _needs_pillow(data: bytes) -> bool:

@@ -37,7 +37,8 @@ class Prepared:
     @property
     def array(self) -> np.ndarray:
         """The generator's input for this image alone: float32 [3, H, W] in [-1, 1]."""
-        return to_model_input(self.pixels[None])[0]
+        array: np.ndarray = to_model_input(self.pixels[None])[0]
+        return array
 
 
 def prepare(data: bytes, spec: StyleSpec, *, max_pixels: int) -> Prepared:

@@ -214,18 +214,19 @@ class CodecPool:
         """Run `function(items)` in a free child; one outcome per item, whatever happens to the child."""
         if not items:
             return []
-        child: _Child | None = self._idle.get()
+        taken = self._idle.get()
+        child: _Child | None = taken  # None once it was replaced: nothing to give back then
         try:
-            _send(child.conn, (function, items))
-            if not child.conn.poll(self.timeout_s):
-                self._replace(child)
+            _send(taken.conn, (function, items))
+            if not taken.conn.poll(self.timeout_s):
+                self._replace(taken)
                 child = None
                 error = JobTimeout(f"decoding or encoding took longer than {self.timeout_s:g} s")
                 return [Done(error, self.timeout_s)] * len(items)
-            outcomes: list[Done] = _recv(child.conn)
+            outcomes: list[Done] = _recv(taken.conn)
             return outcomes
         except (EOFError, OSError):  # the child died
-            self._replace(child)
+            self._replace(taken)
             child = None
             if len(items) == 1:
                 log.warning("a codec process died on one job: %s", crashed)
@@ -296,7 +297,8 @@ def _remote(uri: str) -> bool:
 
 def _read_one(uri: str) -> bytes | JobError:
     try:
-        return _storage.read(uri)
+        data: bytes = _storage.read(uri)
+        return data
     except Exception as exc:
         return _as_job_error(exc)
 

@@ -138,7 +138,8 @@ def _on_pixels(runtime: Any) -> Callable[[np.ndarray], np.ndarray]:
     """A runtime as uint8 [N,H,W,3] in and out: its own `run_pixels` where it has one (the null
     runtime), else its float [N,3,H,W] `run` in [-1,1] with one conversion each way per batch."""
     if hasattr(runtime, "run_pixels"):
-        return runtime.run_pixels
+        own: Callable[[np.ndarray], np.ndarray] = runtime.run_pixels
+        return own
     run = runtime.run
 
     def run_pixels(pixels: np.ndarray) -> np.ndarray:
