@@ -15,10 +15,11 @@ import pytest
 from kombu import Connection, Exchange, Queue
 
 from stylequeue import Client, JobState
+from stylequeue.broker import CALLBACK_QUEUE
 from stylequeue.broker_transport import TRANSPORT
 from stylequeue.embedded import EmbeddedRedis
 from stylequeue.errors import StyleQueueError
-from tests.workers import WorkerProcess, make_image, wait_for, worker_env
+from tests.workers import CallbackReceiver, WorkerProcess, make_image, wait_for, worker_env
 
 
 class RestartableRedis:
@@ -126,7 +127,7 @@ def all_succeeded(client: Client, job_ids: list[str], timeout: float) -> bool:
 
 class Flood:
     """Threads submitting interactive jobs as fast as they can, so messages are in flight at any instant;
-    `ids` holds the jobs whose submit returned (created and sent)."""
+    `ids` holds the jobs whose submit returned."""
 
     def __init__(self, setup: dict, threads: int = 3) -> None:
         self.setup = setup
@@ -177,6 +178,31 @@ def test_worker_survives_redis_restarts_under_load_and_consumes_again(setup: dic
         assert all_succeeded(client, after, timeout=60), worker.output()[-4000:]
         assert worker.process.poll() is None  # the same process served them
     finally:
+        code = worker.stop()
+    assert code == 0, worker.output()[-3000:]
+
+
+@pytest.mark.slow
+def test_a_worker_that_stops_taking_messages_is_restarted_and_they_flow_again(setup: dict) -> None:
+    """The silent stall (celery #10205: a worker up but never reading again). No fault given to this stack
+    produced one (CLIENT KILL of every connection, of the BRPOP or of the pub/sub one; CLIENT PAUSE; kill -9
+    and restart twice; five restarts in a row: each recovered within 3 s), so Celery's own remote control
+    makes it: the consumer is told to stop taking the callbacks queue. (Backpressure reconciles the job
+    queues on every heartbeat; nothing else in the worker brings the callbacks queue back.)"""
+    client = Client(redis_url=setup["redis"].url, styles=setup["registry"], storage_url=setup["storage"],
+                    input_roots=str(setup["inputs"]), allow_private_networks=True)
+    receiver = CallbackReceiver()
+    worker = WorkerProcess(setup["env"], setup["tmp"] / "worker.log").wait_ready()
+    try:
+        assert client.app.control.cancel_consumer(CALLBACK_QUEUE, reply=True, limit=1, timeout=10)
+        jobs = [client.submit(setup["input"], style="tiny", callback_url=receiver.url).id for _ in range(3)]
+        assert all_succeeded(client, jobs, timeout=60), worker.output()[-4000:]
+        assert wait_for(lambda: len(receiver.received) >= 3, timeout=120), worker.output()[-4000:]
+        assert sorted(body["id"] for body in receiver.bodies()) == sorted(jobs)  # each delivered, once
+        assert "restarting its consumer" in worker.output()  # the watchdog saw the messages wait, and acted
+        assert worker.process.poll() is None
+    finally:
+        receiver.close()
         code = worker.stop()
     assert code == 0, worker.output()[-3000:]
 
