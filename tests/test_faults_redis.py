@@ -19,6 +19,7 @@ from stylequeue.broker import CALLBACK_QUEUE
 from stylequeue.broker_transport import TRANSPORT
 from stylequeue.embedded import EmbeddedRedis
 from stylequeue.errors import StyleQueueError
+from tests.conftest import write_tiny_style
 from tests.workers import CallbackReceiver, WorkerProcess, make_image, wait_for, worker_env
 
 
@@ -210,3 +211,37 @@ def test_a_worker_that_stops_taking_messages_is_restarted_and_they_flow_again(se
         code = worker.stop()
     assert code == 0, worker.output()[-3000:]
 
+
+@pytest.fixture(scope="module")
+def slow_registry(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A style heavy enough (ngf 16, 4 blocks, 128 px) that a run of jobs is still going when Redis stops."""
+    return write_tiny_style(tmp_path_factory.mktemp("slow"), name="slow", ngf=16, n_blocks=4, max_side=128)
+
+
+@pytest.mark.slow
+def test_jobs_running_when_redis_stops_finish_after_it_returns(
+        redis_restartable: RestartableRedis, slow_registry: Path, tmp_path: Path) -> None:
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    (inputs / "a.png").write_bytes(make_image(128, 96))
+    store = tmp_path / "store"
+    env = worker_env(redis_restartable.url, slow_registry, f"file://{store}", input_roots=f"{inputs},{store}",
+                     max_batch="2")
+    client = Client(redis_url=redis_restartable.url, styles=slow_registry, storage_url=f"file://{store}",
+                    input_roots=str(inputs))
+    worker = WorkerProcess(env, tmp_path / "worker.log").wait_ready()
+    try:
+        jobs = [j.id for j in client.submit_many([f"file://{inputs}/a.png"] * 40, style="slow")]
+        assert wait_for(lambda: sum(j.state == JobState.SUCCEEDED for j in client.get_many(jobs)) >= 3, timeout=120)
+        assert JobState.RUNNING in [j.state for j in client.get_many(jobs)], "the stop must land mid-run"
+        redis_restartable.stop()
+        time.sleep(10)  # the reviewer's outage: the job threads meet Redis errors while finishing jobs
+        assert worker.process.poll() is None, worker.output()[-4000:]
+        redis_restartable.start()
+        assert all_succeeded(client, jobs, timeout=180), worker.output()[-4000:]
+        assert worker.process.poll() is None
+    finally:
+        code = worker.stop()
+    assert code == 0, worker.output()[-3000:]
+    written = sorted(p.name for p in (store / "outputs" / "slow").iterdir())
+    assert written == sorted(f"{job_id}.png" for job_id in jobs)  # one output per job, no strays
