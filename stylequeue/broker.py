@@ -17,10 +17,14 @@ Choices that matter for not losing jobs:
 - Redis `visibility_timeout` = STYLEQUEUE_VISIBILITY_TIMEOUT_S: an unacknowledged message of a dead worker
   comes back after that long (its jobs come back sooner through leases and the due set).
 - `queue_order_strategy: priority`: a worker polls `stylequeue.interactive` before `stylequeue.bulk`.
+- redis:// and rediss:// brokers use broker_transport.py, kombu's Redis transport fixed so that a Redis
+  restart cannot end the worker, and `broker_connection_max_retries=None`: the worker reconnects for ever.
 """
 
 from __future__ import annotations
 
+import logging
+import ssl
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -30,6 +34,8 @@ if TYPE_CHECKING:
     from celery import Celery
 
     from stylequeue.config.settings import Settings
+
+log = logging.getLogger("stylequeue.broker")
 
 EXCHANGE = "stylequeue"
 INTERACTIVE_QUEUE = "stylequeue.interactive"
@@ -98,8 +104,25 @@ def make_celery_app(settings: Settings, *, prefetch_multiplier: int = 1) -> Cele
         worker_cancel_long_running_tasks_on_connection_loss=False,
         broker_pool_limit=32,
     )
+    _use_fixed_redis_transport(app, broker_url)
     app.conf.stylequeue_settings = settings
     return app
+
+
+def _use_fixed_redis_transport(app: Celery, broker_url: str) -> None:
+    """Redis restarts: our transport (see broker_transport.py), and reconnect attempts without end."""
+    from stylequeue.broker_transport import TRANSPORT
+
+    scheme = broker_url.split("://", 1)[0]
+    if scheme not in ("redis", "rediss"):
+        return
+    app.conf.broker_transport = TRANSPORT
+    # The default of 100 attempts (up to 30 s apart) would end the worker during a long outage.
+    app.conf.broker_connection_max_retries = None
+    if scheme == "rediss" and "ssl_cert_reqs=" not in broker_url:
+        # kombu's default for a bare rediss:// URL, which it applies only to a transport named "rediss".
+        log.warning("rediss:// broker URL without ssl_cert_reqs: the broker's certificate is not verified")
+        app.conf.broker_use_ssl = {"ssl_cert_reqs": ssl.CERT_NONE}
 
 
 def send_job(app: Celery, job_id: str, priority: Priority | str) -> None:

@@ -6,6 +6,8 @@ lease in the job store protects them from then on), so the Celery pool is never 
 interactive message is always taken promptly. A callback message is acknowledged once its delivery is queued
 on the callback threads (its entry in the callbacks outbox protects it). Backpressure (worker/backpressure.py):
 when this process holds `high_water` jobs it stops consuming `stylequeue.bulk` until it is down to `low_water`.
+A `ConsumptionWatchdog` (worker/consumption.py) restarts Celery's consumer when messages wait for this worker
+and it takes none.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ if TYPE_CHECKING:
     from stylequeue.pipeline.storage import Storage
     from stylequeue.worker.callbacks import CallbackDispatcher
     from stylequeue.worker.codec import CodecPool
+    from stylequeue.worker.consumption import ConsumptionWatchdog
     from stylequeue.worker.execution import JobExecutor
     from stylequeue.worker.inference import InferencePool
     from stylequeue.worker.leases import LeaseKeeper
@@ -43,6 +46,9 @@ log = logging.getLogger("stylequeue.worker")
 # The sweep looks at jobs queued with no message owed for this many visibility periods: by then Celery has
 # redelivered any message a dead worker held, so a job still waiting had its message lost.
 SWEEP_AFTER_VISIBILITY_PERIODS = 3
+# A consumer taking nothing while messages wait is restarted after two leases (at least STALL_MIN_S):
+# the lease is how long a deployment lets a worker go silent before others step in.
+STALL_MIN_S = 10.0
 
 
 @dataclass
@@ -95,8 +101,10 @@ class WorkerService:
         self.keeper: LeaseKeeper | None = None
         self.callbacks: CallbackDispatcher | None = None
         self.guard: OutageGuard | None = None
+        self.watchdog: ConsumptionWatchdog | None = None
         self._storage: Storage | None = None
         self._consumer: Any = None
+        self._consumed: list[str] = []  # the queues Celery's consumer took at start
         self._sweep_reported = 0
         self._started_at = time.time()
 
@@ -234,12 +242,23 @@ class WorkerService:
                                          render=self.public_record))
 
     def attach_consumer(self, consumer: Any) -> None:
-        """Called when Celery's consumer is ready: lets backpressure pause and resume the bulk queue."""
+        """Called when Celery's consumer is ready: lets backpressure pause and resume the bulk queue,
+        and the watchdog restart consumption."""
+        from stylequeue.worker.consumption import ConsumptionWatchdog
+
         self._consumer = consumer
+        self._consumed = [queue.name for queue in consumer.task_consumer.queues]
         self.presence.heartbeat(self.worker_id, self._heartbeat())
+        if self.watchdog is None:
+            self.watchdog = ConsumptionWatchdog(
+                waiting=self._waiting_queues, restart=lambda: consumer.hub.call_soon(self._restart_consumer),
+                stall_s=max(STALL_MIN_S, 2 * self.options.lease_s),
+            ).start()
 
     def stop(self) -> None:
         """SIGTERM path: give back jobs not started (their messages due at once), finish started ones, stop."""
+        if self.watchdog is not None:
+            self.watchdog.stop()
         if self.executor is not None:
             released = self.executor.stop(timeout=max(30.0, self.settings.job_timeout_s))
             if released:
@@ -260,6 +279,8 @@ class WorkerService:
     # --- intake -----------------------------------------------------------------------------------
 
     def accept(self, job_ids: list[str], priority: Priority | str) -> int:
+        if self.watchdog is not None:
+            self.watchdog.received()
         if self.executor is None:
             raise ConfigError("this worker serves callbacks only (--callbacks-only); it received a job message")
         self.executor.accept(job_ids, Priority(priority))
@@ -270,6 +291,8 @@ class WorkerService:
         """Queue one delivery on the callback threads (never on this Celery thread)."""
         from stylequeue.worker.callbacks import Delivery, host_of
 
+        if self.watchdog is not None:
+            self.watchdog.received()
         if self.callbacks is None:
             raise ConfigError("this worker delivers no callbacks (--no-callbacks); it received a callback message")
         try:
@@ -303,14 +326,35 @@ class WorkerService:
         The bulk queue pauses at the high-water mark; both pause while the output store is down (no job could
         finish; the jobs held back wait on the due set, and other workers may still take them)."""
         consumer = self._consumer
-        outage = self._output_store_down()
-        for queue, paused in ((broker.BULK_QUEUE, self.backpressure.paused or outage),
-                              (broker.INTERACTIVE_QUEUE, outage)):
+        for queue, paused in self._job_queues_paused().items():
             consuming = consumer.task_consumer.consuming_from(queue)
             if paused and consuming:
                 consumer.cancel_task_queue(queue)
             elif not paused and not consuming:
                 consumer.add_task_queue(queue)
+
+    def _job_queues_paused(self) -> dict[str, bool]:
+        outage = self._output_store_down()
+        return {broker.BULK_QUEUE: self.backpressure.paused or outage, broker.INTERACTIVE_QUEUE: outage}
+
+    def _wanted_queues(self) -> list[str]:
+        """The queues this worker should be consuming now: those it started with, less those paused."""
+        paused = self._job_queues_paused()
+        return [queue for queue in self._consumed if not paused.get(queue, False)]
+
+    def _waiting_queues(self) -> list[str]:
+        return [queue for queue, depth in broker.queue_depths(self.app, self._wanted_queues()).items() if depth]
+
+    def _restart_consumer(self) -> None:
+        """On Celery's event loop: consume every wanted queue again, then have the consumer reconnect."""
+        from stylequeue.worker.consumption import ConsumptionStalled
+
+        for queue in self._wanted_queues():
+            if not self._consumer.task_consumer.consuming_from(queue):
+                self._consumer.add_task_queue(queue)
+        # A connection error out of the event loop takes Celery's own recovery path: the channel is
+        # closed (unacknowledged messages go back), a new connection is made, every queue consumed anew.
+        raise ConsumptionStalled("consumer restarted: messages waited and none was received")
 
     # --- hooks --------------------------------------------------------------------------------------
 
