@@ -9,6 +9,9 @@ No finish is missed: a request registers its future, and only then reads the rec
 check). The subscription is live before the first request is served (`start`), and after a lost
 connection every waiter is woken to read its record again, since ids published while the subscriber was
 away are gone.
+
+Finishes come in bursts (a GPU worker ends a batch of dozens at once): ids announced while a read is in
+flight are read together, in one pipelined round trip, and each waiter gets its record with its wake-up.
 """
 
 from __future__ import annotations
@@ -37,7 +40,9 @@ class FinishedWatcher:
 
     def __init__(self, store: RedisJobStore) -> None:
         self.store = store
-        self._waiters: dict[str, set[asyncio.Future[None]]] = {}
+        self._waiters: dict[str, set[asyncio.Future[Job | None]]] = {}
+        self._announced: set[str] = set()  # finished ids waiting to be read (on the loop)
+        self._reading = False
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._subscribed = threading.Event()
@@ -96,20 +101,44 @@ class FinishedWatcher:
     # --- on the event loop ------------------------------------------------------------------------
 
     def _wake(self, job_id: str) -> None:
+        """A finish was announced: read it (with any others announced meanwhile) for the requests waiting."""
+        if job_id not in self._waiters:
+            return
+        self._announced.add(job_id)
+        if not self._reading:
+            self._reading = True
+            asyncio.get_running_loop().create_task(self._read_announced())
+
+    async def _read_announced(self) -> None:
+        try:
+            while self._announced:
+                ids = list(self._announced)
+                self._announced.clear()
+                try:
+                    jobs: list[Job | None] = await run_in_threadpool(self.store.get_many, ids)
+                except Exception as exc:  # the waiters read for themselves
+                    log.warning("reading finished jobs failed (%s)", type(exc).__name__)
+                    jobs = [None] * len(ids)
+                for job_id, job in zip(ids, jobs, strict=True):
+                    self._resolve(job_id, job)
+        finally:
+            self._reading = False
+
+    def _resolve(self, job_id: str, job: Job | None) -> None:
         for future in self._waiters.get(job_id, ()):
             if not future.done():
-                future.set_result(None)
+                future.set_result(job)
 
     def _wake_all(self) -> None:
         for job_id in list(self._waiters):
-            self._wake(job_id)
+            self._resolve(job_id, None)  # None: read the record again
 
-    def _register(self, job_id: str) -> asyncio.Future[None]:
-        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+    def _register(self, job_id: str) -> asyncio.Future[Job | None]:
+        future: asyncio.Future[Job | None] = asyncio.get_running_loop().create_future()
         self._waiters.setdefault(job_id, set()).add(future)
         return future
 
-    def _unregister(self, job_id: str, future: asyncio.Future[None]) -> None:
+    def _unregister(self, job_id: str, future: asyncio.Future[Job | None]) -> None:
         waiting = self._waiters.get(job_id)
         if waiting is not None:
             waiting.discard(future)
@@ -121,11 +150,13 @@ class FinishedWatcher:
         """How many requests wait now (metrics)."""
         return sum(len(futures) for futures in self._waiters.values())
 
-    async def wait(self, job_id: str, timeout_s: float, read: Callable[[], Job]) -> Job:
-        """`read()` once the job is finished, or after `timeout_s` with its current record.
+    async def wait(self, job_id: str, timeout_s: float, read: Callable[[], Job],
+                   check: Callable[[Job], Job]) -> Job:
+        """The job's record once it is finished, or after `timeout_s` as it is then.
 
         `read` (run in a thread) returns the record or raises (JobNotFound ...); it is called after the
-        future is registered, so a finish between the two is never missed.
+        future is registered, so a finish between the two is never missed. A record the watcher read for
+        the wake-up goes through `check` (the caller's ownership test) instead of another read.
         """
         await self.start()
         loop = asyncio.get_running_loop()
@@ -138,8 +169,10 @@ class FinishedWatcher:
                 if job.finished or left <= 0:
                     return job
                 try:
-                    await asyncio.wait_for(future, left)
+                    woken = await asyncio.wait_for(future, left)
                 except TimeoutError:
-                    pass  # read once more: the record as it is now
+                    woken = None  # read once more: the record as it is now
+                if woken is not None and woken.finished:
+                    return check(woken)
             finally:
                 self._unregister(job_id, future)

@@ -55,9 +55,12 @@ def caller(request: Request) -> Tenant:
 
 def owned(gateway: Gateway, job_id: str, tenant: Tenant) -> Job:
     """The tenant's job `job_id`; JobNotFound for an unknown id and for another tenant's job alike."""
-    job = gateway.client.get(job_id)
+    return belongs(gateway.client.get(job_id), tenant)
+
+
+def belongs(job: Job, tenant: Tenant) -> Job:
     if job.tenant != tenant.name:
-        raise JobNotFound(job_id)
+        raise JobNotFound(job.id)
     return job
 
 
@@ -107,12 +110,15 @@ def router(gateway: Gateway) -> APIRouter:
 
     @api.get("/v1/jobs/{job_id}")
     async def get(job_id: str, wait: float | None = Query(None, gt=0, le=MAX_WAIT_S),
-                  tenant: Tenant = Depends(caller)) -> dict[str, Any]:
+                  tenant: Tenant = Depends(caller)) -> JSONResponse:
         """The job's record. With `wait=S` (0 < S <= 30) the answer comes as soon as the job is finished, or
         after S seconds with the record as it is then."""
         read = partial(owned, gateway, job_id, tenant)
-        job = await gateway.watcher.wait(job_id, wait, read) if wait else await run_in_threadpool(read)
-        return client.to_json(job)
+        if wait:
+            job = await gateway.watcher.wait(job_id, wait, read, partial(belongs, tenant=tenant))
+        else:
+            job = await run_in_threadpool(read)
+        return JSONResponse(client.to_json(job))  # already plain JSON types: no encoder pass needed
 
     @api.get("/v1/jobs/{job_id}/output", response_class=Response)
     def output(job_id: str, tenant: Tenant = Depends(caller)) -> Response:
