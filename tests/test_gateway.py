@@ -159,6 +159,7 @@ def test_stylequeue_api_serves_over_real_http(redis_url: str, tiny_registry: Pat
     finally:
         server.terminate()
         server.wait(30)
+    assert "unscoped" in server.stderr.read().decode()  # plain tokens work, with a warning at start
 
 
 def test_the_gateway_refuses_to_start_without_tokens(redis_url: str, tiny_registry: Path) -> None:

@@ -18,6 +18,7 @@ import binascii
 import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from stylequeue.errors import ConfigError
 from stylequeue.jobs import scripts
@@ -52,7 +53,7 @@ class TenantJobs:
 
     def __init__(self, store: RedisJobStore) -> None:
         self.store = store
-        self.redis = store.redis
+        self.redis: Any = store.redis  # redis-py's reply types are unions mypy cannot narrow
         self.keys = store.keys
 
     # --- jobs in flight ---------------------------------------------------------------------------
