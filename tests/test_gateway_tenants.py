@@ -289,6 +289,26 @@ def test_a_long_poll_answers_when_the_job_finishes(http: TestClient, client: Cli
     assert answer["took"] < 20  # woken by the finish, not by its 30 s running out
 
 
+def test_a_finish_announced_while_the_subscriber_was_away_still_wakes_the_wait(http: TestClient,
+                                                                                client: Client) -> None:
+    job = submit(http, A, input_uri="s3://photos/a/x.jpg").json()
+    watcher = http.app.state.gateway.watcher
+    answer: dict[str, Any] = {}
+
+    def wait() -> None:
+        started = time.monotonic()
+        answer["job"] = http.get(f"/v1/jobs/{job['id']}", params={"wait": 30}, headers=auth(A)).json()
+        answer["took"] = time.monotonic() - started
+
+    thread = threading.Thread(target=wait)
+    thread.start()
+    assert wait_for(lambda: watcher.waiting == 1, timeout=20)
+    client.store.redis.client_kill_filter(_type="pubsub")  # the subscription drops (a Redis restart, a failover)
+    client.cancel(job["id"])  # announced, perhaps to no one
+    thread.join(30)
+    assert answer["job"]["state"] == "cancelled" and answer["took"] < 20  # the reconnect made it read again
+
+
 def test_a_long_poll_that_runs_out_answers_with_the_current_record(http: TestClient) -> None:
     job = submit(http, A, input_uri="s3://photos/a/x.jpg").json()
     assert http.get(f"/v1/jobs/{job['id']}", params={"wait": 0.3}, headers=auth(A)).json()["state"] == "queued"
