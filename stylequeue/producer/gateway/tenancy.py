@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from stylequeue.errors import InputForbidden, StyleQueueError
+from stylequeue.errors import InputForbidden, StyleQueueError, UnknownStyle
 from stylequeue.jobs import Job
 from stylequeue.pipeline.storage.scope import confine, url_host
 
@@ -88,7 +88,11 @@ def _check(gateway: Gateway, scoped: Scoped) -> None:
     args = dict(scoped.kwargs)
     for name in ("tenant", "idempotency_key", "output_prefix"):
         args.pop(name, None)
-    gateway.client.check_submit(**args)
+    try:
+        gateway.client.check_submit(**args)
+    except UnknownStyle:  # the catalog's own message names the registry files: server paths, not for callers
+        known = ", ".join(sorted(gateway.client.catalog.all())) or "none"
+        raise UnknownStyle(f"unknown style {args['style']!r}; registered styles: {known}") from None
 
 
 def submit_jobs(gateway: Gateway, tenant: Tenant, bodies: list[SubmitBody],
