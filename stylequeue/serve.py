@@ -7,6 +7,9 @@ The data directory keeps what a job may name apart from what it must never touch
     DATA/files/      the storage root: outputs go under DATA/files/outputs/
     DATA/files/inputs/  the input root, unless STYLEQUEUE_INPUT_ROOTS names others
     DATA/api-token, DATA/webhook-secret   kept per data directory (0600), like the Redis password
+    DATA/tenants.toml  the gateway's one tenant, `local`, holding DATA/api-token's hash (0600, rewritten at
+                     each start): inputs under the input roots, photos sent to the gateway under
+                     INPUT_ROOT/uploads/, outputs under the storage root's outputs/
     DATA/client.env  every variable a client needs (0600): `set -a; . DATA/client.env; set +a`
 
 Ports are stable (Redis 6390, gateway 8000) so a restarted `serve` keeps its clients working; a port
@@ -20,6 +23,7 @@ from __future__ import annotations
 import base64
 import errno
 import importlib.util
+import json
 import os
 import secrets
 import shlex
@@ -155,9 +159,25 @@ def client_env_text(values: Mapping[str, str], path: Path) -> str:
     return "\n".join(lines) + "\n"
 
 
+def tenants_text(settings: Mapping[str, str], token: str) -> str:
+    """The tenants file of serve's gateway: one tenant scoped to this server's own roots (SPEC section 8)."""
+    from stylequeue.config.tenants import token_digest
+
+    roots = [f"file://{root.rstrip('/')}/" for root in settings["STYLEQUEUE_INPUT_ROOTS"].split(",")]
+    storage = settings["STYLEQUEUE_STORAGE_URL"].rstrip("/")
+    lines = ["# Written by `stylequeue serve` at each start: the gateway's one caller, holding DATA/api-token.",
+             "[tenants.local]", f'token_sha256 = "{token_digest(token)}"',
+             f"inputs = [{', '.join(json.dumps(root) for root in roots)}]",
+             f"outputs = {json.dumps(storage + '/outputs/')}", f"uploads = {json.dumps(roots[0] + 'uploads/')}"]
+    return "\n".join(lines) + "\n"
+
+
 def start_gateway(stack: LocalStack, layout: Layout, port: int, token: str) -> None:
     """`stylequeue api` on 127.0.0.1:`port` with the stack's settings, answering /healthz before this returns."""
-    env = stack.env | {"STYLEQUEUE_API_TOKENS": token}
+    tenants = write_private(layout.root / "tenants.toml", tenants_text(stack.env, token))
+    # Its one caller is the tenant: no unscoped STYLEQUEUE_API_TOKENS from serve's own environment.
+    env = {k: v for k, v in stack.env.items() if k != "STYLEQUEUE_API_TOKENS"}
+    env["STYLEQUEUE_API_TENANTS"] = str(tenants)
     log_path = layout.logs / "api.log"
     stack.gateway = spawn(["api", "--host", "127.0.0.1", "--port", str(port)], env, log_path)
     deadline = time.monotonic() + 120

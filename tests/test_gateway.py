@@ -96,8 +96,8 @@ def test_batches_are_all_or_nothing(http: TestClient, client: Client) -> None:
 
 
 @pytest.mark.parametrize(("body", "status", "code"), [
-    ({"input_uri": "file:///etc/passwd", "style": "tiny"}, 400, "input_forbidden"),
-    ({"input_uri": "ftp://x/a.jpg", "style": "tiny"}, 400, "input_forbidden"),
+    ({"input_uri": "file:///etc/passwd", "style": "tiny"}, 403, "input_forbidden"),
+    ({"input_uri": "ftp://x/a.jpg", "style": "tiny"}, 403, "input_forbidden"),
     ({"input_uri": "s3://photos/a.jpg", "style": "nope"}, 400, "unknown_style"),
     ({"input_uri": "s3://photos/a.jpg", "style": "tiny", "callback_url": "ftp://x"}, 400, "invalid_request"),
     ({"input_uri": "s3://photos/a.jpg", "style": "tiny", "priority": "urgent"}, 422, None),
@@ -159,6 +159,7 @@ def test_stylequeue_api_serves_over_real_http(redis_url: str, tiny_registry: Pat
     finally:
         server.terminate()
         server.wait(30)
+    assert "unscoped" in server.stderr.read().decode()  # plain tokens work, with a warning at start
 
 
 def test_the_gateway_refuses_to_start_without_tokens(redis_url: str, tiny_registry: Path) -> None:

@@ -123,6 +123,49 @@ def test_the_gateway_answers_with_the_token_from_client_env(served: tuple[Path, 
     assert refused.value.code == 401
     # the token, like the Redis password, is kept per data directory: a restart keeps clients working
     assert (data / "api-token").read_text().strip() == token
+    tenants = data / "tenants.toml"
+    assert stat.S_IMODE(tenants.stat().st_mode) == 0o600 and token not in tenants.read_text()  # only its hash
+
+
+def http_json(request: urllib.request.Request) -> tuple[int, dict]:
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as refused:
+        return refused.code, json.loads(refused.read())
+
+
+@pytest.mark.slow
+def test_a_photo_sent_to_the_gateway_comes_back_restyled_within_the_data_directory(
+        served: tuple[Path, str]) -> None:
+    data, _ = served
+    values = sourced(data / "client.env")
+    url, auth = values["STYLEQUEUE_API_URL"], {"Authorization": f"Bearer {values['STYLEQUEUE_API_TOKEN']}"}
+    boundary = "serveboundary"
+    body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"style\"\r\n\r\ntiny\r\n--{boundary}\r\n"
+            'Content-Disposition: form-data; name="image"; filename="me.png"\r\nContent-Type: image/png\r\n\r\n'
+            ).encode() + make_image(64, 48) + f"\r\n--{boundary}--\r\n".encode()
+    status, job = http_json(urllib.request.Request(
+        f"{url}/v1/jobs", data=body, method="POST",
+        headers={**auth, "Content-Type": f"multipart/form-data; boundary={boundary}"}))
+    assert status == 202, job
+    assert job["input_uri"].startswith(f"file://{data}/files/inputs/uploads/u_")
+    assert job["output_uri"].startswith(f"file://{data}/files/outputs/tiny/")
+    for _ in range(10):
+        status, job = http_json(urllib.request.Request(f"{url}/v1/jobs/{job['id']}?wait=20", headers=auth))
+        if job["state"] in ("succeeded", "failed", "cancelled"):
+            break
+    assert job["state"] == "succeeded", job
+    with urllib.request.urlopen(urllib.request.Request(f"{url}/v1/jobs/{job['id']}/output", headers=auth),
+                                timeout=30) as response:
+        assert response.headers["Content-Type"] == "image/png" and response.read().startswith(b"\x89PNG")
+    # the token is scoped to this data directory: nothing else on the machine can be named
+    for outside in ({"input_uri": "file:///etc/passwd"},
+                    {"input_uri": job["input_uri"], "output_uri": f"file://{data}/redis/appendonly.aof"}):
+        status, refused = http_json(urllib.request.Request(
+            f"{url}/v1/jobs", data=json.dumps({"style": "tiny", **outside}).encode(), method="POST",
+            headers={**auth, "Content-Type": "application/json"}))
+        assert status == 403 and refused["error"]["code"] == "input_forbidden"
 
 
 @pytest.mark.slow

@@ -199,13 +199,18 @@ def api(
     config: ConfigOpt = None,
     debug: DebugOpt = False,
 ) -> None:
-    """HTTP gateway (SPEC section 8): the job API over HTTP, bearer tokens from STYLEQUEUE_API_TOKENS."""
+    """HTTP gateway (SPEC section 8): the job API over HTTP for the tenants of STYLEQUEUE_API_TENANTS
+    (and the unscoped tokens of STYLEQUEUE_API_TOKENS), and a page to try it at /."""
 
     def body() -> int:
+        import logging
+
         from stylequeue.config.settings import load_settings
+        from stylequeue.config.tenants import load_tenants
 
         settings = load_settings(config)
         try:
+            import python_multipart  # noqa: F401 - FastAPI's form parser (python-multipart), for photos sent to /v1/jobs
             import uvicorn
 
             from stylequeue.producer.gateway import make_app
@@ -213,9 +218,15 @@ def api(
             raise ConfigError(f"the HTTP gateway needs its extra: pip install 'stylequeue[api]' ({exc})") from None
         from stylequeue.producer.client import Client
 
+        tenants = load_tenants(settings.api_tenants) if settings.api_tenants else []
         tokens = [token.get_secret_value() for token in settings.api_tokens or []]
-        gateway = make_app(Client(settings=settings), tokens)
+        gateway = make_app(Client(settings=settings), tokens, tenants=tenants)
         setup_logging("info")
+        if tokens:
+            logging.getLogger("stylequeue.gateway").warning(
+                "STYLEQUEUE_API_TOKENS holds %d unscoped token(s): such a caller may name any input the workers can "
+                "read and any output they may write; give each caller a tenant in STYLEQUEUE_API_TENANTS instead",
+                len(tokens))
         uvicorn.run(gateway, host=host, port=port, log_level="info")
         return EXIT_OK
 

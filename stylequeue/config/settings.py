@@ -64,8 +64,11 @@ class Settings(BaseSettings):
     # worker's claim on a running job lasts without renewal (a killed worker's jobs return after it).
     cache_dir: Path = Path(os.path.expanduser("~/.cache/stylequeue"))
     lease_s: float = Field(30, ge=1, le=3600)
-    # SPEC section 8's "configured tokens" of the HTTP gateway (`stylequeue api`), comma-separated.
+    # SPEC section 8's "configured tokens" of the HTTP gateway (`stylequeue api`), comma-separated: unscoped.
     api_tokens: Annotated[list[SecretStr] | None, NoDecode] = None
+    # SPEC section 8's tenants file (config/tenants.py), and the lifetime of a presigned upload.
+    api_tenants: Path | None = None
+    upload_ttl_s: int = Field(600, ge=1, le=604800)
 
     @field_validator("input_roots", "api_tokens", mode="before")
     @classmethod
@@ -189,7 +192,7 @@ def _read_config_file(path: Path) -> dict[str, Any]:
                 f"case without the prefix, e.g. redis_url"
             )
     base = path.parent
-    for key in ("styles", "cache_dir"):
+    for key in ("styles", "cache_dir", "api_tenants"):
         if isinstance(data.get(key), str) and not os.path.isabs(os.path.expanduser(data[key])):
             data[key] = str(base / data[key])
     return data

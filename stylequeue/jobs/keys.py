@@ -14,6 +14,9 @@
     {p}runtimes             hash   "{style}|{worker}" -> JSON runtime choice a worker published at load
     {p}workers              hash   worker id -> JSON heartbeat
     {p}tenant:{t}:jobs      zset   job id -> created (ms): one tenant's jobs, newest last (HTTP listing)
+    {p}tenant:{t}:active    zset   job id (or a submit's reservation `r:...`) -> when added (ms): a tenant's
+                                   jobs that may be in flight; finished ones are dropped when counted
+    {p}tenant:{t}:quota     hash   window, requests, bytes: the tenant's current rate-limit window
     {p}bulk:{run}           hash   a `stylequeue bulk` run: src_prefix, style, dst_prefix, created_at; job TTL
     {p}bulk:{run}:jobs      hash   source key (relative to SRC_PREFIX) -> id of its latest job; job TTL
     {p}bulk:{run}:lock      string token of the live process of that run; expires unless renewed
@@ -56,6 +59,12 @@ class Keys:
 
     def tenant_jobs(self, tenant: str) -> str:
         return f"{self.prefix}{TENANT}{tenant}:jobs"
+
+    def tenant_active(self, tenant: str) -> str:
+        return f"{self.prefix}{TENANT}{tenant}:active"
+
+    def tenant_quota(self, tenant: str) -> str:
+        return f"{self.prefix}{TENANT}{tenant}:quota"
 
     def bulk_run(self, run: str) -> str:
         return f"{self.prefix}{BULK}{run}"

@@ -503,3 +503,38 @@ RELEASE_LOCK = _script("release_lock", """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
 return 0
 """)
+
+
+# --- the HTTP gateway's tenants (added by the gateway branch for jobs/tenants.py) -------------------
+
+# KEYS: the tenant's active set.  ARGV: max in flight, n, reservation id.
+# Admit a submit of n jobs if the set has room: add n members `{reservation}:{i}` (replaced by the job ids
+# once created, or removed if the submit fails). Returns 1 if admitted, 0 if the set is full.
+TENANT_ADMIT = _script("tenant_admit", """
+local n = tonumber(ARGV[2])
+if redis.call('ZCARD', KEYS[1]) + n > tonumber(ARGV[1]) then return 0 end
+local t = now_ms()
+for i = 1, n do redis.call('ZADD', KEYS[1], t, ARGV[3] .. ':' .. i) end
+return 1
+""", uses=("now",))
+
+# KEYS: the tenant's quota hash.  ARGV: window (ms), max requests, max bytes, requests, bytes, force ('1' or '')
+# Charge a request (and its body's bytes) to the tenant's fixed window, unless that would pass a limit (force:
+# charge anyway, for bytes already read). Returns {1, 0} if charged, else {0, ms until the window ends}.
+TENANT_CHARGE = _script("tenant_charge", """
+local W = tonumber(ARGV[1])
+local t = now_ms()
+local window = math.floor(t / W)
+local now = redis.call('HMGET', KEYS[1], 'window', 'requests', 'bytes')
+local requests, bytes = 0, 0
+if tonumber(now[1]) == window then
+  requests, bytes = tonumber(now[2]) or 0, tonumber(now[3]) or 0
+end
+requests, bytes = requests + tonumber(ARGV[4]), bytes + tonumber(ARGV[5])
+if ARGV[6] ~= '1' and (requests > tonumber(ARGV[2]) or bytes > tonumber(ARGV[3])) then
+  return {0, (window + 1) * W - t}
+end
+redis.call('HSET', KEYS[1], 'window', window, 'requests', requests, 'bytes', bytes)
+redis.call('PEXPIRE', KEYS[1], 2 * W)
+return {1, 0}
+""", uses=("now",))

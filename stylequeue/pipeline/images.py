@@ -55,6 +55,15 @@ def _open(data: bytes, max_pixels: int) -> Image.Image:
     return image
 
 
+def probe_image(data: bytes, *, max_pixels: int) -> tuple[str, int, int]:
+    """(Pillow format name, width, height) read from the header alone: what the gateway checks of an upload.
+
+    Raises what decoding would: InvalidInput (not an image, corrupt header), InputTooLarge (too many pixels).
+    """
+    image = _open(data, max_pixels)
+    return str(image.format or "").lower(), image.size[0], image.size[1]
+
+
 def _to_8bit(image: Image.Image) -> Image.Image:
     """16/32-bit integer and float greyscale -> 'L', scaled rather than clipped."""
     if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):

@@ -124,15 +124,22 @@ class Client:
     def submit(self, input_uri: str, style: str, callback_url: str | None = None, output_uri: str | None = None,
                priority: str = "interactive", idempotency_key: str | None = None,
                metadata: dict[str, Any] | None = None, deadline_s: float | None = None, *,
-               tenant: str | None = None) -> Job:
+               tenant: str | None = None, output_prefix: str | None = None) -> Job:
         """Create one job and enqueue it. With an `idempotency_key` seen within the job TTL, return that job.
 
         `deadline_s`: the job must start within that many seconds of now, else it ends `cancelled` with error
-        `expired` and never reaches the model. `tenant` is for the HTTP gateway: the tenant the job belongs to.
+        `expired` and never reaches the model. `tenant` is for the HTTP gateway: the tenant the job belongs to;
+        `output_prefix` (the gateway's `{tenant outputs}{style}/`), when no `output_uri` is given, places the
+        output at `{prefix}{job_id}.{ext}` instead of under the storage URL.
         Raises RedisUnavailable (the job store) or BrokerUnavailable (the broker; the submit is undone).
         """
         spec = self._validate(input_uri, style, output_uri, callback_url, priority, metadata, deadline_s)
         job = self._new_job(spec, input_uri, output_uri, callback_url, priority, metadata, tenant)
+        if output_uri is None and output_prefix is not None:
+            from stylequeue.pipeline.storage import check_output_prefix
+
+            check_output_prefix(output_prefix, self.settings)
+            job.output_uri = f"{output_prefix.rstrip('/')}/{job.id}.{spec.extension}"
         created = self.store.create(job, idempotency_key, deadline_s=deadline_s)
         if created.created:
             self._send_or_undo(lambda: broker.send_job(self.app, job.id, job.priority), [job], created.token)

@@ -17,6 +17,7 @@ import os
 import socket
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -80,6 +81,19 @@ def require_runtime(settings: Settings, styles: list[str] | None) -> list[str]:
     names = styles if styles is not None else sorted(catalog.own())
     specs = [catalog.get(name) for name in names]  # an unknown name is a configuration error too
     return serving_runtimes(settings.runtime, settings.device, specs, settings.cache_dir)
+
+
+def callback_secrets(settings: Settings) -> Callable[[Job], str | None]:
+    """Which secret signs a job's callback: its gateway tenant's `webhook_secret` when the tenants file
+    (STYLEQUEUE_API_TENANTS) gives one, else STYLEQUEUE_WEBHOOK_SECRET (None: unsigned)."""
+    default = settings.webhook_secret.get_secret_value() if settings.webhook_secret else None
+    if settings.api_tenants is None:
+        return lambda job: default
+    from stylequeue.config.tenants import load_tenants
+
+    secrets = {tenant.name: tenant.webhook_secret for tenant in load_tenants(settings.api_tenants)
+               if tenant.webhook_secret}
+    return lambda job: secrets.get(job.tenant or "", default)
 
 
 class WorkerService:
@@ -235,9 +249,9 @@ class WorkerService:
     def _start_callbacks(self) -> None:
         from stylequeue.worker.callbacks import CallbackDispatcher, deliver_one
 
-        secret = self.settings.webhook_secret.get_secret_value() if self.settings.webhook_secret else None
+        secret_for = callback_secrets(self.settings)
         self.callbacks = CallbackDispatcher(
-            lambda delivery: deliver_one(self.store, delivery, secret_for=lambda job: secret,
+            lambda delivery: deliver_one(self.store, delivery, secret_for=secret_for,
                                          allow_private=self.settings.allow_private_networks,
                                          render=self.public_record))
 

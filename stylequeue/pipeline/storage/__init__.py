@@ -10,9 +10,9 @@ names the key `a b.jpg`, and what `Storage.list` yields reads back unchanged. Fa
   body is read where the size is declared), StorageError(transient=True) for 5xx, throttling, timeouts
   and connection errors, StorageError(transient=False) for other refusals.
 - writes: InputForbidden when the URI is one we never write (`file://` anywhere but under
-  `{STYLEQUEUE_STORAGE_URL}/outputs/`, a symbolic link on the way, http(s)), StorageError(transient=False)
-  for a store's permanent 4xx or a file permission error, StorageError(transient=True) for 5xx,
-  connection errors and other OS errors.
+  `{STYLEQUEUE_STORAGE_URL}/outputs/` or the gateway's `upload_roots`, a symbolic link on the way,
+  http(s)), StorageError(transient=False) for a store's permanent 4xx or a file permission error,
+  StorageError(transient=True) for 5xx, connection errors and other OS errors.
 
 `check_input_uri`, `check_output_uri` and `check_output_prefix` refuse, without I/O, what a worker would
 refuse (for producers); their rules are the backends' own, so the two sides agree.
@@ -21,7 +21,7 @@ refuse (for producers); their rules are the backends' own, so the two sides agre
 from __future__ import annotations
 
 import ssl
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any, Protocol
 
 from stylequeue.errors import InputForbidden
@@ -115,11 +115,12 @@ class Storage:
     """
 
     def __init__(self, settings: Settings, *, max_pool_connections: int = 32,
-                 ssl_context: ssl.SSLContext | None = None) -> None:
+                 ssl_context: ssl.SSLContext | None = None, upload_roots: Sequence[str] = ()) -> None:
         self.settings = settings
         self._s3 = s3.S3Backend(settings, max_pool_connections=max_pool_connections)
+        self._files = files.FileBackend(settings, upload_roots=upload_roots)
         web = http.HttpReader(settings, ssl_context=ssl_context)
-        self._backends: dict[str, Backend] = {"file": files.FileBackend(settings), "s3": self._s3}
+        self._backends: dict[str, Backend] = {"file": self._files, "s3": self._s3}
         self._readers: dict[str, Reader] = {**self._backends, "http": web, "https": web}
 
     def s3_client(self) -> Any:
@@ -201,6 +202,19 @@ class Storage:
         scheme, _ = split_uri(uri)
         backend = self._backends.get(scheme)
         return backend.presign(uri, ttl_s) if backend is not None else None
+
+    def read_output(self, uri: str) -> bytes:
+        """The bytes of a job's output: an s3:// object, or a file:// file under the output directory."""
+        scheme, _ = split_uri(uri)
+        if scheme == "file":
+            return self._files.read_output(uri)
+        return self._backend(uri, "read").read(uri)
+
+    def presign_upload(self, uri: str, *, max_bytes: int, ttl_s: int, content_type: str) -> dict[str, Any]:
+        """A presigned POST that stores one image at the `s3://` `uri` (see S3Backend.presign_post)."""
+        if split_uri(uri)[0] != "s3":
+            raise InputForbidden(f"cannot presign an upload to {redact_uri(uri)}: only s3:// stores take one")
+        return self._s3.presign_post(uri, max_bytes=max_bytes, ttl_s=ttl_s, content_type=content_type)
 
     def list(self, prefix_uri: str, *, page_size: int = 1000) -> Iterator[str]:
         """URIs of every object (s3://, `page_size` keys a request) or file (file://, recursive) under a prefix.

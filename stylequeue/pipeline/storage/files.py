@@ -164,13 +164,18 @@ def check_output_prefix(uri: str, settings: Settings) -> None:
 
 
 class FileBackend:
-    """Files under the configured roots. Thread-safe: it holds no state but the resolved roots."""
+    """Files under the configured roots. Thread-safe: it holds no state but the resolved roots.
 
-    def __init__(self, settings: Settings) -> None:
+    `upload_roots` are more directories writes may go to: only the HTTP gateway names any (its tenants'
+    `file://` upload prefixes, where it stores photos under names it makes); workers never do.
+    """
+
+    def __init__(self, settings: Settings, *, upload_roots: Sequence[str] = ()) -> None:
         self.settings = settings
         self._input_roots = [Root.of(str(root)) for root in settings.input_roots or []]
         self._output_root = _output_root(settings)
         self._listed_roots = self._input_roots + ([self._output_root] if self._output_root else [])
+        self._write_roots = ([self._output_root] if self._output_root else []) + [Root.of(r) for r in upload_roots]
 
     # --- reads ---------------------------------------------------------------------------------------
 
@@ -241,6 +246,32 @@ class FileBackend:
     def presign(self, uri: str, ttl_s: int) -> str | None:
         return None  # a file has no URL a phone could open
 
+    def read_output(self, uri: str) -> bytes:
+        """The bytes of a written output (under the output directory), walked as writes are."""
+        try:
+            fd, name = self._output_dir(uri, create=False)
+        except (FileNotFoundError, NotADirectoryError):
+            raise InputNotFound(f"{redact_uri(uri)} does not exist") from None
+        except OSError as exc:
+            raise _os_error(exc, uri) from None
+        try:
+            file_fd = os.open(name, _READ_FLAGS, dir_fd=fd)
+        except FileNotFoundError:
+            raise InputNotFound(f"{redact_uri(uri)} does not exist") from None
+        except OSError as exc:
+            raise _os_error(exc, uri) from None
+        finally:
+            os.close(fd)
+        try:
+            info = os.fstat(file_fd)
+            if not stat.S_ISREG(info.st_mode):
+                raise InputNotFound(f"{redact_uri(uri)} is not a regular file")
+            return _read_all(file_fd, info.st_size, max(info.st_size, self.settings.max_input_bytes))
+        except OSError as exc:
+            raise _os_error(exc, uri) from None
+        finally:
+            os.close(file_fd)
+
     # --- writes --------------------------------------------------------------------------------------
 
     def _output_dir(self, uri: str, *, create: bool) -> tuple[int, str]:
@@ -249,14 +280,14 @@ class FileBackend:
         Raises InputForbidden (outside the output directory, a symlink on the way or at the name) and
         the OS errors of the walk.
         """
-        parts = self._output_root.parts(path_of(uri)) if self._output_root else None
-        if not parts:
+        located = locate(path_of(uri), self._write_roots)
+        if located is None or not located[1]:
             raise InputForbidden(_outside_outputs_message(uri, self.settings))
         if uri.endswith("/"):
             raise InputForbidden(f"{redact_uri(uri)} names a directory, not a file")
-        assert self._output_root is not None
+        root, parts = located
         try:
-            fd = walk(self._output_root, parts[:-1], create=create)
+            fd = walk(root, parts[:-1], create=create)
         except SymlinkFound as link:
             raise InputForbidden(self._symlink_message(uri, parts, link.index)) from None
         if is_symlink(fd, parts[-1]):

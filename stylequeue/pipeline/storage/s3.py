@@ -282,6 +282,21 @@ class S3Backend:
             "get_object", Params={"Bucket": bucket, "Key": key}, ExpiresIn=int(ttl_s))
         return url
 
+    def presign_post(self, uri: str, *, max_bytes: int, ttl_s: int, content_type: str) -> dict[str, Any]:
+        """A presigned POST (S3's POST Object form, which OSS and COS accept too) that can store only `uri`.
+
+        The policy fixes the bucket and key, allows 1..`max_bytes` bytes and a `Content-Type` starting
+        `image/`, and expires after `ttl_s`; it names the public endpoint when one is set. Returns
+        {"url", "fields"}: post `fields` then the file (last, in a field named `file`) to `url`.
+        """
+        bucket, key = parse(uri)
+        post = self._presign_client().generate_presigned_post(
+            bucket, key, Fields={"Content-Type": content_type},
+            # boto3 adds the exact {"bucket"} and {"key"} conditions itself.
+            Conditions=[["content-length-range", 1, int(max_bytes)], ["starts-with", "$Content-Type", "image/"]],
+            ExpiresIn=int(ttl_s))
+        return {"url": post["url"], "fields": dict(post["fields"])}
+
     def list(self, prefix_uri: str, *, page_size: int = 1000) -> Iterator[str]:
         bucket, prefix = parse(prefix_uri, key_required=False)
         request: dict[str, Any] = {"Bucket": bucket, "Prefix": prefix, "MaxKeys": page_size}
