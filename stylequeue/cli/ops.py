@@ -199,7 +199,7 @@ def api(
     config: ConfigOpt = None,
     debug: DebugOpt = False,
 ) -> None:
-    """HTTP gateway (SPEC section 8): the job API over HTTP, bearer tokens from STYLEQUEUE_API_TOKENS."""
+    """HTTP gateway: the job API over HTTP, bearer tokens from STYLEQUEUE_API_TOKENS (docs/http.md)."""
 
     def body() -> int:
         from stylequeue.config.settings import load_settings

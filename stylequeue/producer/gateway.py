@@ -1,4 +1,4 @@
-"""The HTTP gateway (SPEC section 8): the job API for callers that do not speak Redis.
+"""The HTTP gateway (docs/http.md): the job API for callers that do not speak Redis.
 
 `stylequeue api` serves `make_app` with uvicorn. Every route but /healthz and /metrics needs
 `Authorization: Bearer <token>` with one of STYLEQUEUE_API_TOKENS. A job belongs to the token that
@@ -131,7 +131,7 @@ def make_app(client: Client, tokens: Sequence[str]) -> FastAPI:
 
     @app.post("/v1/jobs", status_code=202)
     def submit(body: SubmitBody, tenant: str = Depends(caller)) -> dict[str, Any]:
-        """Create one job (SPEC section 5's `submit`); 202 with the job's record."""
+        """Create one job (`Client.submit`); 202 with the job's record."""
         return client.to_json(submit_one(body, tenant))
 
     @app.post("/v1/jobs:batch", status_code=202)
