@@ -6,7 +6,7 @@ CycleGAN ResnetGenerator with seeded random weights (Paddle's default initialisa
 photo-like input per size (1/f colour noise, the probe `auto` uses). Each runtime runs once untimed, then
 `--repeat` times; the median is reported. PSNR compares each output with fp32 dygraph's on the same input
 (images in [-1, 1] mapped to [0, 1]). Then `auto` chooses as a worker would, and its ratio is shown.
-The machine is shared and noisy (PERF.md: +-15%): the load average is printed with the results.
+The machine is shared and noisy (+-15% run to run): the load average is printed with the results.
 """
 
 from __future__ import annotations

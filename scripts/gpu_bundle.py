@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 BUNDLE = ROOT / ".gpubundle"
 LIMIT_BYTES = 60 * 2**20
 # What `import stylequeue.worker...` and bench/gpu.py need that the GPU machine's image lacks
-# (its package list: /work/.library/device/KINDS.md), with their own missing requirements.
+# (Python 3.12 with PyTorch, torchvision and numpy, no package index), with their own missing requirements.
 PACKAGES = (
     "celery", "kombu", "billiard", "vine", "amqp", "click-didyoumean", "click-repl", "click-plugins",
     "prompt-toolkit", "wcwidth", "tzlocal", "redis", "hiredis", "boto3", "botocore", "s3transfer", "jmespath",

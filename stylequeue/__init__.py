@@ -3,7 +3,7 @@
     from stylequeue import Client
     job = Client().submit("s3://photos/a.jpg", style="ink")
 
-Importing this package is light: no Paddle, no model, no GPU (SPEC section 1). `restyle` loads a
+Importing this package is light: no Paddle, no model, no GPU. `restyle` loads a
 model when called; `Client` only talks to Redis.
 """
 

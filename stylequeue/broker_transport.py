@@ -1,4 +1,4 @@
-"""Kombu's Redis transport, closable after Redis went away (SPEC section 4, "Faults").
+"""Kombu's Redis transport, closable after Redis went away (docs/jobs.md: outages).
 
 broker.make_celery_app selects it for redis:// and rediss:// brokers (`broker_transport`). It is kombu's
 own transport with two changes, for this crash of a worker whose Redis stopped (kombu 5.6 and 5.7 alike):

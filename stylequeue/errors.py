@@ -11,7 +11,7 @@ from enum import StrEnum
 
 
 class ErrorCode(StrEnum):
-    """The `error.code` of a failed job (SPEC section 4)."""
+    """The `error.code` of a failed job (docs/jobs.md)."""
 
     INVALID_INPUT = "invalid_input"
     INPUT_TOO_LARGE = "input_too_large"

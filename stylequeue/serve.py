@@ -160,7 +160,7 @@ def client_env_text(values: Mapping[str, str], path: Path) -> str:
 
 
 def tenants_text(settings: Mapping[str, str], token: str) -> str:
-    """The tenants file of serve's gateway: one tenant scoped to this server's own roots (SPEC section 8)."""
+    """The tenants file of serve's gateway: one tenant scoped to this server's own roots (docs/http.md)."""
     from stylequeue.config.tenants import token_digest
 
     roots = [f"file://{root.rstrip('/')}/" for root in settings["STYLEQUEUE_INPUT_ROOTS"].split(",")]

@@ -1,4 +1,4 @@
-"""The `stylequeue` command through a real subprocess: output formats and every exit code of SPEC section 6."""
+"""The `stylequeue` command through a real subprocess: output formats and every exit code (docs/cli.md)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Client (SPEC section 5) against a real Redis: jobs are recorded and their messages really enqueued."""
+"""Client (docs/python.md) against a real Redis: jobs are recorded and their messages really enqueued."""
 
 from __future__ import annotations
 
@@ -92,7 +92,7 @@ def test_wait_returns_when_finished_and_times_out_otherwise(client: Client) -> N
     with pytest.raises(WaitTimeout) as timed_out:
         client.wait(job.id, timeout=0.1)
     assert "no worker" not in str(timed_out.value)  # a live worker: nothing to add
-    # TimeoutError is what SPEC promises; WaitTimeout is one
+    # TimeoutError is what the docs promise; WaitTimeout is one
     with pytest.raises(TimeoutError):
         client.wait(job.id, timeout=0.05)
     threading.Timer(0.3, lambda: client.cancel(job.id)).start()

@@ -1,4 +1,4 @@
-"""A Redis restart never ends a worker, and jobs flow again after it (SPEC section 4, "Faults").
+"""A Redis restart never ends a worker, and jobs flow again after it (docs/jobs.md: outages).
 
 Each test runs its own Redis (AOF on, a fixed port and data directory), stopped cleanly and started
 again on the same port as an operator's restart does; the slow ones run a real `stylequeue worker`.

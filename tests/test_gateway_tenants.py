@@ -1,4 +1,4 @@
-"""The gateway with a tenants file (SPEC section 8), in process over a real Redis: two tenants that must not meet."""
+"""The gateway with a tenants file (docs/http.md), in process over a real Redis: two tenants that must not meet."""
 
 from __future__ import annotations
 

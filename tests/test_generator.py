@@ -11,7 +11,7 @@ from stylequeue.pipeline.images import MIN_SIDE
 
 
 def paddlegan_layout(ngf: int, n_blocks: int) -> list[tuple[str, list[int]]]:
-    """PaddleGAN's state dict written out by hand from its layer list (SPEC section 3a), in order."""
+    """PaddleGAN's state dict written out by hand from its layer list, in order."""
     c1, c2, c4 = ngf, 2 * ngf, 4 * ngf
     keys: list[tuple[str, list[int]]] = [
         ("model.1.weight", [c1, 3, 7, 7]), ("model.1.bias", [c1]), ("model.2.scale", [c1]), ("model.2.bias", [c1]),
@@ -42,7 +42,7 @@ def test_nine_block_state_dict_is_paddlegans_key_for_key() -> None:
     state = ResnetGenerator(ngf=64, n_blocks=9).state_dict()
     assert len(state) == 94 == len(expected)
     assert [(key, list(value.shape)) for key, value in state.items()] == expected
-    assert "model.19.weight" in state and "model.26.bias" in state  # the indices SPEC 3a names
+    assert "model.19.weight" in state and "model.26.bias" in state  # PaddleGAN's indices for the last layers
 
 
 @pytest.mark.parametrize(("ngf", "n_blocks"), [(4, 1), (8, 2), (32, 6)])

@@ -318,6 +318,7 @@ def test_a_refused_output_says_which_setting_decides_and_names_no_query(tmp_path
         check_output_uri(f"file://{tmp_path}/elsewhere/x.png", settings)
     assert "STYLEQUEUE_STORAGE_URL" in caught.value.message and "/outputs/" in caught.value.message
     assert f"file://{tmp_path}/elsewhere/x.png is outside" in caught.value.message
+    assert str(tmp_path / "data") not in caught.value.message  # HTTP callers must not learn server directories
     # A prefix is judged as a prefix: the message names it, not a made-up key under it.
     with pytest.raises(InputForbidden) as caught:
         check_output_prefix(f"file://{tmp_path}/elsewhere/", settings)

@@ -1,4 +1,4 @@
-"""The `stylequeue` command (SPEC section 6): one Typer app, its commands in two modules that never import each other.
+"""The `stylequeue` command (docs/cli.md): one Typer app, its commands in two modules that never import each other.
 
 `cli/common.py` holds the app, consoles, exit codes and the error edge; `cli/jobs.py` the producer's commands;
 `cli/ops.py` the operator's. Importing both here registers every command on `app`.

@@ -1,4 +1,4 @@
-"""What every `stylequeue` command shares: the Typer app, the consoles, exit codes and the error edge (SPEC section 6).
+"""What every `stylequeue` command shares: the Typer app, the consoles, exit codes and the error edge (docs/cli.md).
 
 Exit codes: 0 ok; 1 a waited job failed or was cancelled; 2 usage/configuration; 3 job not found;
 4 Redis unreachable; 5 `wait` timed out. Several ids: each is handled, and the exit code is the first
@@ -38,7 +38,7 @@ err = Console(stderr=True, highlight=False, soft_wrap=True)
 ConfigOpt = Annotated[Path | None, typer.Option(
     "--config", help="Settings TOML file (keys = STYLEQUEUE_* names, lower case).", envvar="STYLEQUEUE_CONFIG")]
 DebugOpt = Annotated[bool, typer.Option("--debug", help="Show tracebacks.")]
-JsonOpt = Annotated[bool, typer.Option("--json", help="Print the job record(s) as JSON (SPEC section 4).")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table (the job record: docs/jobs.md).")]
 
 
 def exit_code_for(exc: BaseException) -> int:

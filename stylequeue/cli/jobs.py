@@ -1,4 +1,4 @@
-"""The job commands of `stylequeue`: submit, status, wait, cancel, styles, bulk (SPEC section 6).
+"""The job commands of `stylequeue`: submit, status, wait, cancel, styles, bulk (docs/cli.md).
 
 The producer's side: nothing here imports `stylequeue.worker` or Paddle, so these commands stay light.
 """

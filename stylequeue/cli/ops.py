@@ -199,7 +199,7 @@ def api(
     config: ConfigOpt = None,
     debug: DebugOpt = False,
 ) -> None:
-    """HTTP gateway (SPEC section 8): the job API over HTTP for the tenants of STYLEQUEUE_API_TENANTS
+    """HTTP gateway (docs/http.md): the job API over HTTP for the tenants of STYLEQUEUE_API_TENANTS
     (and the unscoped tokens of STYLEQUEUE_API_TOKENS), and a page to try it at /."""
 
     def body() -> int:

@@ -30,7 +30,7 @@ def _split_commas(value: Any) -> Any:
 
 
 class Settings(BaseSettings):
-    """Every setting of SPEC section 2; field `x` is env `STYLEQUEUE_X` and TOML key `x`."""
+    """Every setting (docs/configuration.md); field `x` is env `STYLEQUEUE_X` and TOML key `x`."""
 
     model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="forbid", validate_default=True)
 
@@ -58,15 +58,15 @@ class Settings(BaseSettings):
     allow_private_networks: bool = False
     max_input_bytes: int = Field(26214400, ge=1)
     max_input_pixels: int = Field(50000000, ge=1)
-    # How long a worker holds jobs back while a dependency is down before they fail `storage_error` (SPEC 4).
+    # How long a worker holds jobs back while a dependency is down before they fail `storage_error`.
     outage_s: float = Field(900, gt=0)
-    # Not in SPEC's table: where exported models and runtime choices are cached, and how long a
+    # Where exported models and runtime choices are cached, and how long a
     # worker's claim on a running job lasts without renewal (a killed worker's jobs return after it).
     cache_dir: Path = Path(os.path.expanduser("~/.cache/stylequeue"))
     lease_s: float = Field(30, ge=1, le=3600)
-    # SPEC section 8's "configured tokens" of the HTTP gateway (`stylequeue api`), comma-separated: unscoped.
+    # Bearer tokens of the HTTP gateway (`stylequeue api`), comma-separated: unscoped (docs/http.md).
     api_tokens: Annotated[list[SecretStr] | None, NoDecode] = None
-    # SPEC section 8's tenants file (config/tenants.py), and the lifetime of a presigned upload.
+    # The gateway's tenants file (config/tenants.py), and the lifetime of a presigned upload.
     api_tenants: Path | None = None
     upload_ttl_s: int = Field(600, ge=1, le=604800)
 

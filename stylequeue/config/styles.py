@@ -1,4 +1,4 @@
-"""The styles registry file (SPEC section 3): parsed and validated here, without Paddle.
+"""The styles registry file (docs/styles.md): parsed and validated here, without Paddle.
 
 `models/registry.py` turns a `StyleSpec` into a loaded runtime; producers only need this module.
 """
@@ -209,7 +209,7 @@ def weights_sha256(path: str) -> str:
 
 
 def model_label(spec: StyleSpec) -> str:
-    """`style@xxxxxxxx`: the style and the first 8 hex digits of its weights' SHA-256 (SPEC section 4)."""
+    """`style@xxxxxxxx`: the style and the first 8 hex digits of its weights' SHA-256 (the record's `model`)."""
     if spec.weights.startswith("s3://"):
         return f"{spec.name}@{hashlib.sha256(spec.weights.encode()).hexdigest()[:8]}"
     return f"{spec.name}@{weights_sha256(spec.weights)[:8]}"

@@ -1,4 +1,4 @@
-"""The HTTP gateway's tenants file (STYLEQUEUE_API_TENANTS, SPEC section 8): who may call, and what they may name.
+"""The HTTP gateway's tenants file (STYLEQUEUE_API_TENANTS, docs/http.md): who may call, and what they may name.
 
 ```toml
 [tenants.miniapp]

@@ -31,7 +31,7 @@ class JobState(StrEnum):
 
 TERMINAL_STATES = frozenset({JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED})
 
-# The whole state machine (SPEC section 4). running -> queued is a retry, a give-back or a lost worker.
+# The whole state machine (docs/jobs.md). running -> queued is a retry, a give-back or a lost worker.
 TRANSITIONS: dict[JobState, frozenset[JobState]] = {
     JobState.QUEUED: frozenset({JobState.RUNNING, JobState.CANCELLED}),
     JobState.RUNNING: frozenset({JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED, JobState.QUEUED}),
@@ -42,7 +42,7 @@ TRANSITIONS: dict[JobState, frozenset[JobState]] = {
 
 
 class Priority(StrEnum):
-    """Interactive jobs are always served before bulk ones (SPEC section 4, "Priorities")."""
+    """Interactive jobs are always served before bulk ones (docs/jobs.md)."""
 
     INTERACTIVE = "interactive"
     BULK = "bulk"
@@ -104,7 +104,7 @@ def decode_value(raw: bytes) -> Any:
     return json.loads(raw)
 
 
-# Order and names of the public JSON record (SPEC section 4); `output_url` is added when served.
+# Order and names of the public JSON record (docs/jobs.md); `output_url` is added when served.
 PUBLIC_FIELDS = (
     "id", "state", "style", "input_uri", "output_uri", "output_url", "priority", "callback_url",
     "metadata", "created_at", "started_at", "finished_at", "attempts", "error", "width", "height",
@@ -140,7 +140,7 @@ class Job:
     idem_key: str | None = None
     output_bytes: int | None = None
     tenant: str | None = None  # the HTTP gateway tenant that created the job
-    deadline_ms: int | None = None  # Redis time by which the job must have started (SPEC "Deadlines")
+    deadline_ms: int | None = None  # Redis time by which the job must have started
     staged_uri: str | None = None  # an output written and fenced but not yet promoted to output_uri
 
     def __post_init__(self) -> None:
@@ -152,7 +152,7 @@ class Job:
         return self.state in TERMINAL_STATES
 
     def to_dict(self, output_url: str | None = None) -> dict[str, Any]:
-        """The public record, exactly SPEC section 4's shape."""
+        """The public record, as docs/jobs.md shows it."""
         data = {name: getattr(self, name) for name in PUBLIC_FIELDS if name != "output_url"}
         data["state"] = str(self.state)
         data["priority"] = str(self.priority)

@@ -1,4 +1,4 @@
-"""`RedisJobStore`: where job records live, and every change to them (SPEC section 4).
+"""`RedisJobStore`: where job records live, and every change to them (docs/jobs.md).
 
 Each state change is one Lua script (scripts.py) run by `_run`: EVALSHA, loading the script once if Redis
 lost its cache (a restart). The store never reads a caller's clock for leases or due times: the scripts
@@ -467,7 +467,7 @@ class RedisJobStore:
         return seconds + micros / 1e6
 
     def persistence_warnings(self) -> list[str]:
-        """Why this Redis might lose jobs (SPEC section 2: AOF on, noeviction); [] when fine or unknown."""
+        """Why this Redis might lose jobs (AOF on, noeviction: docs/deploy.md); [] when fine or unknown."""
         try:
             config = self.redis.config_get("appendonly") | self.redis.config_get("maxmemory-policy")
             saves = self.redis.config_get("save").get("save", "")

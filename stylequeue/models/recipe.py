@@ -128,7 +128,7 @@ def learning_rate(recipe: Recipe, step: int) -> float:
 
 
 def registry_snippet(recipe: Recipe, weights_path: Path) -> str:
-    """The styles-registry entry (SPEC section 3) for the generator `recipe` trains."""
+    """The styles-registry entry (docs/styles.md) for the generator `recipe` trains."""
     description = (recipe.description or f"CycleGAN trained from {recipe.data_dir}").replace("\n", " ")
     escaped = description.replace("\\", "\\\\").replace('"', '\\"')
     return (

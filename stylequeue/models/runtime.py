@@ -1,6 +1,6 @@
 """One inference interface (`Runtime`) and the choice of the fastest correct one (`select_runtime`).
 
-`auto` measures rather than assumes (CPUs differ, PERF.md): every available candidate of the runtime
+`auto` measures rather than assumes (CPUs differ: docs/performance.md): every available candidate of the runtime
 table (models/runtimes.py) runs once untimed on a probe image, then is timed; its output is compared with
 the fp32 reference on the same input (Paddle's dynamic graph; PyTorch fp32 where Paddle is not installed),
 and the fastest with PSNR >= 40 dB wins. The decision is cached on disk, keyed by everything that
@@ -219,7 +219,7 @@ def _reference_pair(spec: StyleSpec) -> tuple[str, str]:
     PyTorch fp32 on the same weights, else ONNX Runtime fp32 on a cached export."""
     exported = is_exported_dir(spec.weights)
     if backends.runtime_installed("dygraph"):
-        # An exported model dir has no dygraph: Paddle Inference fp32 (116 dB from dygraph, PERF.md) stands in.
+        # An exported model dir has no dygraph: Paddle Inference fp32 (116 dB from dygraph, measured) stands in.
         return ("paddle-inference", "fp32") if exported else ("dygraph", "fp32")
     if not exported and backends.runtime_installed("torch"):
         return ("torch", "fp32")

@@ -249,7 +249,7 @@ class OpenVINORuntime:
             core.read_model(str(onnx_file)),
             "CPU",
             {
-                # THROUGHPUT streams were slower on 2 cores (PERF.md); LATENCY uses all cores per request.
+                # THROUGHPUT streams were slower on 2 cores (117 vs 64 ms bf16); LATENCY uses all cores per request.
                 "PERFORMANCE_HINT": "LATENCY",
                 "INFERENCE_PRECISION_HINT": "bf16" if precision == "bf16" else "f32",
                 "INFERENCE_NUM_THREADS": threads or default_threads(),

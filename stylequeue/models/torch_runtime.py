@@ -43,7 +43,7 @@ from stylequeue.models.weights import load_for_spec
 logger = logging.getLogger("stylequeue.models")
 
 _DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-# torch.compile's mode for the served shape on a GPU. PERF.md (H100): fp16 NHWC compiled with
+# torch.compile's mode for the served shape on a GPU. Measured on an H100 (docs/performance.md): fp16 NHWC compiled with
 # max-autotune 3,211 img/s at batch 64 vs 1,241 eager; without CUDA graphs here because the runtime
 # runs on its own streams. bench/gpu.py times it against eager on the card.
 COMPILE_MODE = "max-autotune-no-cudagraphs"
@@ -153,7 +153,7 @@ class TorchRuntime:
         if index is None:
             torch.set_num_threads(threads or default_threads())
         elif precision == "fp32":
-            # fp32 means fp32: cuDNN would otherwise run convolutions in TF32 (PERF.md: 69.7 dB, not exact).
+            # fp32 means fp32: cuDNN would otherwise run convolutions in TF32 (measured: 69.7 dB, not exact).
             torch.backends.cudnn.allow_tf32 = False
         if index is not None and compile_mode and cache_dir is not None:
             # Inductor reads its cache location from the environment when it compiles; under cache_dir a
@@ -171,7 +171,7 @@ class TorchRuntime:
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
         fast = self._fast.get(tuple(x.shape))
         with torch.inference_mode():
-            if fast is not None:  # compiled kernels want NHWC; eager NCHW was faster (PERF.md: 1,194 vs 885)
+            if fast is not None:  # compiled kernels want NHWC; eager NCHW was faster (1,194 vs 885 img/s)
                 return fast(x.contiguous(memory_format=torch.channels_last))
             return self._model(x.contiguous())
 
@@ -210,7 +210,7 @@ class TorchRuntime:
         if not self._compile_mode:
             return 0.0
         started = time.perf_counter()
-        # A channels-last copy of the weights for the compiled kernels (PERF.md's 3,211 img/s were NHWC);
+        # A channels-last copy of the weights for the compiled kernels (the measured 3,211 img/s were NHWC);
         # the eager model keeps NCHW. A copy of a 9-block generator is 23 MB in fp16.
         nhwc = copy.deepcopy(self._model).to(memory_format=torch.channels_last)
         compiled = self._path.compiled(nhwc, self._compile_mode)

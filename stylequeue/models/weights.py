@@ -1,6 +1,6 @@
 """Generator weights: read PaddleGAN and original-CycleGAN checkpoints, validate them, import them.
 
-Accepted files (SPEC section 3a):
+Accepted files (docs/styles.md):
 - a bare Paddle generator state dict (`.pdparams`, what `paddle.save(generator.state_dict())` writes);
 - a PaddleGAN CycleGAN weights file `{"netG_A", "netG_B", "netD_A", "netD_B"}` (training checkpoints add
   `epoch`, `optimG`, `optimD`): `direction` AtoB takes netG_A, BtoA takes netG_B;

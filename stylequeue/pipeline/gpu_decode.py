@@ -1,6 +1,6 @@
 """Large plain JPEGs decoded in batches on the GPU (nvJPEG, through torchvision) and resized there.
 
-A 12 MP JPEG costs a CPU core 45 ms even in draft mode (PERF.md): on a card that restyles thousands of
+A 12 MP JPEG costs a CPU core 45 ms even in draft mode (docs/performance.md): on a card that restyles thousands of
 images a second, bulk groups of large photos are decode-bound. `prepare_many` takes the large plain
 JPEGs of a group (pipeline/jpeg.py's definition: no ICC profile, no rotation, YCbCr or grey), decodes
 them together with `torchvision.io.decode_jpeg(list, device="cuda")`, resizes each on the device to
@@ -33,7 +33,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("stylequeue.pipeline")
 
 # Below this many pixels a CPU core decodes fast enough (simplejpeg, DCT-scaled) that the round trip to
-# the GPU does not pay; above it (a 2 MP photo and up) nvJPEG's batch throughput wins (PERF.md).
+# the GPU does not pay; above it (a 2 MP photo and up) nvJPEG's batch throughput wins (measured on an H100).
 LARGE_PIXELS = 2_000_000
 Decoder = Callable[[list["torch.Tensor"], str], list["torch.Tensor"]]
 

@@ -1,7 +1,7 @@
 """Image bytes <-> RGB image <-> float32 CHW array in [-1, 1]: decode, validate, size, encode.
 
 Pure Pillow and numpy (no Paddle), so producers, tests and the worker's I/O threads can use it.
-Normalisation is CycleGAN's (mean = std = 127.5, SPEC section 3a); outputs are sRGB without EXIF.
+Normalisation is CycleGAN's (mean = std = 127.5); outputs are sRGB without EXIF.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""`Client`: where a job is created (SPEC section 5). Light: no Paddle, no model, no GPU, no worker code.
+"""`Client`: where a job is created (docs/python.md). Light: no Paddle, no model, no GPU, no worker code.
 
 A submit validates everything it can without I/O (style in the registry file, URI schemes, a callback URL
 that names no private address), writes the job record (on the `due` set, so a message is owed), then sends

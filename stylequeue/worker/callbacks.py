@@ -1,4 +1,4 @@
-"""Where a job is reported: webhook deliveries from the callbacks outbox (SPEC section 7), on their own threads.
+"""Where a job is reported: webhook deliveries from the callbacks outbox (docs/webhooks.md), on their own threads.
 
 The script that finishes a job with a `callback_url` records `callback = {"state": "pending", ...}` and puts
 the job on `callbacks:due` with a delivery token (jobs/scripts.py `finish`). Whoever holds a token sends a

@@ -1,7 +1,7 @@
 """Noticing a worker that stays up but no longer takes messages, and restarting its consumer.
 
 Celery over Redis has known states, after a connection reset, where the worker process lives on and
-never reads its queues again (celery #10205; SPEC section 4, "Faults"). A `ConsumptionWatchdog`
+never reads its queues again (celery #10205; docs/jobs.md: outages). A `ConsumptionWatchdog`
 looks every `check_s` seconds at two facts:
 - which queues this worker should be consuming right now (not the bulk queue while backpressure has
   paused it) hold messages, asked of the broker (`waiting`);

@@ -1,4 +1,4 @@
-"""Keeping jobs alive, and bringing back what is owed (SPEC section 4, "Ownership" and "Faults").
+"""Keeping jobs alive, and bringing back what is owed (docs/jobs.md: leases, the due set, the sweep).
 
 One `LeaseKeeper` thread per worker process. Every `tick_s` seconds it
 - publishes the worker's heartbeat;

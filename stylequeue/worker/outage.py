@@ -1,4 +1,4 @@
-"""Outages: telling a dependency that is down from a job that is bad (SPEC section 4, "Faults").
+"""Outages: telling a dependency that is down from a job that is bad (docs/jobs.md: outages).
 
 A job's transient storage error (connection refused, timed out, 5xx) counts against the job only while its
 dependency (an object store endpoint, an input host) otherwise works. `OutageGuard` watches those errors per

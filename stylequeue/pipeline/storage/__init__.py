@@ -3,7 +3,7 @@
 `Storage` looks a URI's scheme up once in a table of backends (`files.py`, `s3.py`, `http.py`); each
 backend states its own rules. URIs are taken literally (no percent-decoding): `s3://bucket/a b.jpg`
 names the key `a b.jpg`, and what `Storage.list` yields reads back unchanged. Failures are typed
-(SPEC section 4):
+(job error codes: docs/jobs.md):
 
 - reads: InputNotFound, InputForbidden (outside STYLEQUEUE_INPUT_ROOTS, a refused address, S3 403, a
   scheme other than file/s3/http/https), InputTooLarge (over STYLEQUEUE_MAX_INPUT_BYTES, found before the

@@ -118,9 +118,10 @@ def _outside_outputs_message(uri: str, settings: Settings) -> str:
     if not settings.storage_url.startswith("file://"):
         return (f"{redact_uri(uri)}: file:// outputs are not allowed because STYLEQUEUE_STORAGE_URL is not a "
                 "file:// URI; name an s3:// output, or none to get one under STYLEQUEUE_STORAGE_URL")
+    # The server's own directory is not named: this message reaches HTTP callers too (docs/http.md).
     return (f"{redact_uri(uri)} is outside the output directory: file:// outputs go only under "
-            f"{{STYLEQUEUE_STORAGE_URL}}/{OUTPUTS}/ (STYLEQUEUE_STORAGE_URL decides where), never elsewhere "
-            "under the storage root or STYLEQUEUE_INPUT_ROOTS")
+            f"{{STYLEQUEUE_STORAGE_URL}}/{OUTPUTS}/ (change STYLEQUEUE_STORAGE_URL to write elsewhere), never "
+            "elsewhere under the storage root or STYLEQUEUE_INPUT_ROOTS")
 
 
 def _output_root(settings: Settings) -> Root | None:

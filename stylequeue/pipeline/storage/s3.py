@@ -1,4 +1,4 @@
-"""`s3://bucket/key` objects through one boto3 client per process (SPEC section 2).
+"""`s3://bucket/key` objects through one boto3 client per process.
 
 Keys are taken literally: `s3://bucket/a b.jpg` names the key `a b.jpg`. Error answers become typed job
 errors: 5xx, throttling and timeouts StorageError(transient=True); on reads 404 InputNotFound and 403
@@ -136,7 +136,7 @@ class S3Backend:
             "signature_version": "s3v4",
         }
         if self.settings.s3_endpoint_url:
-            # Many S3-compatible stores reject the CRC headers boto3 >= 1.36 adds by default (SPEC section 2).
+            # Many S3-compatible stores reject the CRC headers boto3 >= 1.36 adds by default (docs/deploy.md).
             options["request_checksum_calculation"] = "when_required"
             options["response_checksum_validation"] = "when_required"
         # A private session: boto3's default session is not thread-safe.

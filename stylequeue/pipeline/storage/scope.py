@@ -1,7 +1,7 @@
 """Tenant scopes: is a URI inside one of a set of prefixes? Judged on one normal form, refusing every trick.
 
 The HTTP gateway confines each tenant's `input_uri`, `output_uri` and uploads to the prefixes of its
-tenants file (SPEC section 8). Both sides of the comparison go through `normalise`, and a URI that could
+tenants file (docs/http.md). Both sides of the comparison go through `normalise`, and a URI that could
 mean two things to two programs is refused rather than guessed at:
 
 - scheme: s3, file, http, https only, compared in lower case;

@@ -1,4 +1,4 @@
-"""The HTTP gateway (SPEC section 8): the job API for callers that do not speak Redis, and a page to try it.
+"""The HTTP gateway (docs/http.md): the job API for callers that do not speak Redis, and a page to try it.
 
 `stylequeue api` serves `make_app` with uvicorn. The package, by concept:
 

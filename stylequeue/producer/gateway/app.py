@@ -149,7 +149,7 @@ def make_app(client: Client, tokens: Sequence[str] = (), *, tenants: Sequence[Te
 
     book = TenantBook([*tenants, *(Tenant.unscoped(token) for token in dict.fromkeys(tokens))])
     if not book:
-        raise ConfigError("the HTTP gateway needs STYLEQUEUE_API_TENANTS (a tenants file, SPEC section 8) or "
+        raise ConfigError("the HTTP gateway needs STYLEQUEUE_API_TENANTS (a tenants file, docs/http.md) or "
                           "STYLEQUEUE_API_TOKENS (comma-separated bearer tokens)")
     gateway = make_gateway(client, book)
 

@@ -1,4 +1,4 @@
-"""The job routes of SPEC section 8: submit (JSON or a photo), batch, get and long poll, list, cancel, output,
+"""The job routes (docs/http.md): submit (JSON or a photo), batch, get and long poll, list, cancel, output,
 styles, and the unauthenticated /healthz and /metrics.
 
 A job belongs to the tenant that created it: to any other caller it does not exist (404, the same answer as
@@ -81,7 +81,7 @@ def router(gateway: Gateway) -> APIRouter:
 
     @api.post("/v1/jobs", status_code=202, openapi_extra=_SUBMIT_OPENAPI)
     async def submit(request: Request, tenant: Tenant = Depends(caller)) -> dict[str, Any]:
-        """Create one job from JSON (SPEC section 5's `submit`), or from a photo sent as `multipart/form-data`
+        """Create one job from JSON (`Client.submit`), or from a photo sent as `multipart/form-data`
         in field `image` with the same fields; 202 with the job's record."""
         if request.headers.get("content-type", "").lower().startswith("multipart/form-data"):
             from stylequeue.producer.gateway.uploads import submit_photo

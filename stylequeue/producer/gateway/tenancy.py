@@ -28,7 +28,7 @@ IN_FLIGHT_RETRY_AFTER_S = 2
 
 
 class SubmitBody(BaseModel):
-    """The arguments of `Client.submit` (SPEC section 5)."""
+    """The arguments of `Client.submit` (docs/python.md)."""
 
     model_config = ConfigDict(extra="forbid")
 
