@@ -147,3 +147,19 @@ def test_a_submit_the_broker_refuses_leaves_nothing_behind(redis_url: str, tiny_
         assert leftovers == [], leftovers  # no job, no due entry, no idempotency key
     finally:
         client.close()
+
+
+def test_a_record_is_shown_without_a_link_when_no_s3_credentials_are_at_hand(client: Client,
+                                                                             monkeypatch: pytest.MonkeyPatch,
+                                                                             tmp_path: Path) -> None:
+    """`status --json` printed a traceback where boto3 had no credentials to sign `output_url` with."""
+    job = client.submit("s3://photos/a.jpg", style="tiny", output_uri="s3://out/a.png")
+    client.store.claim(job.id, "w1", lease_s=30)
+    client.store.transition(job.id, JobState.RUNNING, JobState.SUCCEEDED, owner="w1")
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    record = Client(settings=client.settings).to_json(client.get(job.id))
+    assert record["state"] == "succeeded" and record["output_url"] is None

@@ -174,6 +174,7 @@ def serve(
     redis_port: Annotated[int, typer.Option(help="Port of the embedded Redis (127.0.0.1).", min=1, max=65535)] = 6390,
     api_port: Annotated[int, typer.Option(help="Port of the HTTP gateway (127.0.0.1).", min=1, max=65535)] = 8000,
     no_api: Annotated[bool, typer.Option("--no-api", help="Do not start the HTTP gateway.")] = False,
+    config: ConfigOpt = None,
     debug: DebugOpt = False,
 ) -> None:
     """All-in-one for a single machine: embedded Redis + a worker + the HTTP gateway, until Ctrl-C.
@@ -182,8 +183,12 @@ def serve(
     """
 
     def body() -> int:
+        from stylequeue.config.settings import load_settings
         from stylequeue.serve import ServeOptions, run_serve
 
+        if config is not None:
+            load_settings(config)  # a bad file is one line and exit 2 here, not in the worker's log
+            os.environ["STYLEQUEUE_CONFIG"] = str(config.resolve())  # the worker and the gateway read it too
         worker_args = ["--styles", styles] if styles else []
         options = ServeOptions(data, redis_port=redis_port, api_port=None if no_api else api_port,
                                worker_args=worker_args + (["--debug"] if debug else []))
@@ -238,12 +243,21 @@ def train(
     recipe: Annotated[Path, typer.Argument(help="Training recipe (YAML or TOML).", show_default=False)],
     fresh: Annotated[bool, typer.Option("--fresh", help="Start over instead of resuming the checkpoint.")] = False,
     max_steps: Annotated[int | None, typer.Option(help="Stop after this many steps in this run.")] = None,
+    config: ConfigOpt = None,
     debug: DebugOpt = False,
 ) -> None:
-    """Train a CycleGAN from a recipe; prints the registry entry of the trained style."""
+    """Train a CycleGAN from a recipe; prints the registry entry of the trained style.
+
+    The recipe holds everything training needs; `--config` is checked like every command's, and used by none
+    of training's steps.
+    """
 
     def body() -> int:
         quiet_paddle(debug)
+        if config is not None:
+            from stylequeue.config.settings import load_settings
+
+            load_settings(config)
         from stylequeue.models.train import train as run_training
 
         run_training(recipe, resume=not fresh, max_steps=max_steps, console=out)  # prints paths and the entry

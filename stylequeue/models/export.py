@@ -8,11 +8,14 @@ cache hit. A registry `weights` entry may itself be an exported Paddle model dir
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
+import sys
 import tempfile
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Literal
 
@@ -110,9 +113,12 @@ def _export_onnx(paddle_dir: Path, target: Path) -> None:
     try:
         # save_file=None returns the bytes and skips paddle2onnx's optional Polygraphy pass, which
         # would try to pip-install packages at run time; ONNX Runtime and OpenVINO fold constants anyway.
-        data = paddle2onnx.export(str(program), str(params), None, opset_version=ONNX_OPSET)
+        with _captured_stdout() as captured:  # its progress lines: for the log, not a user's terminal
+            data = paddle2onnx.export(str(program), str(params), None, opset_version=ONNX_OPSET)
     except Exception as exc:  # paddle2onnx logs and swallows its own errors, then fails obscurely
         raise WeightsError(f"ONNX export of {paddle_dir} failed: {exc}") from None
+    if captured:
+        logger.debug("paddle2onnx: %s", captured[0].strip())
     if not data:
         raise WeightsError(f"ONNX export of {paddle_dir} produced nothing")
     (target / ONNX_FILE).write_bytes(_symbolic_dims(data))
@@ -134,3 +140,21 @@ def _symbolic_dims(data: bytes) -> bytes:
             if index != 1 and (not dim.HasField("dim_value") or dim.dim_value <= 0):
                 dim.dim_param = ("batch", "channels", "height", "width")[index] if index < 4 else f"d{index}"
     return model.SerializeToString()
+
+
+@contextlib.contextmanager
+def _captured_stdout() -> Iterator[list[str]]:
+    """What C++ code writes to file descriptor 1 inside the block, collected (one string) instead of shown."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    collected: list[str] = []
+    with tempfile.TemporaryFile() as sink:
+        os.dup2(sink.fileno(), 1)
+        try:
+            yield collected
+        finally:
+            sys.stdout.flush()
+            os.dup2(saved, 1)
+            os.close(saved)
+            sink.seek(0)
+            collected.append(sink.read().decode(errors="replace"))

@@ -268,7 +268,7 @@ class Client:
         if job.state == JobState.SUCCEEDED and job.output_uri.startswith("s3://"):
             try:
                 url = self.storage.presign(job.output_uri, self.settings.output_url_ttl_s)
-            except StyleQueueError:
+            except Exception:  # e.g. boto3 without credentials: the record is still worth showing, unlinked
                 url = None
         return job.to_dict(output_url=url)
 
