@@ -206,7 +206,9 @@ def test_a_stale_attempt_never_replaces_the_winners_output(store: RedisJobStore,
     models.gate.clear()  # attempt 1 stalls in the model
     first.accept([job.id], INTERACTIVE)
     assert models.submitted.wait(5)
-    # Its lease lapses (as if w1 froze): expire it by hand, and a second worker takes over.
+    # w1's lease keeper reported the attempt begun, then its lease lapsed (as if w1 froze): a second worker
+    # takes over, and attempt 1 is charged.
+    store.renew_leases("w1", first.held(), lease_s=30)
     store.redis.hset(store.job_key(job.id), "lease_until", "1")
     store.redis.zadd(store.keys.running, {job.id: 1})
     second_storage = FakeStorage({"mem://in.png": make_image(64, 48, seed=2)})
@@ -363,7 +365,7 @@ def test_job_threads_survive_a_job_store_that_fails_in_their_error_handling(stor
     storage.hooks["read"] = [break_redis]
     executor.accept([job.id], INTERACTIVE)
     assert wait_for(lambda: bool(errors), 5) and isinstance(errors[0], RedisUnavailable)
-    assert executor.held() == [(job.id, 1)]  # parked: still held (its lease renewed) until Redis answers
+    assert executor.held() == [(job.id, 1, True)]  # parked: still held (its lease renewed) until Redis answers
     assert store.get(job.id).state == JobState.RUNNING
     assert executor.retry_parked() == 1  # what the lease keeper does every round
     assert executor.inflight() == 0

@@ -134,8 +134,15 @@ def test_finished_records_expire_and_idempotency_keys_live_a_ttl_from_submit(sto
     assert 0 < store.redis.ttl(store.job_key(job.id)) <= 100
 
 
-def lapse(store: RedisJobStore, job_id: str) -> None:
-    """End a job's lease now, as if its worker froze past it (leases are Redis time, so no clock to fake)."""
+def lapse(store: RedisJobStore, job_id: str, *, begun: bool = True) -> None:
+    """End a job's lease now, as if its worker froze past it (leases are Redis time, so no clock to fake).
+
+    `begun`: its worker's lease keeper had reported that a job thread began the attempt (only such an attempt is
+    charged when the worker is lost)."""
+    if begun:
+        job = store.get(job_id)
+        assert job.owner is not None
+        store.renew_leases(job.owner, [(job_id, job.attempts, True)], lease_s=30)
     store.redis.hset(store.job_key(job_id), "lease_until", "1")
     store.redis.zadd(store.keys.running, {job_id: 1})
 
@@ -205,6 +212,27 @@ def test_reaper_requeues_ended_leases_only_with_their_message_due(store: RedisJo
     assert list(store.scheduled(DUE)) == [dead.id]  # F2: owed in the same step as the requeue
     assert dead.id in store.scheduled(QUEUED)
     assert store.expired_leases() == []
+
+
+def test_an_attempt_a_lost_worker_never_began_is_given_back(store: RedisJobStore) -> None:
+    """A kill -9 is the infrastructure's fault: jobs the worker had only claimed keep their attempts."""
+    job = make_job()
+    store.dispatched([job.id], store.create(job).token)
+    for _ in range(3):  # as many lost workers as MAX_ATTEMPTS allows attempts, none of which began the job
+        assert store.claim(job.id, "w1", lease_s=30).attempts == 1
+        lapse(store, job.id, begun=False)
+        assert [r.outcome for r in store.reap(store.expired_leases())] == [ReapOutcome.REQUEUED]
+        assert store.get(job.id).attempts == 0
+    taken = store.claim(job.id, "w2", lease_s=30)  # a takeover settles the same way (a fourth loss)
+    lapse(store, job.id, begun=False)
+    assert store.claim(job.id, "w3", lease_s=30).attempts == 1 and taken.attempts == 1
+    # but a job that keeps killing its worker before it can report is charged after a few losses
+    for _ in range(10):
+        if store.get(job.id).state != JobState.RUNNING:
+            break
+        lapse(store, job.id, begun=False)
+        store.claim(job.id, "w4", lease_s=30)
+    assert store.get(job.id).state == JobState.FAILED
 
 
 def test_lease_renewal_reports_jobs_held_by_another_owner_or_attempt(store: RedisJobStore) -> None:

@@ -183,7 +183,7 @@ def test_a_finish_that_meets_an_unreachable_job_store_is_parked_and_completed_la
     executor.accept([job.id], INTERACTIVE)
     assert wait_for(lambda: calls["n"] == 1, 5)
     assert wait_for(lambda: executor._parked != [], 5)
-    assert executor.held() == [(job.id, 1)] and store.get(job.id).state == JobState.RUNNING
+    assert executor.held() == [(job.id, 1, True)] and store.get(job.id).state == JobState.RUNNING
     assert executor.retry_parked() == 1
     done = store.get(job.id)
     assert done.state == JobState.SUCCEEDED and done.attempts == 1 and job.output_uri in storage.objects

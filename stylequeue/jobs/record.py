@@ -142,6 +142,8 @@ class Job:
     tenant: str | None = None  # the HTTP gateway tenant that created the job
     deadline_ms: int | None = None  # Redis time by which the job must have started
     staged_uri: str | None = None  # an output written and fenced but not yet promoted to output_uri
+    begun: int | None = None  # the attempt a worker reported it began (an unbegun lost attempt is given back)
+    unbegun_losses: int | None = None  # how often a worker was lost before it began this job
 
     def __post_init__(self) -> None:
         self.state = JobState(self.state)

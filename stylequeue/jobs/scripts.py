@@ -89,7 +89,24 @@ local function requeue(key, id, t, delay)
 end
 """
 
-_HELPERS = {"now": _NOW, "iso": _ISO, "finishing": _FINISHING, "finish": _FINISH, "requeue": _REQUEUE}
+# An ended lease (the worker lost) charges its attempt only if the worker had reported that it began the job
+# (`begun`, written by RENEW and FENCE): jobs a killed worker had merely claimed are the infrastructure's fault,
+# not theirs. A job lost unbegun UNBEGUN_LOSSES times is charged anyway, so a job that kills its worker before
+# the first renewal cannot come back for ever. Returns the attempts the job has used after settling.
+_SETTLE_LOST = """
+local UNBEGUN_LOSSES = 5
+local function settle_lost(key, attempts)
+  local now = redis.call('HMGET', key, 'begun', 'unbegun_losses')
+  if tonumber(now[1]) == attempts or attempts == 0 then return attempts end
+  local losses = (tonumber(now[2]) or 0) + 1
+  if losses >= UNBEGUN_LOSSES then return attempts end
+  redis.call('HSET', key, 'unbegun_losses', losses, 'attempts', attempts - 1)
+  return attempts - 1
+end
+"""
+
+_HELPERS = {"now": _NOW, "iso": _ISO, "finishing": _FINISHING, "finish": _FINISH, "requeue": _REQUEUE,
+            "settle_lost": _SETTLE_LOST}
 
 
 @dataclass(frozen=True)
@@ -219,6 +236,9 @@ local function claim(key, id, t)
   local attempts = tonumber(now[3]) or 0
   local staged = now[5]
   local outcome = 'claimed'
+  if state == '"running"' and not (staged and staged ~= 'null') then
+    attempts = settle_lost(key, attempts)  -- taking over from a lost worker
+  end
   if staged and staged ~= 'null' then
     outcome = 'promote'  -- the work was done: finishing it is no new attempt
   else
@@ -249,20 +269,22 @@ local t = now_ms()
 local results = {}
 for i = 5, #KEYS do results[i - 4] = claim(KEYS[i], ARGV[i + 5], t) end
 return results
-""", uses=("now", "iso", "finishing", "finish"), lists={"CLAIM_FIELDS": CLAIM_FIELDS})
+""", uses=("now", "iso", "finishing", "finish", "settle_lost"), lists={"CLAIM_FIELDS": CLAIM_FIELDS})
 
 # KEYS: running, then one job key per job
-# ARGV: owner (JSON), lease (ms), then per job: job id, attempt number
-# Push the leases of jobs this owner holds in that attempt `lease` ahead. Returns the ids it no longer holds.
+# ARGV: owner (JSON), lease (ms), then per job: job id, attempt number, begun ('1' once a job thread started it)
+# Push the leases of jobs this owner holds in that attempt `lease` ahead, and record which attempts began.
+# Returns the ids it no longer holds.
 RENEW = _script("renew", """
 local t = now_ms()
 local lost = {}
 for i = 2, #KEYS do
-  local id, attempt = ARGV[2 * i - 1], ARGV[2 * i]
-  local now = redis.call('HMGET', KEYS[i], 'state', 'owner', 'attempts')
+  local id, attempt, begun = ARGV[3 * i - 3], ARGV[3 * i - 2], ARGV[3 * i - 1]
+  local now = redis.call('HMGET', KEYS[i], 'state', 'owner', 'attempts', 'begun')
   if now[1] == '"running"' and now[2] == ARGV[1] and now[3] == attempt then
     local lease = t + tonumber(ARGV[2])
     redis.call('HSET', KEYS[i], 'lease_until', lease)
+    if begun == '1' and now[4] ~= attempt then redis.call('HSET', KEYS[i], 'begun', attempt) end
     redis.call('ZADD', KEYS[1], lease, id)
   else
     table.insert(lost, id)
@@ -293,7 +315,7 @@ for i = 5, #KEYS do
     results[i - 4] = {'skip', '', 0}
   elseif (tonumber(now[2]) or 0) > t then
     results[i - 4] = {'skip', '', 0}
-  elseif (tonumber(now[3]) or 0) >= MAX and not (now[5] and now[5] ~= 'null') then
+  elseif not (now[5] and now[5] ~= 'null') and settle_lost(key, tonumber(now[3]) or 0) >= MAX then
     redis.call('HSET', key, 'state', '"failed"', 'error', LOST)
     results[i - 4] = {'failed', now[4] or '', finish(key, id, t)}
   else
@@ -302,7 +324,7 @@ for i = 5, #KEYS do
   end
 end
 return results
-""", uses=("now", "iso", "finishing", "finish", "requeue"))
+""", uses=("now", "iso", "finishing", "finish", "requeue", "settle_lost"))
 
 # KEYS: running, queued, due, callbacks:due, then one job key per job
 # ARGV: (finishing ARGV 1-4), then per job: n, then n items: job id, allowed from-states (JSON list of
@@ -366,7 +388,7 @@ for i = 2, #KEYS do
   local free = (not now[4]) or now[4] == 'null' or now[4] == A[3]  -- A[3] again: a retry after a lost reply
   if now[1] == '"running"' and now[2] == ARGV[1] and now[3] == A[2] and free then
     local lease = t + tonumber(ARGV[2])
-    redis.call('HSET', KEYS[i], 'staged_uri', A[3], 'lease_until', lease)
+    redis.call('HSET', KEYS[i], 'staged_uri', A[3], 'lease_until', lease, 'begun', A[2])
     if n > 3 then redis.call('HSET', KEYS[i], unpack(A, 4)) end
     redis.call('ZADD', KEYS[1], lease, A[1])
     results[i - 1] = 1

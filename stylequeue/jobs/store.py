@@ -334,15 +334,17 @@ class RedisJobStore:
         keys = [self.keys.running, *(self.job_key(job_id) for job_id, *_ in items)]
         return [bool(result) for result in self._run(scripts.FENCE, keys, args)]
 
-    def renew_leases(self, worker_id: str, held: Sequence[tuple[str, int]], *, lease_s: float) -> list[str]:
-        """Push the leases of the (job id, attempt) pairs this worker holds `lease_s` ahead; returns the ids
-        it no longer holds (cancelled, taken over, or given back)."""
+    def renew_leases(self, worker_id: str, held: Sequence[tuple[str, int] | tuple[str, int, bool]], *,
+                     lease_s: float) -> list[str]:
+        """Push the leases of the (job id, attempt[, begun]) this worker holds `lease_s` ahead, recording which
+        attempts a job thread began (only those are charged if the worker is lost); returns the ids it no
+        longer holds (cancelled, taken over, or given back)."""
         if not held:
             return []
         args: list[str] = [json.dumps(worker_id), _ms(lease_s)]
-        for job_id, attempt in held:
-            args += [job_id, str(attempt)]
-        lost = self._run(scripts.RENEW, [self.keys.running, *(self.job_key(job_id) for job_id, _ in held)], args)
+        for item in held:
+            args += [item[0], str(item[1]), "1" if len(item) > 2 and item[2] else ""]
+        lost = self._run(scripts.RENEW, [self.keys.running, *(self.job_key(item[0]) for item in held)], args)
         return [item.decode() for item in lost]
 
     def expired_leases(self, *, limit: int = 100) -> list[str]:

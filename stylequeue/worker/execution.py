@@ -284,10 +284,11 @@ class JobExecutor:
         with self._lock:
             return len(self._held)
 
-    def held(self) -> list[tuple[str, int]]:
-        """(job id, attempt) of every job this worker holds: what the lease keeper renews."""
+    def held(self) -> list[tuple[str, int, bool]]:
+        """(job id, attempt, begun) of every job this worker holds: what the lease keeper renews. A job a thread
+        has not begun is not charged an attempt if this worker is lost."""
         with self._lock:
-            return [(held.job_id, held.attempts) for held in self._held.values()]
+            return [(held.job_id, held.attempts, held.started) for held in self._held.values()]
 
     def abandon(self, job_ids: Sequence[str]) -> None:
         """Forget jobs this worker no longer owns (cancelled, or taken over); their results are dropped."""
@@ -395,10 +396,7 @@ class JobExecutor:
             with self._lock:
                 for held in helds:
                     held.parked = False  # a step that parks again (a later stage met Redis away) sets it anew
-            if all(self._is_abandoned(held) for held in helds):
-                self._unpark(helds)
-                continue
-            try:
+            try:  # run even for jobs lost meanwhile: the step's own checks refuse them and delete what they staged
                 step()
             except RedisUnavailable:
                 with self._lock:
