@@ -125,10 +125,8 @@ def make_celery_app(settings: Settings, *, prefetch_multiplier: int = 1) -> Cele
         task_create_missing_queues=True,
         task_default_queue_type="quorum" if amqp else "classic",
         worker_detect_quorum_queues=True,
-        # Celery sets up native delayed delivery (28 levels of exchanges and queues) once it sees quorum
-        # queues; stylequeue never sends a countdown/eta message (due sets instead), so keep those queues
-        # cheap classic ones rather than 28 replicated logs.
-        broker_native_delayed_delivery_queue_type="classic",
+        # Without the native delayed delivery Celery would set up for quorum queues: no countdown/eta here.
+        worker_consumer="stylequeue.worker.consumer:Consumer",
     )
     _use_fixed_redis_transport(app, broker_url)
     if broker_url.startswith("sentinel://"):
