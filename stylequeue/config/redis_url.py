@@ -20,7 +20,7 @@ follow the promoted replica without a restart. TLS to a Sentinel-managed Redis i
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 from urllib.parse import parse_qs, quote, unquote, urlsplit
 
 import redis
@@ -115,9 +115,10 @@ def redis_client(url: str, *, blocking_pool: bool = False, **pool_kwargs: Any) -
     sentinel_kwargs: dict[str, Any] = {key: value for key, value in pool_kwargs.items() if key.startswith("socket_")}
     if parsed.sentinel_password:
         sentinel_kwargs["password"] = parsed.sentinel_password
-    sentinel = Sentinel(list(parsed.sentinels), sentinel_kwargs=sentinel_kwargs)
-    return sentinel.master_for(parsed.service, db=parsed.db, username=parsed.username, password=parsed.password,
-                               **pool_kwargs)
+    sentinel = Sentinel(list(parsed.sentinels), sentinel_kwargs=sentinel_kwargs)  # type: ignore[no-untyped-call]
+    client = sentinel.master_for(  # type: ignore[no-untyped-call]
+        parsed.service, db=parsed.db, username=parsed.username, password=parsed.password, **pool_kwargs)
+    return cast(redis.Redis, client)
 
 
 def kombu_broker(url: str) -> tuple[str, dict[str, Any]]:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass
+from typing import cast
 
 from stylequeue.jobs.record import Priority, decode_value
 from stylequeue.jobs.store import RedisJobStore, redis_errors
@@ -39,8 +40,8 @@ def read_backlog(store: RedisJobStore, *, sample: int = SAMPLE) -> Backlog:
         if total == 0:
             return Backlog(0, running, {}, True)
         exact = total <= sample
-        ids = (store.redis.zrange(store.keys.queued, 0, -1) if exact
-               else store.redis.zrandmember(store.keys.queued, sample))
+        ids = cast(list[bytes], store.redis.zrange(store.keys.queued, 0, -1) if exact
+                   else store.redis.zrandmember(store.keys.queued, sample))
         pipe = store.redis.pipeline(transaction=False)
         for job_id in ids:
             pipe.hmget(store.keys.job(job_id.decode()), "priority", "style")

@@ -13,6 +13,6 @@ from celery.worker.consumer import Consumer as CeleryConsumer
 DELAYED_DELIVERY_STEP = "celery.worker.consumer.delayed_delivery:DelayedDelivery"
 
 
-class Consumer(CeleryConsumer):
-    class Blueprint(CeleryConsumer.Blueprint):
+class Consumer(CeleryConsumer):  # type: ignore[misc]  # Celery ships no types
+    class Blueprint(CeleryConsumer.Blueprint):  # type: ignore[misc]
         default_steps = [step for step in CeleryConsumer.Blueprint.default_steps if step != DELAYED_DELIVERY_STEP]
