@@ -23,7 +23,6 @@ from typing import Any
 import redis
 from redis.exceptions import NoScriptError
 
-from stylequeue.config.redis_url import describe_redis_url, redis_client
 from stylequeue.errors import ErrorCode, InvalidTransition, JobNotFound, RedisUnavailable
 from stylequeue.jobs import scripts
 from stylequeue.jobs.keys import OUTAGES, Keys
@@ -141,6 +140,9 @@ class RedisJobStore:
     @classmethod
     def from_url(cls, url: str, *, key_prefix: str = "sq:", job_ttl_s: int = 604800,
                  max_connections: int = 64) -> RedisJobStore:
+        # Imported here: `stylequeue.config` brings pydantic, and a webhook receiver importing stylequeue must not.
+        from stylequeue.config.redis_url import describe_redis_url, redis_client
+
         client = redis_client(url, blocking_pool=True, max_connections=max_connections, timeout=20,
                               socket_connect_timeout=5, socket_timeout=30, health_check_interval=30)
         store = cls(client, key_prefix=key_prefix, job_ttl_s=job_ttl_s)
