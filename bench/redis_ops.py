@@ -3,7 +3,7 @@
     python bench/redis_ops.py [--bulk 20000] [--interactive 2000] [--sample 2000]
 
 A real `stylequeue worker` (the `null` runtime, 64 px JPEGs on tmpfs) with the job store on one private Redis
-(AOF on, as SPEC section 2 asks) and the Celery broker on another, so each server's counters say what a run
+(AOF on, as docs/deploy.md asks) and the Celery broker on another, so each server's counters say what a run
 cost it: `INFO commandstats` (a Lua script call counts as one command), `INFO stats` total_reads_processed
 (read events: round trips, a pipeline counting once) and `INFO cpu` (used_cpu_sys + used_cpu_user), read
 before and after. Per job = the run's difference / jobs: the producer's submits and the worker's time-driven
@@ -43,7 +43,7 @@ PREFIX = "sqops:"
 IDLE_S = 5.0
 POLL_S = 0.2
 CORE_SHARE = 0.7  # a Redis primary planned at 70% of its one core
-GPU_IMG_S = 3000.0  # one GPU worker's throughput (PERF.md: the compiled generator on an H100 at 256 px)
+GPU_IMG_S = 3000.0  # one GPU worker: the compiled generator on an H100 at 256 px (docs/performance.md)
 END_MARK = "sq-ops-end"
 SCRIPT_NAMES = {value.sha: value.name for value in vars(scripts).values() if isinstance(value, scripts.Script)}
 

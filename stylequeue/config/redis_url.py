@@ -1,4 +1,4 @@
-"""Where Redis is: a plain URL, or a highly available Redis found through Sentinel (SPEC section 2).
+"""Where Redis is: a plain URL, or a highly available Redis found through Sentinel (docs/configuration.md).
 
 STYLEQUEUE_REDIS_URL, and STYLEQUEUE_BROKER_URL when it names a Redis, take `redis://`, `rediss://`,
 `unix://`, or the sentinel form:

@@ -2,7 +2,7 @@
 
 Celery sets up RabbitMQ "native delayed delivery" (28 levels of exchanges and queues, and a binding per queue)
 as soon as it sees a quorum queue, for countdown/eta messages. stylequeue sends none: retries and callbacks
-wait on due sets in the job store (SPEC section 4). On our direct exchange that setup only logs a warning per
+wait on due sets in the job store (docs/jobs.md). On our direct exchange that setup only logs a warning per
 queue at every start, so the step is left out.
 """
 
