@@ -19,8 +19,7 @@ import argparse
 import socket
 import sys
 
-import redis
-
+from stylequeue.config.redis_url import redis_client
 from stylequeue.config.settings import load_settings
 from stylequeue.errors import StyleQueueError
 from stylequeue.jobs import Presence, RedisJobStore
@@ -44,7 +43,7 @@ def check(*, ready: bool, max_age_s: float | None, hostname: str) -> tuple[int, 
         return 1, f"unhealthy: {exc}"
     age = max_age_s if max_age_s is not None else 2 * settings.lease_s
     # Short timeouts: a probe must answer well inside its own timeout.
-    client = redis.Redis.from_url(settings.redis_url, socket_connect_timeout=2, socket_timeout=2)
+    client = redis_client(settings.redis_url, socket_connect_timeout=2, socket_timeout=2)  # sentinel form too
     store = RedisJobStore(client, key_prefix=settings.key_prefix)
     try:
         beats = local_heartbeats(store, hostname, age)

@@ -19,6 +19,11 @@ Choices that matter for not losing jobs:
 - `queue_order_strategy: priority`: a worker polls `stylequeue.interactive` before `stylequeue.bulk`.
 - redis:// and rediss:// brokers use broker_transport.py, kombu's Redis transport fixed so that a Redis
   restart cannot end the worker, and `broker_connection_max_retries=None`: the worker reconnects for ever.
+- RabbitMQ (`amqp://`): the three queues are quorum queues, publishes wait for the broker's confirm, and a
+  message is acknowledged within moments of its delivery (its jobs claimed), so `consumer_timeout` never
+  closes a channel however long a job runs; a dead consumer's unacknowledged messages come back at once.
+- Redis through Sentinel (`redis+sentinel://`, config/redis_url.py): kombu's `sentinel://` transport with
+  `master_name`, so the broker follows a failover as the job store does.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ import ssl
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
+from stylequeue.config.redis_url import kombu_broker
 from stylequeue.jobs.record import Priority
 
 if TYPE_CHECKING:
@@ -50,6 +56,11 @@ INTERACTIVE_TASK = "stylequeue.interactive"
 BULK_TASK = "stylequeue.bulk"
 CALLBACK_TASK = "stylequeue.callback"
 
+# On RabbitMQ every stylequeue queue is a quorum queue: replicated, so losing a node costs no wake-up (a lost
+# one would leave its job waiting for the sweep, several visibility periods). Celery's own control and event
+# queues stay classic: they are transient and auto-deleted, which quorum queues cannot be, and carry no job.
+QUORUM_ARGUMENTS = {"x-queue-type": "quorum"}
+
 # Bulk jobs travel several to a message: Celery's per-message cost (~1.8 ms) is paid per chunk, and a busy
 # worker's event loop, sharing the GIL with its job threads, takes messages in slowly enough to starve it
 # between chunks. 64 rather than 32, then 128 rather than 64, each gained ~10% on the null-model bulk path
@@ -62,9 +73,10 @@ def make_celery_app(settings: Settings, *, prefetch_multiplier: int = 1) -> Cele
     from celery import Celery
     from kombu import Exchange, Queue
 
-    broker_url = settings.effective_broker_url
+    broker_url, sentinel_options = kombu_broker(settings.effective_broker_url)
     app = Celery("stylequeue", broker=broker_url, include=["stylequeue.worker.tasks"])
     transport: dict[str, Any] = {}
+    amqp = is_amqp(broker_url)
     if broker_url.startswith(("redis", "rediss", "unix", "sentinel")):
         transport = {
             "visibility_timeout": settings.visibility_timeout_s,
@@ -73,9 +85,14 @@ def make_celery_app(settings: Settings, *, prefetch_multiplier: int = 1) -> Cele
             # backpressure, or a newly added one, is listened to within 0.1 s instead of 1 s.
             "polling_interval": 0.1,
             "global_keyprefix": "",
+            **sentinel_options,  # master_name (and the sentinels' password) for a redis+sentinel:// URL
         }
+    elif amqp:
+        # Quorum queues need publisher confirms for a send to mean "stored" (Celery's quorum queue guide).
+        transport = {"confirm_publish": True}
     exchange = Exchange(EXCHANGE, type="direct", durable=True)
-    queues = [Queue(name, exchange, routing_key=name, durable=True)
+    queues = [Queue(name, exchange, routing_key=name, durable=True,
+                    queue_arguments=QUORUM_ARGUMENTS if amqp else None)
               for name in (INTERACTIVE_QUEUE, BULK_QUEUE, CALLBACK_QUEUE)]
     app.conf.update(
         task_serializer="json",
@@ -103,8 +120,18 @@ def make_celery_app(settings: Settings, *, prefetch_multiplier: int = 1) -> Cele
         worker_hijack_root_logger=False,
         worker_cancel_long_running_tasks_on_connection_loss=False,
         broker_pool_limit=32,
+        # RabbitMQ: quorum queues take per-consumer prefetch only (Celery then turns global QoS off itself),
+        # and a queue Celery creates on its own gets the same type.
+        task_create_missing_queues=True,
+        task_default_queue_type="quorum" if amqp else "classic",
+        worker_detect_quorum_queues=True,
+        # Without the native delayed delivery Celery would set up for quorum queues: no countdown/eta here.
+        worker_consumer="stylequeue.worker.consumer:Consumer",
     )
     _use_fixed_redis_transport(app, broker_url)
+    if broker_url.startswith("sentinel://"):
+        # A failover is a broker outage for a moment: reconnect for ever, as redis:// brokers do.
+        app.conf.broker_connection_max_retries = None
     app.conf.stylequeue_settings = settings
     return app
 
@@ -123,6 +150,11 @@ def _use_fixed_redis_transport(app: Celery, broker_url: str) -> None:
         # kombu's default for a bare rediss:// URL, which it applies only to a transport named "rediss".
         log.warning("rediss:// broker URL without ssl_cert_reqs: the broker's certificate is not verified")
         app.conf.broker_use_ssl = {"ssl_cert_reqs": ssl.CERT_NONE}
+
+
+def is_amqp(broker_url: str) -> bool:
+    """Whether `broker_url` names RabbitMQ (kombu's amqp transports)."""
+    return broker_url.startswith(("amqp://", "amqps://", "pyamqp://", "librabbitmq://"))
 
 
 def send_job(app: Celery, job_id: str, priority: Priority | str) -> None:

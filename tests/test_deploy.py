@@ -576,3 +576,138 @@ def test_health_script_exit_codes_for_this_host(store: RedisJobStore) -> None:
     ready = subprocess.run(script, env=env, capture_output=True, text=True, timeout=60)
     assert ready.returncode == 0, ready.stdout + ready.stderr
     assert ready.stdout.startswith("ready:")
+
+
+# --- autoscaling: KEDA's ScaledObjects ------------------------------------------------------------------------
+# No kubeconform (nor a KEDA CRD) installs from the registries here, so the manifests are checked against a JSON
+# Schema of the keda.sh/v1alpha1 fields they use, closed to any other (a typo is an error, as in the CRD), with
+# KEDA's rule that trigger metadata values are strings; then against what they name (deployments, queues, keys).
+
+AUTOSCALING = ("autoscaling.yaml", "autoscaling-rabbitmq.yaml")
+_INT = {"type": "integer", "minimum": 0}
+_POLICY = {"type": "object", "additionalProperties": False, "required": ["type", "value", "periodSeconds"],
+           "properties": {"type": {"enum": ["Pods", "Percent"]}, "value": _INT, "periodSeconds": _INT}}
+_RULES = {"type": "object", "additionalProperties": False,
+          "properties": {"stabilizationWindowSeconds": _INT, "selectPolicy": {"enum": ["Max", "Min", "Disabled"]},
+                         "policies": {"type": "array", "items": _POLICY}}}
+_NAME_META = {"type": "object", "required": ["name"], "properties": {"name": {"type": "string"}}}
+KEDA_SCHEMA = {
+    "ScaledObject": {
+        "type": "object", "additionalProperties": False, "required": ["apiVersion", "kind", "metadata", "spec"],
+        "properties": {
+            "apiVersion": {"const": "keda.sh/v1alpha1"}, "kind": {"const": "ScaledObject"}, "metadata": _NAME_META,
+            "spec": {"type": "object", "additionalProperties": False, "required": ["scaleTargetRef", "triggers"],
+                     "properties": {
+                         "scaleTargetRef": {"type": "object", "additionalProperties": False, "required": ["name"],
+                                            "properties": {"name": {"type": "string"}, "kind": {"type": "string"},
+                                                           "apiVersion": {"type": "string"},
+                                                           "envSourceContainerName": {"type": "string"}}},
+                         "pollingInterval": _INT, "cooldownPeriod": _INT, "initialCooldownPeriod": _INT,
+                         "idleReplicaCount": _INT, "minReplicaCount": _INT, "maxReplicaCount": _INT,
+                         "advanced": {"type": "object", "additionalProperties": False, "properties": {
+                             "restoreToOriginalReplicaCount": {"type": "boolean"},
+                             "horizontalPodAutoscalerConfig": {
+                                 "type": "object", "additionalProperties": False,
+                                 "properties": {"name": {"type": "string"}, "behavior": {
+                                     "type": "object", "additionalProperties": False,
+                                     "properties": {"scaleUp": _RULES, "scaleDown": _RULES}}}}}},
+                         "triggers": {"type": "array", "minItems": 1, "items": {
+                             "type": "object", "additionalProperties": False, "required": ["type", "metadata"],
+                             "properties": {
+                                 "type": {"enum": ["redis", "redis-sentinel", "rabbitmq", "prometheus"]},
+                                 "name": {"type": "string"},
+                                 "metadata": {"type": "object", "additionalProperties": {"type": "string"}},
+                                 "metricType": {"enum": ["AverageValue", "Value", "Utilization"]},
+                                 "useCachedMetrics": {"type": "boolean"},
+                                 "authenticationRef": {
+                                     "type": "object", "additionalProperties": False, "required": ["name"],
+                                     "properties": {"name": {"type": "string"},
+                                                    "kind": {"enum": ["TriggerAuthentication",
+                                                                      "ClusterTriggerAuthentication"]}}}}}}}}}},
+    "TriggerAuthentication": {
+        "type": "object", "additionalProperties": False, "required": ["apiVersion", "kind", "metadata", "spec"],
+        "properties": {
+            "apiVersion": {"const": "keda.sh/v1alpha1"}, "kind": {"const": "TriggerAuthentication"},
+            "metadata": _NAME_META,
+            "spec": {"type": "object", "additionalProperties": False, "properties": {"secretTargetRef": {
+                "type": "array", "minItems": 1, "items": {
+                    "type": "object", "additionalProperties": False, "required": ["parameter", "name", "key"],
+                    "properties": {"parameter": {"type": "string"}, "name": {"type": "string"},
+                                   "key": {"type": "string"}}}}}}}},
+}
+# Per scaler: metadata keys it requires, those it accepts, and those that must be whole numbers.
+SCALERS = {
+    "redis": ({"listName", "listLength"}, {"address", "host", "port", "databaseIndex", "activationListLength",
+                                            "enableTLS", "unsafeSsl", "addressFromEnv", "passwordFromEnv"},
+              {"listLength", "activationListLength", "databaseIndex"}),
+    "rabbitmq": ({"queueName", "mode", "value"}, {"protocol", "activationValue", "vhostName", "hostFromEnv"},
+                 {"value", "activationValue"}),
+}
+
+
+def keda_docs(name: str) -> list[dict[str, Any]]:
+    return load_yaml(K8S / name)
+
+
+@pytest.mark.parametrize("name", AUTOSCALING)
+def test_keda_manifests_validate_against_the_schema_of_the_fields_they_use(name: str) -> None:
+    import jsonschema
+
+    for doc in keda_docs(name):
+        jsonschema.validate(doc, KEDA_SCHEMA[doc["kind"]])
+        for trigger in doc["spec"].get("triggers", []):
+            required, optional, numbers = SCALERS[trigger["type"]]
+            metadata = trigger["metadata"]
+            assert required <= set(metadata), f"{name}: {trigger['type']} trigger lacks {required - set(metadata)}"
+            assert set(metadata) <= required | optional, f"{name}: unknown {set(metadata) - required - optional}"
+            for key in numbers & set(metadata):
+                assert metadata[key].isdigit(), f"{name}: {key}={metadata[key]!r} is not a whole number"
+
+
+def test_the_schema_check_rejects_what_keda_would() -> None:
+    import jsonschema
+
+    (gpu,) = [d for d in keda_docs("autoscaling.yaml") if d["metadata"]["name"] == "stylequeue-worker-gpu"]
+    broken = json.loads(json.dumps(gpu))
+    broken["spec"]["triggers"][0]["metadata"]["listLength"] = 2  # KEDA reads metadata as strings only
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(broken, KEDA_SCHEMA["ScaledObject"])
+    broken = json.loads(json.dumps(gpu))
+    broken["spec"]["minReplicas"] = 0  # the HPA's name for it, not KEDA's
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(broken, KEDA_SCHEMA["ScaledObject"])
+
+
+@pytest.mark.parametrize("name", AUTOSCALING)
+def test_scaled_objects_scale_the_workers_on_their_queues(name: str) -> None:
+    from stylequeue.broker import BULK_QUEUE, INTERACTIVE_QUEUE
+
+    docs = keda_docs(name)
+    scaled = {d["spec"]["scaleTargetRef"]["name"]: d["spec"] for d in docs if d["kind"] == "ScaledObject"}
+    assert set(scaled) == {d["metadata"]["name"] for d in k8s_workers()}
+    auths = {d["metadata"]["name"]: d for d in docs if d["kind"] == "TriggerAuthentication"}
+    secrets = {d["metadata"]["name"]: d for d in load_yaml(K8S / "secret.example.yaml")}
+    secret_text = (K8S / "secret.example.yaml").read_text()
+    for spec in scaled.values():
+        assert spec["maxReplicaCount"] >= max(1, spec["minReplicaCount"])
+        for trigger in spec["triggers"]:
+            queue = trigger["metadata"].get("listName") or trigger["metadata"].get("queueName")
+            assert queue in (BULK_QUEUE, INTERACTIVE_QUEUE)
+            auth = auths[trigger["authenticationRef"]["name"]]
+            for ref in auth["spec"]["secretTargetRef"]:
+                # A key the example Secret sets, or names in a comment for the variant that needs it.
+                assert ref["key"] in secrets[ref["name"]]["stringData"] or f"# {ref['key']}:" in secret_text, ref
+    gpu, cpu = scaled["stylequeue-worker-gpu"], scaled["stylequeue-worker-cpu"]
+    # Bulk (GPU) workers scale to zero and wake on the bulk queue; CPU workers keep an interactive floor.
+    assert gpu["minReplicaCount"] == 0
+    assert [t["metadata"].get("listName", t["metadata"].get("queueName")) for t in gpu["triggers"]] == [BULK_QUEUE]
+    assert cpu["minReplicaCount"] >= 1
+    assert INTERACTIVE_QUEUE in [t["metadata"].get("listName", t["metadata"].get("queueName")) for t in cpu["triggers"]]
+    # Scaling down must leave a worker time to hand its jobs back: KEDA's HPA sends SIGTERM like any other.
+    for spec in scaled.values():
+        assert spec["cooldownPeriod"] >= 60
+
+
+def test_kustomization_takes_one_autoscaling_variant() -> None:
+    resources = yaml.safe_load((K8S / "kustomization.yaml").read_text())["resources"]
+    assert [r for r in resources if r in AUTOSCALING] == ["autoscaling.yaml"]

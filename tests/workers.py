@@ -16,9 +16,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import redis
 from PIL import Image
 
+from stylequeue.config.redis_url import redis_client
 from stylequeue.jobs import Presence, RedisJobStore
 
 
@@ -59,7 +59,7 @@ class WorkerProcess:
             [sys.executable, "-m", "stylequeue", "worker", "--loglevel", "info", *args],
             env=env, stdout=self.log, stderr=subprocess.STDOUT,
         )
-        self.store = RedisJobStore(redis.Redis.from_url(env["STYLEQUEUE_REDIS_URL"]))
+        self.store = RedisJobStore(redis_client(env["STYLEQUEUE_REDIS_URL"]))  # redis+sentinel:// too
 
     def wait_ready(self, timeout: float = 120) -> WorkerProcess:
         deadline = time.monotonic() + timeout

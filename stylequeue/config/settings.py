@@ -15,6 +15,7 @@ from typing import Annotated, Any, Literal
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict
 
+from stylequeue.config.redis_url import check_redis_url, is_sentinel_url
 from stylequeue.errors import ConfigError
 
 ENV_PREFIX = "STYLEQUEUE_"
@@ -94,9 +95,16 @@ class Settings(BaseSettings):
     @field_validator("redis_url")
     @classmethod
     def _check_redis_url(cls, value: str) -> str:
-        if not value.startswith(("redis://", "rediss://", "unix://")):
-            raise ValueError("must start with redis://, rediss:// or unix://")
-        return value
+        return check_redis_url(value)
+
+    @field_validator("broker_url")
+    @classmethod
+    def _check_broker_url(cls, value: str | None) -> str | None:
+        # Only the sentinel forms are ours to judge; kombu judges every other broker URL itself.
+        if value and value.startswith("sentinel://"):
+            raise ValueError("name the sentinels and the service they monitor in one URL: "
+                             "redis+sentinel://:password@host1:26379,host2:26379/mymaster/0")
+        return check_redis_url(value) if value and is_sentinel_url(value) else value
 
     @field_validator("storage_url")
     @classmethod

@@ -135,15 +135,19 @@ class RedisJobStore:
         self.keys = Keys(key_prefix)
         self.prefix = key_prefix
         self.job_ttl_s = job_ttl_s
+        self.description: str | None = None  # where Redis is, without credentials; from_url knows it
 
     @classmethod
     def from_url(cls, url: str, *, key_prefix: str = "sq:", job_ttl_s: int = 604800,
                  max_connections: int = 64) -> RedisJobStore:
-        pool = redis.BlockingConnectionPool.from_url(
-            url, max_connections=max_connections, timeout=20, socket_connect_timeout=5, socket_timeout=30,
-            health_check_interval=30,
-        )
-        return cls(redis.Redis(connection_pool=pool), key_prefix=key_prefix, job_ttl_s=job_ttl_s)
+        # Imported here: `stylequeue.config` brings pydantic, and a webhook receiver importing stylequeue must not.
+        from stylequeue.config.redis_url import describe_redis_url, redis_client
+
+        client = redis_client(url, blocking_pool=True, max_connections=max_connections, timeout=20,
+                              socket_connect_timeout=5, socket_timeout=30, health_check_interval=30)
+        store = cls(client, key_prefix=key_prefix, job_ttl_s=job_ttl_s)
+        store.description = describe_redis_url(url)
+        return store
 
     def job_key(self, job_id: str) -> str:
         return self.keys.job(job_id)
@@ -492,6 +496,8 @@ class RedisJobStore:
 
     def redis_description(self) -> str:
         """Where the store's Redis is, without credentials."""
+        if self.description:
+            return self.description
         kwargs = self.redis.connection_pool.connection_kwargs
         if "path" in kwargs:
             return f"unix://{kwargs['path']}"
@@ -551,10 +557,11 @@ def _transition_head(sources: tuple[JobState, ...], to_state: JobState) -> tuple
 
 @contextmanager
 def redis_errors(store: RedisJobStore) -> Iterator[None]:
-    """Turn connection failures into RedisUnavailable naming the server."""
+    """Turn connection failures (and writes refused by a demoted primary) into RedisUnavailable naming the server."""
     try:
         yield
-    except (redis.ConnectionError, redis.TimeoutError) as exc:
+    # ReadOnlyError: a primary that failover demoted to a replica refuses writes until clients move on.
+    except (redis.ConnectionError, redis.TimeoutError, redis.ReadOnlyError) as exc:
         raise RedisUnavailable(
             f"cannot reach Redis at {store.redis_description()}: {exc}; "
             "check STYLEQUEUE_REDIS_URL and that the server is running"

@@ -1,7 +1,8 @@
 """Prometheus metrics of one worker process, served on `--metrics-port` (loopback unless `--metrics-addr`).
 
-jobs by final state and style, batch sizes, stage latencies, broker queue depths, model load time, and the
-errors the worker survived (job threads, the sweep's finds).
+jobs by final state and style, batch sizes, stage latencies, broker queue depths, the fleet's backlog (jobs
+waiting by priority and style, jobs running: what a HorizontalPodAutoscaler can scale on), model load time, and
+the errors the worker survived (job threads, the sweep's finds).
 """
 
 from __future__ import annotations
@@ -28,6 +29,13 @@ class WorkerMetrics:
                                        buckets=_LATENCY_BUCKETS, registry=self.registry)
         self.queue_depth = Gauge("stylequeue_queue_depth", "Messages waiting in a broker queue", ["queue"],
                                  registry=self.registry)
+        # The fleet's backlog in the job store (jobs/backlog.py), the same in every worker: aggregate with max().
+        self.jobs_waiting = Gauge("stylequeue_jobs_waiting",
+                                  "Jobs queued in the job store, by priority and style (estimated by sampling "
+                                  "above 256; the same fleet-wide figure in every worker)",
+                                  ["priority", "style"], registry=self.registry)
+        self.jobs_running = Gauge("stylequeue_jobs_running", "Jobs running on any worker (fleet-wide)",
+                                  registry=self.registry)
         self.inflight = Gauge("stylequeue_jobs_inflight", "Jobs this worker holds", registry=self.registry)
         self.model_load_seconds = Gauge("stylequeue_model_load_seconds", "Time to load and warm a style",
                                         ["style"], registry=self.registry)
@@ -43,6 +51,7 @@ class WorkerMetrics:
         # labels() looks a child up under a lock each call; per-job metrics keep their children here.
         self._stages: dict[str, Any] = {}
         self._jobs: dict[tuple[str, str], Any] = {}
+        self._waiting: set[tuple[str, str]] = set()
 
     def observe_stage(self, stage: str, seconds: float) -> None:
         child = self._stages.get(stage)
@@ -55,6 +64,15 @@ class WorkerMetrics:
         if child is None:
             child = self._jobs.setdefault((state, style), self.jobs.labels(state, style))
         child.inc()
+
+    def set_backlog(self, waiting: dict[tuple[str, str], float], running: int) -> None:
+        """Publish a backlog reading; a (priority, style) no longer waiting reads 0, not its last value."""
+        for labels in self._waiting - set(waiting):
+            self.jobs_waiting.labels(*labels).set(0)
+        for (priority, style), count in waiting.items():
+            self.jobs_waiting.labels(priority, style).set(count)
+        self._waiting |= set(waiting)
+        self.jobs_running.set(running)
 
     def serve(self, port: int, addr: str = "127.0.0.1") -> Any:
         return start_http_server(port, addr=addr, registry=self.registry)
