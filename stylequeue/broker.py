@@ -34,6 +34,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from stylequeue.config.redis_url import kombu_broker
+from stylequeue.errors import ConfigError
 from stylequeue.jobs.record import Priority
 
 if TYPE_CHECKING:
@@ -74,6 +75,13 @@ def make_celery_app(settings: Settings, *, prefetch_multiplier: int = 1) -> Cele
     from kombu import Exchange, Queue
 
     broker_url, sentinel_options = kombu_broker(settings.effective_broker_url)
+    if broker_url.startswith("sentinel://") and not sentinel_options:
+        # kombu's own sentinel:// list for the broker names no service: the job store's, if it has one.
+        sentinel_options = kombu_broker(settings.redis_url)[1]
+        if not sentinel_options:
+            raise ConfigError("STYLEQUEUE_BROKER_URL is a sentinel:// list, which names no service: set "
+                              "STYLEQUEUE_REDIS_URL to redis+sentinel://:password@host1:26379,host2:26379/mymaster/0 "
+                              "(the broker then takes its service), or give the broker that form too")
     app = Celery("stylequeue", broker=broker_url, include=["stylequeue.worker.tasks"])
     transport: dict[str, Any] = {}
     amqp = is_amqp(broker_url)

@@ -45,10 +45,15 @@ def test_settings_accept_the_form_and_refuse_a_bad_one_in_one_line(monkeypatch: 
     monkeypatch.setenv("STYLEQUEUE_BROKER_URL", "redis+sentinel://s1:26379")
     with pytest.raises(ConfigError, match="STYLEQUEUE_BROKER_URL.*service name"):
         load_settings()
-    # kombu's own form lacks the service name (a transport option there): say which form to write instead.
+    # kombu's own form lacks the service name (a transport option there): it takes the job store's, and without
+    # a sentinel job store to take it from, the error says which form to write instead.
     monkeypatch.setenv("STYLEQUEUE_BROKER_URL", "sentinel://s1:26379;sentinel://s2:26379")
-    with pytest.raises(ConfigError, match="STYLEQUEUE_BROKER_URL.*redis\\+sentinel://"):
-        load_settings()
+    with pytest.raises(ConfigError, match="names no service.*redis\\+sentinel://"):
+        make_celery_app(load_settings())
+    settings = load_settings(redis_url=URL)
+    app = make_celery_app(settings)
+    assert app.conf.broker_url == "sentinel://s1:26379;sentinel://s2:26379"
+    assert app.conf.broker_transport_options["master_name"] == "mymaster"
 
 
 def test_the_broker_becomes_kombus_sentinel_transport_with_the_master_name() -> None:

@@ -100,10 +100,9 @@ class Settings(BaseSettings):
     @field_validator("broker_url")
     @classmethod
     def _check_broker_url(cls, value: str | None) -> str | None:
-        # Only the sentinel forms are ours to judge; kombu judges every other broker URL itself.
-        if value and value.startswith("sentinel://"):
-            raise ValueError("name the sentinels and the service they monitor in one URL: "
-                             "redis+sentinel://:password@host1:26379,host2:26379/mymaster/0")
+        # Only the sentinel forms are ours to judge; kombu judges every other broker URL itself. Kombu's own
+        # `sentinel://h1:26379;sentinel://h2:26379` names no service: it takes the one of a redis+sentinel://
+        # STYLEQUEUE_REDIS_URL (broker.make_celery_app checks there is one).
         return check_redis_url(value) if value and is_sentinel_url(value) else value
 
     @field_validator("storage_url")
