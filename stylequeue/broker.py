@@ -137,21 +137,19 @@ def make_celery_app(settings: Settings, *, prefetch_multiplier: int = 1) -> Cele
         worker_consumer="stylequeue.worker.consumer:Consumer",
     )
     _use_fixed_redis_transport(app, broker_url)
-    if broker_url.startswith("sentinel://"):
-        # A failover is a broker outage for a moment: reconnect for ever, as redis:// brokers do.
-        app.conf.broker_connection_max_retries = None
     app.conf.stylequeue_settings = settings
     return app
 
 
 def _use_fixed_redis_transport(app: Celery, broker_url: str) -> None:
     """Redis restarts: our transport (see broker_transport.py), and reconnect attempts without end."""
-    from stylequeue.broker_transport import TRANSPORT
+    from stylequeue.broker_transport import SENTINEL_TRANSPORT, TRANSPORT
 
     scheme = broker_url.split("://", 1)[0]
-    if scheme not in ("redis", "rediss"):
+    if scheme not in ("redis", "rediss", "sentinel"):
         return
-    app.conf.broker_transport = TRANSPORT
+    # A Sentinel failover is a broker outage for a moment, and the same close path runs after it.
+    app.conf.broker_transport = SENTINEL_TRANSPORT if scheme == "sentinel" else TRANSPORT
     # The default of 100 attempts (up to 30 s apart) would end the worker during a long outage.
     app.conf.broker_connection_max_retries = None
     if scheme == "rediss" and "ssl_cert_reqs=" not in broker_url:

@@ -39,16 +39,28 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 log = logging.getLogger("stylequeue.broker")
 
 TRANSPORT = "stylequeue.broker_transport:Transport"
+SENTINEL_TRANSPORT = "stylequeue.broker_transport:SentinelTransport"
+
+
+def _guarded_connparams(channel: Any, parent: Any, asynchronous: bool) -> dict[str, Any]:
+    transport = channel.connection
+    if transport is None or transport.client is None:
+        # kombu would read .hostname off None here; callers expect a connection error instead.
+        raise RedisConnectionError("broker channel used after its connection was closed")
+    params: dict[str, Any] = parent._connparams(channel, asynchronous=asynchronous)
+    return params
 
 
 class Channel(kombu_redis.Channel):
     def _connparams(self, asynchronous: bool = False) -> dict[str, Any]:
-        transport = self.connection
-        if transport is None or transport.client is None:
-            # kombu would read .hostname off None here; callers expect a connection error instead.
-            raise RedisConnectionError("broker channel used after its connection was closed")
-        params: dict[str, Any] = super()._connparams(asynchronous=asynchronous)  # type: ignore[no-untyped-call]
-        return params
+        return _guarded_connparams(self, kombu_redis.Channel, asynchronous)
+
+
+class SentinelChannel(kombu_redis.SentinelChannel):
+    """The same guard for a Redis reached through Sentinel (a failover is a lost connection too)."""
+
+    def _connparams(self, asynchronous: bool = False) -> dict[str, Any]:
+        return _guarded_connparams(self, kombu_redis.SentinelChannel, asynchronous)
 
 
 class Transport(kombu_redis.Transport):
@@ -65,3 +77,8 @@ class Transport(kombu_redis.Transport):
                     channel.close()
                 except self.connection_errors + self.channel_errors as exc:
                     log.debug("closing a broker channel on a lost connection: %r", exc)
+
+
+class SentinelTransport(kombu_redis.SentinelTransport):
+    Channel = SentinelChannel
+    close_connection = Transport.close_connection
