@@ -400,15 +400,21 @@ end
 return results
 """, uses=("now",))
 
-# KEYS: due, job.  ARGV: job id, delay (ms).
-# Make a `queued` job's message due after `delay` unless it is due sooner already (a worker received a message
-# for a job it still holds from an earlier attempt: it must come back, not be dropped). Returns 1 if queued.
+# KEYS: due, then one job key per job.  ARGV: delay (ms), then one job id per job key.
+# Make each `queued` job's message due after `delay` unless it is due sooner already: a worker received a
+# message for a job it still holds from an earlier attempt (it must come back, not be dropped), or a resumed
+# bulk run asks for its queued jobs to be sent again. Returns how many were queued.
 RESCHEDULE = _script("reschedule", """
-if redis.call('HGET', KEYS[2], 'state') ~= '"queued"' then return 0 end
-local at = now_ms() + tonumber(ARGV[2])
-local due = tonumber(redis.call('ZSCORE', KEYS[1], ARGV[1]))
-if (not due) or due > at then redis.call('ZADD', KEYS[1], at, ARGV[1]) end
-return 1
+local at = now_ms() + tonumber(ARGV[1])
+local queued = 0
+for i = 2, #KEYS do
+  if redis.call('HGET', KEYS[i], 'state') == '"queued"' then
+    local due = tonumber(redis.call('ZSCORE', KEYS[1], ARGV[i]))
+    if (not due) or due > at then redis.call('ZADD', KEYS[1], at, ARGV[i]) end
+    queued = queued + 1
+  end
+end
+return queued
 """, uses=("now",))
 
 # --- schedules (due sets) ------------------------------------------------------------------------

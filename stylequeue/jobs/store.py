@@ -371,7 +371,16 @@ class RedisJobStore:
 
     def reschedule(self, job_id: str, delay_s: float) -> bool:
         """Make a queued job's message due within `delay_s` (unless sooner already); False if not queued."""
-        return bool(self._run(scripts.RESCHEDULE, [self.keys.due, self.job_key(job_id)], [job_id, _ms(delay_s)]))
+        return self.reschedule_many([job_id], delay_s) == 1
+
+    def reschedule_many(self, job_ids: Sequence[str], delay_s: float) -> int:
+        """`reschedule` for many jobs, CREATE_CHUNK a script call; returns how many were queued."""
+        queued = 0
+        for start in range(0, len(job_ids), CREATE_CHUNK):
+            chunk = job_ids[start:start + CREATE_CHUNK]
+            queued += int(self._run(scripts.RESCHEDULE, [self.keys.due, *map(self.job_key, chunk)],
+                                    [_ms(delay_s), *chunk]))
+        return queued
 
     # --- due sets (never Celery countdown/eta) ------------------------------------------------------
 

@@ -225,15 +225,20 @@ def _take_over(client: Client, record: BulkRunRecord, todo: list[str], in_flight
     known = [key for key in todo if key in recorded]
     states = client.store.states([recorded[key] for key in known])
     resubmit: set[str] = set()
+    queued: list[str] = []
     for key, (state, _) in zip(known, states, strict=True):
         job_id = recorded[key]
         if state == JobState.SUCCEEDED:
             report.skipped += 1
         elif state in (JobState.QUEUED, JobState.RUNNING):
-            # A queued job whose message a crash left unsent is on the due set: a worker sends it.
             in_flight[job_id] = key
+            if state == JobState.QUEUED:
+                queued.append(job_id)
         else:  # failed, cancelled, or recorded but never created (a crash before its record was written)
             resubmit.add(key)
+    # A queued job's message may have gone where no worker listens (another broker, a queue flushed meanwhile):
+    # resuming makes each one due now, so a worker sends it again (a duplicate is dropped at its claim).
+    client.store.reschedule_many(queued, 0)
     return [key for key in todo if key not in recorded or key in resubmit]
 
 
