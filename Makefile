@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint bench clean torch gpu-bundle
+.PHONY: demo test lint typecheck bench clean torch gpu-bundle
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -15,9 +15,21 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(VENV)/bin/stylequeue demo
 
-test: $(STAMP)
+# Three test processes, a file each at a time: most tests wait on real servers and worker processes, so on
+# two cores three of them take about half the wall time of one (tests/conftest.py: every process starts its
+# own Redis, S3 server and, where needed, RabbitMQ).
+test: $(STAMP) lint typecheck
+	$(PY) -m pytest -q -p no:cacheprovider -n 3 --dist loadfile
+
+lint: $(STAMP)
 	$(VENV)/bin/ruff check stylequeue tests bench
-	$(PY) -m pytest -q -p no:cacheprovider
+
+# The whole package at mypy's defaults, and strict where the job store, the broker, the worker and the
+# pipeline are (the modules they import are read for their types, their own findings not reported there).
+typecheck: $(STAMP)
+	$(VENV)/bin/mypy stylequeue
+	$(VENV)/bin/mypy --strict --follow-imports=silent stylequeue/jobs stylequeue/broker.py \
+		stylequeue/broker_transport.py stylequeue/worker stylequeue/pipeline
 
 bench: $(STAMP)
 	$(PY) bench/models.py

@@ -72,7 +72,7 @@ BULK_CHUNK_SIZE = 128
 def make_celery_app(settings: Settings, *, prefetch_multiplier: int = 1) -> Celery:
     """A Celery app for the broker in `settings`; tasks register when a worker imports worker.tasks."""
     from celery import Celery
-    from kombu import Exchange, Queue
+    from kombu.entity import Exchange, Queue
 
     broker_url, sentinel_options = kombu_broker(settings.effective_broker_url)
     if broker_url.startswith("sentinel://") and not sentinel_options:
@@ -98,8 +98,8 @@ def make_celery_app(settings: Settings, *, prefetch_multiplier: int = 1) -> Cele
     elif amqp:
         # Quorum queues need publisher confirms for a send to mean "stored" (Celery's quorum queue guide).
         transport = {"confirm_publish": True}
-    exchange = Exchange(EXCHANGE, type="direct", durable=True)
-    queues = [Queue(name, exchange, routing_key=name, durable=True,
+    exchange = Exchange(EXCHANGE, type="direct", durable=True)  # type: ignore[no-untyped-call]
+    queues = [Queue(name, exchange, routing_key=name, durable=True,  # type: ignore[no-untyped-call]
                     queue_arguments=QUORUM_ARGUMENTS if amqp else None)
               for name in (INTERACTIVE_QUEUE, BULK_QUEUE, CALLBACK_QUEUE)]
     app.conf.update(

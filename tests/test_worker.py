@@ -95,7 +95,13 @@ def test_jobs_arriving_together_are_batched(stack: dict) -> None:
     batches = metric(stack["metrics"], "stylequeue_batch_size_count") - before_count
     images = metric(stack["metrics"], "stylequeue_batch_size_sum") - before_sum
     assert images == 32
-    assert batches < 32, "no batch of more than one image formed"
+    # The worker times one image against a batch at load and batches only where that pays; on a loaded CPU
+    # it may find that it does not. Either way the batcher must do what the published choice says.
+    chosen = next(iter(stack["client"].presence.runtimes()["tiny"].values()))["batch"]
+    if chosen > 1:
+        assert batches < 32, "batching pays here, yet no batch of more than one image formed"
+    else:
+        assert batches == 32, "batching does not pay here, yet images were batched"
 
 
 def test_a_poison_input_fails_alone(stack: dict) -> None:

@@ -97,7 +97,7 @@ def submit(
         else:
             jobs = client.submit_many(inputs, style, callback_url=callback, output_prefix=target, priority=priority,
                                       deadline_s=deadline)
-        codes = []
+        codes: list[int] = []
         if wait:
             jobs, codes = wait_all(client, [j.id for j in jobs], timeout)
         records = [client.to_json(j) for j in jobs]

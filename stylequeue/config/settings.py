@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import re
 import tomllib
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -205,7 +206,7 @@ def _read_config_file(path: Path) -> dict[str, Any]:
     return data
 
 
-def _describe(error: dict[str, Any], from_file: Path | None, env: dict[str, str]) -> str:
+def _describe(error: Mapping[str, Any], from_file: Path | None, env: dict[str, str]) -> str:
     field = str(error["loc"][0]) if error["loc"] else "?"
     env_name = ENV_PREFIX + field.upper()
     source = env_name if env_name in env or from_file is None else f"{field} in {from_file}"

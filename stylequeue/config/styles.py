@@ -102,7 +102,7 @@ def _parse_style(name: str, table: Any, base: Path, source: Path) -> StyleSpec:
             raise ConfigError(f"{where}: field {key!r} must be {types[0].__name__}, got {value!r}")
         if key in _CHOICES and value not in _CHOICES[key]:
             raise ConfigError(f"{where}: field {key!r} must be one of {', '.join(_CHOICES[key])}, got {value!r}")
-        if key in _RANGES:
+        if key in _RANGES and isinstance(value, int):  # an int: checked against _FIELDS just above
             low, high = _RANGES[key]
             if not low <= value <= high:
                 raise ConfigError(f"{where}: field {key!r} must be between {low} and {high}, got {value}")

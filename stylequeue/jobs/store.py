@@ -235,7 +235,7 @@ class RedisJobStore:
 
     def get(self, job_id: str) -> Job:
         with redis_errors(self):
-            raw = self.redis.hgetall(self.job_key(job_id))
+            raw: dict[bytes, bytes] = self.redis.hgetall(self.job_key(job_id))  # type: ignore[assignment]
         if not raw:
             raise JobNotFound(job_id)
         return Job.from_redis(raw)
@@ -400,7 +400,9 @@ class RedisJobStore:
     def scheduled(self, name: str) -> dict[str, int]:
         """A schedule's entries: member -> score (Redis time, ms)."""
         with redis_errors(self):
-            return {k.decode(): int(v) for k, v in self.redis.zrange(self.keys.name(name), 0, -1, withscores=True)}
+            entries: list[tuple[bytes, float]] = self.redis.zrange(  # type: ignore[assignment]
+                self.keys.name(name), 0, -1, withscores=True)
+        return {member.decode(): int(score) for member, score in entries}
 
     def count(self, name: str) -> int:
         """How many entries a schedule or index (`running`, `queued`, `due`, `callbacks:due`) holds."""
@@ -450,7 +452,8 @@ class RedisJobStore:
 
     def stats(self) -> dict[str, int]:
         with redis_errors(self):
-            return {k.decode(): int(v) for k, v in self.redis.hgetall(self.keys.stats).items()}
+            raw: dict[bytes, bytes] = self.redis.hgetall(self.keys.stats)  # type: ignore[assignment]
+        return {name.decode(): int(value) for name, value in raw.items()}
 
     # --- dependencies found down (shared across workers) -------------------------------------------------
 
@@ -498,7 +501,7 @@ class RedisJobStore:
 
     def subscribe_finished(self) -> Any:
         """A pub/sub connection subscribed to the channel of finished job ids (long polls)."""
-        pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
+        pubsub = self.redis.pubsub(ignore_subscribe_messages=True)  # type: ignore[no-untyped-call]
         with redis_errors(self):
             pubsub.subscribe(self.keys.finished_channel)
         return pubsub

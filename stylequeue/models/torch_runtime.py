@@ -212,7 +212,7 @@ class TorchRuntime:
         started = time.perf_counter()
         # A channels-last copy of the weights for the compiled kernels (the measured 3,211 img/s were NHWC);
         # the eager model keeps NCHW. A copy of a 9-block generator is 23 MB in fp16.
-        nhwc = copy.deepcopy(self._model).to(memory_format=torch.channels_last)
+        nhwc = copy.deepcopy(self._model).to(memory_format=torch.channels_last)  # type: ignore[call-overload]
         compiled = self._path.compiled(nhwc, self._compile_mode)
         if compiled is None:
             return 0.0

@@ -13,7 +13,7 @@ import os
 import signal
 import subprocess
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 from stylequeue.errors import ConfigError
@@ -100,7 +100,7 @@ class Supervisor:
     says, per child, why it was given up.
     """
 
-    def __init__(self, children: dict[str, Sequence[str]], *, max_backoff_s: float = 60.0,
+    def __init__(self, children: Mapping[str, Sequence[str]], *, max_backoff_s: float = 60.0,
                  fast_fail_s: float = 30.0, fast_fail_limit: int = 3,
                  popen: Callable[..., subprocess.Popen[bytes]] = subprocess.Popen) -> None:
         self.children = [_Child(name, list(argv)) for name, argv in children.items()]

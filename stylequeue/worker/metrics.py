@@ -59,6 +59,10 @@ class WorkerMetrics:
             child = self._stages.setdefault(stage, self.stage_seconds.labels(stage))
         child.observe(seconds)
 
+    def observe_batch(self, style: str, size: int, seconds: float) -> None:
+        self.batch_size.labels(style).observe(size)
+        self.batch_seconds.labels(style).observe(seconds)
+
     def count_job(self, state: str, style: str) -> None:
         child = self._jobs.get((state, style))
         if child is None:

@@ -204,8 +204,7 @@ class WorkerService:
             registry, max_batch=self.settings.max_batch, max_wait_ms=self.settings.max_wait_ms,
             search_batch=self.settings.device != "cpu" and self.settings.max_batch == default_batch,
             timeout_s=self.settings.job_timeout_s, on_loaded=self._published,
-            on_batch=lambda style, size, seconds: (metrics.batch_size.labels(style).observe(size),
-                                                   metrics.batch_seconds.labels(style).observe(seconds)),
+            on_batch=metrics.observe_batch,
         )
         self.pool.warm(styles)
         if warming is not None:

@@ -41,7 +41,7 @@ def service() -> WorkerService:
     return _service
 
 
-@signals.worker_init.connect
+@signals.worker_init.connect  # type: ignore[untyped-decorator]
 def _start_service(sender: Any = None, **_: Any) -> None:
     """Load models and start the lease keeper before the consumer takes any message."""
     global _service
@@ -53,14 +53,14 @@ def _start_service(sender: Any = None, **_: Any) -> None:
         _service = WorkerService(settings, WorkerOptions(), app).start()
 
 
-@signals.worker_ready.connect
+@signals.worker_ready.connect  # type: ignore[untyped-decorator]
 def _consumer_ready(sender: Any = None, **_: Any) -> None:
     if _service is not None:
         _service.attach_consumer(sender)
         log.info("worker %s ready", _service.worker_id)
 
 
-@signals.worker_shutdown.connect
+@signals.worker_shutdown.connect  # type: ignore[untyped-decorator]
 def _stop_service(**_: Any) -> None:
     global _service
     with _lock:
@@ -79,19 +79,19 @@ def _accept(job_ids: list[str], priority: Priority) -> int:
         raise Reject(str(exc), requeue=True) from exc
 
 
-@shared_task(name=INTERACTIVE_TASK, ignore_result=True)
+@shared_task(name=INTERACTIVE_TASK, ignore_result=True)  # type: ignore[untyped-decorator]
 def interactive(job_id: str) -> int:
     """One interactive job: claimed here, run by the executor ahead of every bulk job."""
     return _accept([job_id], Priority.INTERACTIVE)
 
 
-@shared_task(name=BULK_TASK, ignore_result=True)
+@shared_task(name=BULK_TASK, ignore_result=True)  # type: ignore[untyped-decorator]
 def bulk(job_ids: list[str]) -> int:
     """A chunk of bulk jobs; jobs already finished or held by a live worker are skipped."""
     return _accept(list(job_ids), Priority.BULK)
 
 
-@shared_task(name=CALLBACK_TASK, ignore_result=True)
+@shared_task(name=CALLBACK_TASK, ignore_result=True)  # type: ignore[untyped-decorator]
 def callback(job_id: str, token: int | None = None) -> None:
     """One webhook delivery, queued on the worker's callback threads; its outbox entry keeps it owed."""
     if token is None:  # a message from before delivery tokens: the outbox sends a new one when due
