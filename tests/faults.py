@@ -318,15 +318,16 @@ class Fleet:
         self.frozen: set[int] = set()
         self._started = 0
 
-    def start(self, count: int = 1, timeout: float = 180) -> list[WorkerProcess]:
-        """Start `count` workers at once and wait until each is ready."""
+    def start(self, count: int = 1, timeout: float = 180, *, wait: bool = True) -> list[WorkerProcess]:
+        """Start `count` workers at once and (unless `wait` is False) wait until each is ready."""
         new = []
         for _ in range(count):
             self._started += 1
             new.append(WorkerProcess(self.env, self.log_dir / f"w{self._started}.log", *self.args))
         self.workers += new
-        for worker in new:
-            worker.wait_ready(timeout)
+        if wait:
+            for worker in new:
+                worker.wait_ready(timeout)
         return new
 
     def live(self) -> list[WorkerProcess]:
