@@ -79,6 +79,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--store-outage-s", type=float, help="how long it stays away (default 30; --quick 10)")
     parser.add_argument("--receiver-outage-at", type=float, help="default 140; --quick 28")
     parser.add_argument("--receiver-outage-s", type=float, help="default 20; --quick 4")
+    parser.add_argument("--skip", type=lambda text: set(text.split(",")), default=set(),
+                        help="faults to leave out, comma-separated: kill,redis,store,receiver (to isolate one)")
     parser.add_argument("--lease-s", type=float, default=5.0, help="STYLEQUEUE_LEASE_S of the workers")
     parser.add_argument("--outage-s", type=float, default=300.0, help="STYLEQUEUE_OUTAGE_S of the workers")
     parser.add_argument("--drain-timeout-s", type=float, default=600.0)
@@ -232,27 +234,27 @@ class Faults:
         print(line, flush=True)
 
     def schedule(self) -> list[tuple[float, str, Callable[[], None]]]:
+        """(when, what, action) of every fault not skipped; kills pause while Redis is away."""
         a = self.args
-        events: list[tuple[float, str, Callable[[], None]]] = [
-            (a.redis_restart_at, "Redis stopped", self.redis_stop),
-            (a.redis_restart_at + a.redis_down_s, "Redis started on the same port", self.redis_start),
-            (a.store_outage_at, "object store off", self.forwarder.off),
-            (a.store_outage_at + a.store_outage_s, "object store on", self.forwarder.on),
-            (a.receiver_outage_at, "receiver refusing", self.receiver.refuse),
-            (a.receiver_outage_at + a.receiver_outage_s, "receiver back", self.receiver.accept),
-        ]
+        events = [(a.redis_restart_at, "redis", "Redis stopped", self.redis_stop),
+                  (a.redis_restart_at + a.redis_down_s, "redis", "Redis started on the same port", self.redis_start),
+                  (a.store_outage_at, "store", "object store off", self.forwarder.off),
+                  (a.store_outage_at + a.store_outage_s, "store", "object store on", self.forwarder.on),
+                  (a.receiver_outage_at, "receiver", "receiver refusing", self.receiver.refuse),
+                  (a.receiver_outage_at + a.receiver_outage_s, "receiver", "receiver back", self.receiver.accept)]
         at = a.kill_every
         while at < last_fault_end(a):
             if not a.redis_restart_at - 1 <= at <= a.redis_restart_at + a.redis_down_s + 2:
-                events.append((at, "kill -9", self.kill))
+                events.append((at, "kill", "", self.kill))
             at += a.kill_every
-        return sorted(events, key=lambda event: event[0])
+        return sorted([(at, name, action) for at, kind, name, action in events if kind not in a.skip],
+                      key=lambda event: event[0])
 
     def run(self) -> None:
         for at, name, action in self.schedule():
             time.sleep(max(0.0, at - (time.monotonic() - self.started)))
             action()
-            if name != "kill -9":
+            if name:
                 self.note(name)
 
     def redis_stop(self) -> None:
@@ -498,6 +500,8 @@ def report(args: argparse.Namespace, faults: Faults, total: int, interactive: in
     kills = sum("kill -9" in line for line in faults.log)
     print(f"\n## bench/soak.py: {total} jobs ({interactive} interactive with callbacks), {args.workers} workers, "
           f"null runtime, outputs on s3:// (moto behind a forwarder)\n")
+    if args.skip:
+        print(f"skipped: {', '.join(sorted(args.skip))}")
     print(f"faults: {kills} kill -9s (every {args.kill_every:g} s), Redis down {args.redis_down_s:g} s at "
           f"{args.redis_restart_at:g} s, object store down {args.store_outage_s:g} s at {args.store_outage_at:g} s, "
           f"receiver down {args.receiver_outage_s:g} s at {args.receiver_outage_at:g} s\n")
