@@ -48,9 +48,9 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))  # the fault helpers live with the tests: one copy of each
 
 from stylequeue import Client  # noqa: E402
-from stylequeue.embedded import EmbeddedRedis, free_port  # noqa: E402
+from stylequeue.embedded import free_port  # noqa: E402
 from stylequeue.jobs import RedisJobStore  # noqa: E402
-from tests.faults import Fleet, TcpForwarder, WebhookReceiver, held_by, worker_id  # noqa: E402
+from tests.faults import Fleet, RestartableRedis, TcpForwarder, WebhookReceiver, held_by, worker_id  # noqa: E402
 from tests.workers import WorkerProcess, make_image  # noqa: E402
 
 SECRET = "whsec_" + "c29hay10ZXN0LXNlY3JldC0zMi1ieXRlcy1sb25nISE="
@@ -107,22 +107,6 @@ def last_fault_end(args: argparse.Namespace) -> float:
 
 
 # --- the pieces under test ----------------------------------------------------------------------
-
-
-class RestartableRedis:
-    """The job store and broker: AOF on, a fixed port and data directory, so a restart keeps every key."""
-
-    def __init__(self, data_dir: Path) -> None:
-        self.data_dir = data_dir
-        self.port = free_port()
-        self.server = EmbeddedRedis(data_dir=data_dir, port=self.port, persist=True).start()
-        self.url = self.server.url
-
-    def stop(self) -> None:
-        self.server.stop()
-
-    def start(self) -> None:
-        self.server = EmbeddedRedis(data_dir=self.data_dir, port=self.port, persist=True).start(timeout=60)
 
 
 def start_moto(port: int) -> subprocess.Popen[bytes]:

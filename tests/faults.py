@@ -8,6 +8,8 @@ stop and freeze.
 - `WebhookReceiver`: records each delivery with its headers and whether `stylequeue.verify_webhook` accepts
   its signature; `refuse()` stops listening (connections refused), `accept()` comes back on the same port.
 - `HangingReceiver`: accepts connections and never answers (a receiver stuck behind a dead upstream).
+- `RestartableRedis`: an AOF-persisted Redis on a fixed port and data directory, stopped and started again as
+  an operator's restart does (every key survives).
 - `Fleet`: N worker processes (tests/workers.py `WorkerProcess`) with kill -9, SIGTERM, SIGSTOP/SIGCONT.
 - `held_by`: the (job, attempt) pairs the job store says a worker holds (what a killed worker left).
 """
@@ -30,7 +32,7 @@ from typing import Any
 import redis
 
 from stylequeue import verify_webhook
-from stylequeue.embedded import free_port
+from stylequeue.embedded import EmbeddedRedis, free_port
 from tests.workers import WorkerProcess
 
 # How often blocking loops look up to see whether they were told to stop.
@@ -284,6 +286,26 @@ class WebhookReceiver:
         for delivery in self.received():
             grouped.setdefault(delivery.record["id"], []).append(delivery)
         return grouped
+
+
+class RestartableRedis:
+    """An AOF-persisted Redis on a fixed port that a test (or bench/soak.py) can stop and start again."""
+
+    def __init__(self, data_dir: Path) -> None:
+        self.data_dir = data_dir
+        self.server = EmbeddedRedis(data_dir=data_dir, persist=True).start()
+        self.port = self.server.port
+
+    @property
+    def url(self) -> str:
+        return self.server.url
+
+    def stop(self) -> None:
+        self.server.stop()  # SIGTERM: Redis flushes its AOF and exits cleanly
+
+    def start(self, timeout: float = 60) -> None:
+        """Start again on the same port and data directory (a large AOF takes a while to load)."""
+        self.server = EmbeddedRedis(data_dir=self.data_dir, port=self.port, persist=True).start(timeout)
 
 
 def worker_id(worker: WorkerProcess) -> str:
