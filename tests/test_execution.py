@@ -378,8 +378,6 @@ def test_job_threads_survive_a_job_store_that_fails_in_their_error_handling(stor
     executor.stop(timeout=5)
 
 
-@pytest.mark.xfail(strict=True, reason="retry_parked drops the parked fence step of jobs abandoned meanwhile without "
-                                       "deleting their staged outputs (found by bench/soak.py)")
 def test_a_parked_output_of_a_job_lost_meanwhile_is_deleted(store: RedisJobStore, spec: StyleSpec) -> None:
     """Redis goes away at the fence, so the step is parked with the output staged; when Redis is back the lease
     keeper's renew finds the job taken over (its lease ran out during the outage) before the step is retried."""

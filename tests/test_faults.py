@@ -196,8 +196,6 @@ def test_a_message_a_dying_worker_popped_is_still_owed(
         fleet.stop_all()
 
 
-@pytest.mark.xfail(strict=True, reason="a kill -9 costs an attempt to every job its worker had claimed, started or "
-                                       "not (CLAIM counts the attempt; REAP cannot tell): see the faults report")
 def test_a_killed_worker_costs_no_attempt_to_jobs_it_never_started(
         redis_server: EmbeddedRedis, tiny_registry: Path, files: dict, tmp_path: Path) -> None:
     # max batch 2: 2 * 2 + 2 = 6 job threads taking bulk groups of 2, so at most 12 jobs are under way at once;
