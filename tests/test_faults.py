@@ -1,4 +1,4 @@
-"""Faults cost no job and no callback (SPEC section 4 "Faults", section 7; issue 10's table), tried for real:
+"""Faults cost no job and no callback (docs/jobs.md, "Retries and faults"; issue 10's table), tried for real:
 real worker processes over a real Redis, a webhook receiver that goes away, a worker killed with SIGKILL,
 moto behind a TCP forwarder that is switched off, and a receiver that never answers.
 
