@@ -338,7 +338,10 @@ def check_outputs(s3: Any, sources: dict[str, Path], succeeded: set[str],
         staged = STAGED.match(name)
         if staged:
             owner = (staged["name"].removesuffix(".png"), int(staged["attempt"]))
-            counts["staged of lost attempts" if owner in lost_held else "staged unexplained"] += 1
+            explained = owner in lost_held
+            counts["staged of lost attempts" if explained else "staged unexplained"] += 1
+            if not explained and counts["staged unexplained"] <= 5:
+                print(f"unexplained staged copy: {key}")
             continue
         job_id = name.removesuffix(".png")
         if job_id not in sources:
