@@ -17,29 +17,10 @@ from kombu import Connection, Exchange, Queue
 from stylequeue import Client, JobState
 from stylequeue.broker import CALLBACK_QUEUE
 from stylequeue.broker_transport import TRANSPORT
-from stylequeue.embedded import EmbeddedRedis
 from stylequeue.errors import StyleQueueError
 from tests.conftest import write_tiny_style
+from tests.faults import RestartableRedis
 from tests.workers import CallbackReceiver, WorkerProcess, make_image, wait_for, worker_env
-
-
-class RestartableRedis:
-    """An AOF-persisted Redis on a fixed port that a test can stop and start again."""
-
-    def __init__(self, data_dir: Path) -> None:
-        self.data_dir = data_dir
-        self.server = EmbeddedRedis(data_dir=data_dir, persist=True).start()
-        self.port = self.server.port
-
-    @property
-    def url(self) -> str:
-        return self.server.url
-
-    def stop(self) -> None:
-        self.server.stop()  # SIGTERM: Redis flushes its AOF and exits cleanly
-
-    def start(self) -> None:
-        self.server = EmbeddedRedis(data_dir=self.data_dir, port=self.port, persist=True).start()
 
 
 @pytest.fixture
