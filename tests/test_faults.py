@@ -18,7 +18,7 @@ import pytest
 from stylequeue import Client, JobState
 from stylequeue.broker import BULK_CHUNK_SIZE, INTERACTIVE_QUEUE
 from stylequeue.embedded import EmbeddedRedis
-from stylequeue.jobs import DUE, parse_iso
+from stylequeue.jobs import DUE, SENT, parse_iso
 from stylequeue.webhooks import BACKOFF_S, DEFAULT_TIMEOUT_S, JITTER
 from stylequeue.worker.outage import OUTAGE_FAILURES
 from tests.conftest import empty_database, write_tiny_style
@@ -141,7 +141,9 @@ def test_a_worker_killed_mid_run_leaves_no_job_and_no_callback_behind(
 
         finished = [client.wait(job_id, timeout=180) for job_id in ids]
         assert all(j.state == JobState.SUCCEEDED for j in finished), [j.error for j in finished]
-        assert any(j.attempts == 2 for j in finished), "some job should have been taken over from the dead worker"
+        # A job the dead worker had begun (as its lease keeper reported) spent that attempt; one it had only
+        # claimed, or begun too recently to report, got it back.
+        assert all(j.attempts <= 2 for j in finished), [j.attempts for j in finished]
         written = sorted(p.name for p in (files["out"] / "outputs" / "slow").iterdir() if not p.name.startswith("."))
         assert written == sorted(f"{job_id}.png" for job_id in ids)  # one output per job
 
@@ -163,15 +165,13 @@ def test_a_worker_killed_mid_run_leaves_no_job_and_no_callback_behind(
         fleet.stop_all()
 
 
-@pytest.mark.xfail(strict=True, reason="a message a worker popped and never recorded as unacked is lost with the "
-                                       "worker, and only the sweep (3 visibility periods) brings its job back")
 def test_a_message_a_dying_worker_popped_is_still_owed(
         redis_server: EmbeddedRedis, tiny_registry: Path, files: dict, tmp_path: Path) -> None:
     """The interleaving every kill -9 of a busy worker risks, made certain: kombu's BRPOP hands the message
     over (Redis pops it) and only then does the worker write it to the broker's `unacked` hash; a worker
     frozen in BRPOP takes the message and dies before that write. The job must still be owed somewhere
-    (its message due on the due set, or the message itself in its queue or among the unacknowledged) rather
-    than wait for the sweep."""
+    (its message due on the due set, watched on `sent`, or the message itself in its queue or among the
+    unacknowledged) rather than wait for the sweep, and another worker must run it within the watch's time."""
     fleet, client = fleet_for(redis_server, 14, tiny_registry, files, tmp_path)
     broker = client.store.redis
     try:
@@ -189,8 +189,12 @@ def test_a_message_a_dying_worker_popped_is_still_owed(
         fleet.kill9(first)
         assert client.get(popped.id).state == JobState.QUEUED  # the frozen worker never claimed it
         messages = [*broker.lrange(INTERACTIVE_QUEUE, 0, -1), *broker.hvals("unacked")]
-        owed = popped.id in client.store.scheduled(DUE) or any(popped.id.encode() in m for m in messages)
+        owed = (popped.id in client.store.scheduled(DUE) or popped.id in client.store.scheduled(SENT)
+                or any(popped.id.encode() in m for m in messages))
         assert owed, "nothing owes the job: only the sweep, 3 visibility periods later, can bring it back"
+        fleet.start(1)  # lease 3 s: the watch calls a message lost 10 s after it went out
+        assert client.wait(popped.id, timeout=60).state == JobState.SUCCEEDED
+        assert client.store.stats().get("sweep_found", 0) == 0
     finally:
         client.close()
         fleet.stop_all()

@@ -19,6 +19,7 @@ from stylequeue.jobs import (
     PUBLIC_FIELDS,
     QUEUED,
     RUNNING,
+    SENT,
     TERMINAL_STATES,
     TRANSITIONS,
     Change,
@@ -279,10 +280,31 @@ def test_a_submit_is_owed_until_dispatched_and_undone_if_unsent(store: RedisJobS
     assert unsent.id not in store.scheduled(DUE) and unsent.id not in store.scheduled(QUEUED)
 
 
+def test_a_message_the_broker_lost_is_owed_again_from_sent(store: RedisJobStore) -> None:
+    """A sent job stays on `sent` until a worker claims it; the watch finds one whose message never arrived."""
+    lost, claimed = make_job(), make_job()
+    for job in (lost, claimed):
+        store.dispatched([job.id], store.create(job).token)
+    assert set(store.scheduled(SENT)) == {lost.id, claimed.id} and store.scheduled(DUE) == {}
+    store.claim(claimed.id, "w1", lease_s=30)
+    assert list(store.scheduled(SENT)) == [lost.id]  # a claim ends the watch
+    assert store.lost_candidates(older_than_s=60) == []  # too recent to call lost
+    assert store.lost_candidates(older_than_s=0) == [(lost.id, Priority.INTERACTIVE)]
+    assert store.resend_lost([lost.id], older_than_s=60) == 0  # checked again in the script: still too recent
+    assert store.resend_lost([lost.id, claimed.id], older_than_s=0) == 1
+    assert list(store.scheduled(DUE)) == [lost.id] and store.scheduled(SENT) == {}
+    assert store.stats() == {"resent": 1}
+    # a taker that sends it again moves it back to `sent`
+    taken = store.take_due(DUE)
+    assert store.sent_due(taken) == 1 and list(store.scheduled(SENT)) == [lost.id]
+
+
 def test_the_sweep_schedules_only_queued_jobs_with_nothing_owed(store: RedisJobStore) -> None:
-    lost, owed, running = make_job(), make_job(), make_job()
-    store.dispatched([lost.id], store.create(lost).token)  # its message went out and was then lost
+    lost, owed, watched, running = make_job(), make_job(), make_job(), make_job()
+    store.dispatched([lost.id], store.create(lost).token)
+    store.redis.zrem(store.keys.sent, lost.id)  # a bug that dropped its watch: only the sweep can find it
     store.create(owed)  # still owed: not the sweep's business
+    store.dispatched([watched.id], store.create(watched).token)  # sent and watched: not the sweep's either
     store.dispatched([running.id], store.create(running).token)
     store.claim(running.id, "w1", lease_s=30)
     candidates = store.sweep_candidates(older_than_s=0)

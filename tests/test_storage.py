@@ -487,6 +487,17 @@ def test_another_attempts_staged_object_never_replaces_the_promoted_one(staging:
     assert storage.read(uri) == b"attempt 3"
 
 
+def test_staged_copies_lists_every_attempts_copy_of_one_output_only(staging: tuple[Storage, str]) -> None:
+    storage, uri = staging
+    assert storage.staged_copies(uri) == []  # nothing yet (for files: not even its directory)
+    first = storage.stage(uri, b"attempt 1", "image/png", tag="a1")
+    second = storage.stage(uri, b"attempt 1 again", "image/png", tag="a1")
+    neighbour = storage.stage(uri.replace("j_1.png", "j_1.png2.png"), b"another job", "image/png", tag="a1")
+    assert sorted(storage.staged_copies(uri)) == sorted([first, second])
+    storage.promote(second, uri)
+    assert storage.staged_copies(uri) == [first] and neighbour not in storage.staged_copies(uri)
+
+
 def test_promote_with_both_objects_gone_fails_permanently(staging: tuple[Storage, str]) -> None:
     storage, uri = staging
     staged = storage.stage(uri, b"x", "image/png", tag="a1")

@@ -5,7 +5,7 @@ Everything a caller needs is importable from `stylequeue.jobs`.
 """
 
 from stylequeue.errors import ErrorCode
-from stylequeue.jobs.keys import CALLBACKS_DUE, DUE, QUEUED, RUNNING, Keys
+from stylequeue.jobs.keys import CALLBACKS_DUE, DUE, QUEUED, RUNNING, SENT, Keys
 from stylequeue.jobs.presence import Presence
 from stylequeue.jobs.record import (
     CALLBACK_PENDING,
@@ -43,6 +43,6 @@ __all__ = [
     "BulkRunRecord", "CALLBACK_LEASE_S", "CALLBACK_PENDING", "CALLBACKS_DUE", "Change", "Claim", "ClaimOutcome",
     "Created", "DISPATCH_GRACE_S", "DUE", "DUE_HOLD_S", "ErrorCode", "JOB_FIELDS", "Job", "JobState", "Keys",
     "MAX_ATTEMPTS", "Moved", "PUBLIC_FIELDS", "Presence", "Priority", "QUEUED", "RUNNING", "Reaped",
-    "ReapOutcome", "RedisJobStore", "TERMINAL_STATES", "TRANSITIONS", "decode_value", "encode_value", "iso_now",
+    "ReapOutcome", "RedisJobStore", "SENT", "TERMINAL_STATES", "TRANSITIONS", "decode_value", "encode_value", "iso_now",
     "new_job_id", "parse_iso", "redis_errors",
 ]

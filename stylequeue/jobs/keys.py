@@ -5,7 +5,9 @@
     {p}running              zset   job id -> lease expiry: jobs a worker holds (what the reaper scans)
     {p}due                  zset   job id -> when its message must be sent: the outbox of job messages.
                                    Every move to `queued` adds the job here in the same script.
-    {p}queued               zset   job id -> when it last entered `queued` or was last sent: for the sweep
+    {p}sent                 zset   job id -> when its message was sent, until a worker claims it: a message the
+                                   broker lost (a worker killed as it took it) is sent again from here
+    {p}queued               zset   job id -> when it last entered `queued`: for the sweep
     {p}callbacks:due        zset   job id -> when its webhook delivery is due: the outbox of callbacks
     {p}finished             pub/sub channel: ids of jobs that just reached a final state (long polls)
     {p}stats                hash   counters the job store keeps (e.g. jobs the sweep found unscheduled)
@@ -33,6 +35,7 @@ JOB = "job:"
 IDEMPOTENCY = "idem:"
 RUNNING = "running"
 DUE = "due"
+SENT = "sent"
 QUEUED = "queued"
 CALLBACKS_DUE = "callbacks:due"
 FINISHED_CHANNEL = "finished"
@@ -80,6 +83,10 @@ class Keys:
     @property
     def due(self) -> str:
         return self.name(DUE)
+
+    @property
+    def sent(self) -> str:
+        return self.name(SENT)
 
     @property
     def queued(self) -> str:

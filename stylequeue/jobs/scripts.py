@@ -7,7 +7,7 @@ uses, nothing else: no text replacement inside a script.
 Shared conventions:
 - Times are Redis `TIME` in unix milliseconds (`now_ms()`), never a caller's clock.
 - A script that can end a job (claim, reap, transition) takes the "finishing" KEYS first
-  (running, queued, due, callbacks:due) and the "finishing" ARGV first (job TTL s, callback lease ms,
+  (running, queued, due, sent, callbacks:due) and the "finishing" ARGV first (job TTL s, callback lease ms,
   finished channel, pending callback JSON), so `finish()` can do everything a final state implies:
   leave every schedule, expire the record, owe its callback, announce it on the channel.
 - Every move to `queued` puts the job on the `due` set (its message is owed) and on `queued` in the same
@@ -52,7 +52,7 @@ end
 
 # The finishing KEYS and ARGV (see the module docstring), named once per script.
 _FINISHING = """
-local K_RUNNING, K_QUEUED, K_DUE, K_CALLBACKS = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+local K_RUNNING, K_QUEUED, K_DUE, K_SENT, K_CALLBACKS = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
 local TTL, CALLBACK_LEASE, CHANNEL, PENDING = tonumber(ARGV[1]), tonumber(ARGV[2]), ARGV[3], ARGV[4]
 """
 
@@ -65,6 +65,7 @@ local function finish(key, id, t)
   redis.call('ZREM', K_RUNNING, id)
   redis.call('ZREM', K_QUEUED, id)
   redis.call('ZREM', K_DUE, id)
+  redis.call('ZREM', K_SENT, id)
   redis.call('EXPIRE', key, TTL)
   local token = 0
   local url = redis.call('HGET', key, 'callback_url')
@@ -85,6 +86,7 @@ local function requeue(key, id, t, delay)
   redis.call('HSET', key, 'state', '"queued"', 'owner', 'null', 'lease_until', 'null')
   redis.call('ZREM', K_RUNNING, id)
   redis.call('ZADD', K_QUEUED, t, id)
+  redis.call('ZREM', K_SENT, id)
   redis.call('ZADD', K_DUE, t + delay, id)
 end
 """
@@ -175,32 +177,37 @@ end
 return {created, token}
 """, uses=("now", "iso"))
 
-# KEYS: due.  ARGV: dispatch token, job ids...
-# The producer sent these jobs' messages: remove each entry whose score is still the token it was given.
+# KEYS: due, sent.  ARGV: dispatch token, job ids...
+# The producer sent these jobs' messages: each entry whose score is still the token it was given moves from
+# `due` (message owed) to `sent` (message sent at this time). Returns how many moved.
 DISPATCHED = _script("dispatched", """
-local removed = 0
+local t = now_ms()
+local moved = 0
 for i = 2, #ARGV do
   if tonumber(redis.call('ZSCORE', KEYS[1], ARGV[i])) == tonumber(ARGV[1]) then
-    removed = removed + redis.call('ZREM', KEYS[1], ARGV[i])
+    redis.call('ZREM', KEYS[1], ARGV[i])
+    redis.call('ZADD', KEYS[2], t, ARGV[i])
+    moved = moved + 1
   end
 end
-return removed
-""")
+return moved
+""", uses=("now",))
 
-# KEYS: queued, due, tenant index or '', then per job: job key, idempotency key or ''
+# KEYS: queued, due, sent, tenant index or '', then per job: job key, idempotency key or ''
 # ARGV: job ids...
 # A submit whose message could not be sent is undone: each job still `queued` that no worker ever began is
 # deleted with its entries and its idempotency key (if that still names it). Returns how many were deleted.
 DISCARD_UNSENT = _script("discard_unsent", """
 local deleted = 0
 for i = 1, #ARGV do
-  local key, idem, id = KEYS[2 + 2 * i], KEYS[3 + 2 * i], ARGV[i]
+  local key, idem, id = KEYS[3 + 2 * i], KEYS[4 + 2 * i], ARGV[i]
   local now = redis.call('HMGET', key, 'state', 'attempts')
   if now[1] == '"queued"' and (tonumber(now[2]) or 0) == 0 then
     redis.call('DEL', key)
     redis.call('ZREM', KEYS[1], id)
     redis.call('ZREM', KEYS[2], id)
-    if KEYS[3] ~= '' then redis.call('ZREM', KEYS[3], id) end
+    redis.call('ZREM', KEYS[3], id)
+    if KEYS[4] ~= '' then redis.call('ZREM', KEYS[4], id) end
     if idem ~= '' and redis.call('GET', idem) == id then redis.call('DEL', idem) end
     deleted = deleted + 1
   end
@@ -211,9 +218,9 @@ return deleted
 # --- running jobs ------------------------------------------------------------------------------
 
 # What a claim returns of a job besides its id and attempt: what a worker needs to run it and report it.
-CLAIM_FIELDS = ("style", "input_uri", "output_uri", "priority", "callback_url", "created_at")
+CLAIM_FIELDS = ("style", "input_uri", "output_uri", "priority", "callback_url", "created_at", "unbegun_losses")
 
-# KEYS: running, queued, due, callbacks:due, then one job key per job
+# KEYS: running, queued, due, sent, callbacks:due, then one job key per job
 # ARGV: (finishing ARGV 1-4), worker (JSON), lease (ms), max attempts, lost-worker error (JSON),
 #       expired error (JSON), then one job id per job key
 # Per job, start an attempt: queued -> running, or take over a running job whose lease ended. Returns per job:
@@ -259,6 +266,7 @@ local function claim(key, id, t)
   redis.call('ZADD', K_RUNNING, lease, id)
   redis.call('ZREM', K_QUEUED, id)
   redis.call('ZREM', K_DUE, id)
+  redis.call('ZREM', K_SENT, id)
   local result = {outcome, attempts, lease, started}
   local values = redis.call('HMGET', key, unpack(CLAIM_FIELDS))
   for i = 1, #values do result[4 + i] = values[i] end
@@ -267,7 +275,7 @@ local function claim(key, id, t)
 end
 local t = now_ms()
 local results = {}
-for i = 5, #KEYS do results[i - 4] = claim(KEYS[i], ARGV[i + 5], t) end
+for i = 6, #KEYS do results[i - 5] = claim(KEYS[i], ARGV[i + 4], t) end
 return results
 """, uses=("now", "iso", "finishing", "finish", "settle_lost"), lists={"CLAIM_FIELDS": CLAIM_FIELDS})
 
@@ -298,7 +306,7 @@ EXPIRED_LEASES = _script("expired_leases", """
 return redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now_ms(), 'LIMIT', 0, tonumber(ARGV[1]))
 """, uses=("now",))
 
-# KEYS: running, queued, due, callbacks:due, then one job key per job
+# KEYS: running, queued, due, sent, callbacks:due, then one job key per job
 # ARGV: (finishing ARGV 1-4), max attempts, lost-worker error (JSON), then one job id per job key
 # Per job whose lease ended: back to `queued` and due now (its message owed in this same step), or failed
 # `internal` after its last attempt. Returns per job {outcome, previous owner (JSON), callback token}:
@@ -307,26 +315,26 @@ REAP = _script("reap", """
 local MAX, LOST = tonumber(ARGV[5]), ARGV[6]
 local t = now_ms()
 local results = {}
-for i = 5, #KEYS do
-  local key, id = KEYS[i], ARGV[i + 2]
+for i = 6, #KEYS do
+  local key, id = KEYS[i], ARGV[i + 1]
   local now = redis.call('HMGET', key, 'state', 'lease_until', 'attempts', 'owner', 'staged_uri')
   if now[1] ~= '"running"' then
     redis.call('ZREM', K_RUNNING, id)
-    results[i - 4] = {'skip', '', 0}
+    results[i - 5] = {'skip', '', 0}
   elseif (tonumber(now[2]) or 0) > t then
-    results[i - 4] = {'skip', '', 0}
+    results[i - 5] = {'skip', '', 0}
   elseif not (now[5] and now[5] ~= 'null') and settle_lost(key, tonumber(now[3]) or 0) >= MAX then
     redis.call('HSET', key, 'state', '"failed"', 'error', LOST)
-    results[i - 4] = {'failed', now[4] or '', finish(key, id, t)}
+    results[i - 5] = {'failed', now[4] or '', finish(key, id, t)}
   else
     requeue(key, id, t, 0)
-    results[i - 4] = {'requeued', now[4] or '', 0}
+    results[i - 5] = {'requeued', now[4] or '', 0}
   end
 end
 return results
 """, uses=("now", "iso", "finishing", "finish", "requeue", "settle_lost"))
 
-# KEYS: running, queued, due, callbacks:due, then one job key per job
+# KEYS: running, queued, due, sent, callbacks:due, then one job key per job
 # ARGV: (finishing ARGV 1-4), then per job: n, then n items: job id, allowed from-states (JSON list of
 #       JSON states), to-state (JSON), owner (JSON) or '', attempt or '', delay (ms) or '', give back ('1'
 #       or ''), then field/value pairs
@@ -363,9 +371,9 @@ local function transition(key, A, t)
 end
 local t = now_ms()
 local results, at = {}, 5
-for i = 5, #KEYS do
+for i = 6, #KEYS do
   local n = tonumber(ARGV[at])
-  results[i - 4] = transition(KEYS[i], {unpack(ARGV, at + 1, at + n)}, t)
+  results[i - 5] = transition(KEYS[i], {unpack(ARGV, at + 1, at + n)}, t)
   at = at + n + 1
 end
 return results
@@ -417,6 +425,23 @@ end
 return queued
 """, uses=("now",))
 
+# KEYS: one job key per job.  ARGV: error code (JSON, e.g. '"storage_error"').
+# Give back the attempt of each job still `queued` whose last error has that code: its failure turned out to be
+# an outage, not its own fault. Returns how many were refunded.
+REFUND_ATTEMPT = _script("refund_attempt", """
+local refunded = 0
+for i = 1, #KEYS do
+  local now = redis.call('HMGET', KEYS[i], 'state', 'attempts', 'error')
+  local attempts = tonumber(now[2]) or 0
+  if now[1] == '"queued"' and attempts > 0 and now[3] and now[3] ~= 'null'
+      and cjson.decode(now[3])['code'] == cjson.decode(ARGV[1]) then
+    redis.call('HSET', KEYS[i], 'attempts', attempts - 1)
+    refunded = refunded + 1
+  end
+end
+return refunded
+""")
+
 # --- schedules (due sets) ------------------------------------------------------------------------
 
 # KEYS: a schedule zset.  ARGV: limit, hold (ms).
@@ -447,6 +472,50 @@ for i = 1, #ARGV, 2 do
 end
 return removed
 """)
+
+# KEYS: due, sent.  ARGV: job id, token, job id, token, ...
+# A taker of due job messages sent them: each entry still the one it took moves from `due` to `sent` (message
+# sent at this time). Returns how many moved.
+SENT_DUE = _script("sent_due", """
+local t = now_ms()
+local moved = 0
+for i = 1, #ARGV, 2 do
+  if tonumber(redis.call('ZSCORE', KEYS[1], ARGV[i])) == tonumber(ARGV[i + 1]) then
+    redis.call('ZREM', KEYS[1], ARGV[i])
+    redis.call('ZADD', KEYS[2], t, ARGV[i])
+    moved = moved + 1
+  end
+end
+return moved
+""", uses=("now",))
+
+# KEYS: sent.  ARGV: age (ms), limit.
+# Jobs whose message was sent more than `age` ago and that are still on `sent` (not claimed, not finished):
+# their message may have been lost by the broker (a worker killed between taking it and recording it).
+LOST_CANDIDATES = _script("lost_candidates", """
+return redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now_ms() - tonumber(ARGV[1]), 'LIMIT', 0, tonumber(ARGV[2]))
+""", uses=("now",))
+
+# KEYS: due, sent, stats, then one job key per job.  ARGV: age (ms), then one job id per job key.
+# Each job still `queued` whose message was sent more than `age` ago goes back to `due` (its message owed
+# again, now; counted in stats `resent`); an entry of a job no longer queued is dropped. Returns how many.
+RESEND_LOST = _script("resend_lost", """
+local t = now_ms()
+local resent = 0
+for i = 4, #KEYS do
+  local id = ARGV[i - 2]
+  local sent = tonumber(redis.call('ZSCORE', KEYS[2], id))
+  if redis.call('HGET', KEYS[i], 'state') ~= '"queued"' then
+    redis.call('ZREM', KEYS[2], id)
+  elseif sent and sent <= t - tonumber(ARGV[1]) then
+    redis.call('ZREM', KEYS[2], id)
+    redis.call('ZADD', KEYS[1], t, id)
+    redis.call('HINCRBY', KEYS[3], 'resent', 1)
+    resent = resent + 1
+  end
+end
+return resent
+""", uses=("now",))
 
 # --- callbacks (the outbox of webhook deliveries) -------------------------------------------------
 
@@ -483,31 +552,33 @@ return 1
 
 # --- the sweep (belt and braces) --------------------------------------------------------------------
 
-# KEYS: queued, due.  ARGV: age (ms), limit.
-# Ids queued for longer than `age` with no message owed: candidates whose message may have been lost.
+# KEYS: queued, due, sent.  ARGV: age (ms), limit.
+# Ids queued for longer than `age` on neither `due` nor `sent`: jobs nothing owes a message (a bug if any).
 SWEEP_CANDIDATES = _script("sweep_candidates", """
 local old = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now_ms() - tonumber(ARGV[1]), 'LIMIT', 0,
                        tonumber(ARGV[2]))
 local out = {}
 for _, id in ipairs(old) do
-  if not redis.call('ZSCORE', KEYS[2], id) then table.insert(out, id) end
+  if not redis.call('ZSCORE', KEYS[2], id) and not redis.call('ZSCORE', KEYS[3], id) then
+    table.insert(out, id)
+  end
 end
 return out
 """, uses=("now",))
 
-# KEYS: queued, due, stats, then one job key per job.  ARGV: one job id per job key.
-# Schedule each job that is still `queued` with no message owed (and count it in stats `sweep_found`);
+# KEYS: queued, due, sent, stats, then one job key per job.  ARGV: one job id per job key.
+# Schedule each job that is still `queued` on neither `due` nor `sent` (and count it in stats `sweep_found`);
 # drop index entries of jobs no longer queued. Returns how many were scheduled.
 SWEEP = _script("sweep", """
 local t = now_ms()
 local found = 0
-for i = 4, #KEYS do
-  local id = ARGV[i - 3]
+for i = 5, #KEYS do
+  local id = ARGV[i - 4]
   if redis.call('HGET', KEYS[i], 'state') == '"queued"' then
-    if not redis.call('ZSCORE', KEYS[2], id) then
+    if not redis.call('ZSCORE', KEYS[2], id) and not redis.call('ZSCORE', KEYS[3], id) then
       redis.call('ZADD', KEYS[2], t, id)
       redis.call('ZADD', KEYS[1], t, id)
-      redis.call('HINCRBY', KEYS[3], 'sweep_found', 1)
+      redis.call('HINCRBY', KEYS[4], 'sweep_found', 1)
       found = found + 1
     end
   else

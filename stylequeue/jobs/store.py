@@ -164,7 +164,7 @@ class RedisJobStore:
                 return self.redis.evalsha(script.sha, len(keys), *keys, *args)
 
     def _finishing_keys(self) -> list[str]:
-        return [self.keys.running, self.keys.queued, self.keys.due, self.keys.callbacks_due]
+        return [self.keys.running, self.keys.queued, self.keys.due, self.keys.sent, self.keys.callbacks_due]
 
     def _finishing_args(self) -> list[str]:
         return [str(self.job_ttl_s), _ms(CALLBACK_LEASE_S), self.keys.finished_channel, _PENDING]
@@ -216,9 +216,11 @@ class RedisJobStore:
         return int(token)
 
     def dispatched(self, job_ids: Sequence[str], token: int) -> None:
-        """Their messages were sent: drop the due entries `create`/`create_many` made (if still theirs)."""
+        """Their messages were sent: the due entries `create`/`create_many` made (if still theirs) move to
+        `sent`, where a message the broker loses is noticed (`lost_candidates`)."""
         for start in range(0, len(job_ids), CREATE_CHUNK):
-            self._run(scripts.DISPATCHED, [self.keys.due], [str(token), *job_ids[start:start + CREATE_CHUNK]])
+            self._run(scripts.DISPATCHED, [self.keys.due, self.keys.sent],
+                      [str(token), *job_ids[start:start + CREATE_CHUNK]])
 
     def discard_unsent(self, jobs: Sequence[Job]) -> int:
         """Undo a submit whose message could not be sent: delete each job no worker began. Returns how many."""
@@ -226,7 +228,7 @@ class RedisJobStore:
             return 0
         tenants = {job.tenant for job in jobs}
         tenant = tenants.pop() if len(tenants) == 1 else None
-        keys = [self.keys.queued, self.keys.due, self.keys.tenant_jobs(tenant) if tenant else ""]
+        keys = [self.keys.queued, self.keys.due, self.keys.sent, self.keys.tenant_jobs(tenant) if tenant else ""]
         for job in jobs:
             keys += [self.job_key(job.id), job.idem_key or ""]
         return int(self._run(scripts.DISCARD_UNSENT, keys, [job.id for job in jobs]))
@@ -382,6 +384,13 @@ class RedisJobStore:
                                     [_ms(delay_s), *chunk]))
         return queued
 
+    def refund_attempts(self, job_ids: Sequence[str], code: ErrorCode) -> int:
+        """Give back the attempt of each still-queued job whose last error is `code` (an outage's, not its own
+        fault); returns how many."""
+        if not job_ids:
+            return 0
+        return int(self._run(scripts.REFUND_ATTEMPT, list(map(self.job_key, job_ids)), [json.dumps(str(code))]))
+
     # --- due sets (never Celery countdown/eta) ------------------------------------------------------
 
     def take_due(self, name: str, *, limit: int = 100, hold_s: float = DUE_HOLD_S) -> list[tuple[str, int]]:
@@ -389,6 +398,28 @@ class RedisJobStore:
         `hold_s` ahead, so a taker that dies before it is done leaves it due again."""
         flat = self._run(scripts.TAKE_DUE, [self.keys.name(name)], [str(limit), _ms(hold_s)])
         return [(flat[i].decode(), int(flat[i + 1])) for i in range(0, len(flat), 2)]
+
+    def sent_due(self, taken: Sequence[tuple[str, int]]) -> int:
+        """Messages `take_due(DUE)` gave were sent: their entries (each if still the one taken) move to `sent`."""
+        if not taken:
+            return 0
+        args = [str(item) for pair in taken for item in pair]
+        return int(self._run(scripts.SENT_DUE, [self.keys.due, self.keys.sent], args))
+
+    def lost_candidates(self, *, older_than_s: float, limit: int = 500) -> list[tuple[str, Priority]]:
+        """Jobs whose message went out more than `older_than_s` ago and that no worker claimed since, with
+        their priorities (the watcher sends again those whose broker queue is empty: their message was lost)."""
+        ids = [i.decode() for i in self._run(scripts.LOST_CANDIDATES, [self.keys.sent],
+                                             [_ms(older_than_s), str(limit)])]
+        return self._with_priorities(ids)
+
+    def resend_lost(self, job_ids: Sequence[str], *, older_than_s: float) -> int:
+        """Make each of these jobs' messages due again if still queued and sent longer ago than `older_than_s`
+        (counted in stats `resent`); returns how many."""
+        if not job_ids:
+            return 0
+        keys = [self.keys.due, self.keys.sent, self.keys.stats, *map(self.job_key, job_ids)]
+        return int(self._run(scripts.RESEND_LOST, keys, [_ms(older_than_s), *job_ids]))
 
     def done_due(self, name: str, taken: Sequence[tuple[str, int]]) -> int:
         """Remove what `take_due` gave, each only if its entry is still the one taken; returns how many."""
@@ -426,8 +457,12 @@ class RedisJobStore:
 
     def sweep_candidates(self, *, older_than_s: float, limit: int = 1000) -> list[tuple[str, Priority]]:
         """Jobs queued longer than `older_than_s` with no message owed, with their priorities."""
-        ids = [i.decode() for i in self._run(scripts.SWEEP_CANDIDATES, [self.keys.queued, self.keys.due],
+        ids = [i.decode() for i in self._run(scripts.SWEEP_CANDIDATES,
+                                             [self.keys.queued, self.keys.due, self.keys.sent],
                                              [_ms(older_than_s), str(limit)])]
+        return self._with_priorities(ids)
+
+    def _with_priorities(self, ids: list[str]) -> list[tuple[str, Priority]]:
         if not ids:
             return []
         with redis_errors(self):
@@ -442,7 +477,7 @@ class RedisJobStore:
         """Schedule each job still queued with no message owed; returns how many (counted in `stats`)."""
         if not job_ids:
             return 0
-        keys = [self.keys.queued, self.keys.due, self.keys.stats, *map(self.job_key, job_ids)]
+        keys = [self.keys.queued, self.keys.due, self.keys.sent, self.keys.stats, *map(self.job_key, job_ids)]
         return int(self._run(scripts.SWEEP, keys, list(job_ids)))
 
     def try_lock(self, name: str, holder: str, ttl_s: float) -> bool:

@@ -45,6 +45,8 @@ log = logging.getLogger("stylequeue.worker")
 RETRY_BACKOFF_S = (1.0, 4.0)
 # A message for a job this worker still holds from an earlier attempt comes back after this long.
 HELD_RESCHEDULE_S = 2.0
+# Staged outputs whose delete failed, kept to delete again (beyond this, an outage's leftovers are only logged).
+MAX_UNDELETED = 10000
 INTERACTIVE_THREADS = 2
 
 
@@ -72,6 +74,8 @@ class Storage(Protocol):
     def promote(self, staged_uri: str, uri: str) -> None: ...
 
     def discard(self, staged_uri: str) -> None: ...
+
+    def staged_copies(self, uri: str) -> list[str]: ...
 
 
 class Codec(Protocol):
@@ -217,6 +221,7 @@ class JobExecutor:
         self.clock = clock
         # Finishing steps that met an unreachable job store, retried by `retry_parked` until they go through.
         self._parked: list[tuple[list[Held], Callable[[], None]]] = []
+        self._undeleted: list[str] = []  # staged outputs a failed delete left behind, deleted again later
         # Items are groups: one interactive job, or bulk jobs of one message (`group_size` of them, or the
         # whole message with a codec pool), which a job thread runs together (one wake-up per group, one
         # fence and one finishing round trip).
@@ -391,6 +396,9 @@ class JobExecutor:
         through. A step that still meets an unreachable store stays parked; its jobs stay held and renewed."""
         with self._lock:
             parked, self._parked = self._parked, []
+            undeleted, self._undeleted = self._undeleted, []
+        for staged_uri in undeleted:
+            self._discard(staged_uri)
         done = 0
         for index, (helds, step) in enumerate(parked):
             with self._lock:
@@ -577,6 +585,9 @@ class JobExecutor:
                 log.info("job %s: no longer held by this attempt (cancelled or taken over); its output is dropped",
                          work.held.job_id)
                 self._discard(work.staged_uri)
+        for work in promoted:
+            if work.held.attempts > 1 or work.held.job.unbegun_losses:
+                self._discard_earlier_attempts(work)
         errors = self._promote([(w.staged_uri, w.held.job.output_uri) for w in promoted])
         done = []
         for work, error in zip(promoted, errors, strict=True):
@@ -637,11 +648,27 @@ class JobExecutor:
                 log.info("job %s: finished after it was cancelled; its output stays at %s", held.job_id,
                          held.job.output_uri)
 
+    def _discard_earlier_attempts(self, work: _Work) -> None:
+        """Delete what lost attempts staged for this output (a worker killed between staging and fencing left
+        it). Only after this attempt's fence: no other attempt can promote any more, so none of it is needed."""
+        try:
+            earlier = [uri for uri in self.storage.staged_copies(work.held.job.output_uri) if uri != work.staged_uri]
+        except StyleQueueError as exc:
+            log.info("job %s: could not look for earlier attempts' staged outputs: %s", work.held.job_id, exc)
+            return
+        for staged_uri in earlier:
+            self._discard(staged_uri)
+
     def _discard(self, staged_uri: str) -> None:
+        """Delete a staged output this attempt will not promote; a store that cannot delete it now (down, say)
+        gets the delete again at each `retry_parked` until it goes through (at most MAX_UNDELETED kept)."""
         try:
             self.storage.discard(staged_uri)
         except StyleQueueError as exc:
-            log.warning("could not delete a staged output %s: %s", staged_uri, exc)
+            log.warning("could not delete a staged output %s (%s); trying again later", staged_uri, exc)
+            with self._lock:
+                if len(self._undeleted) < MAX_UNDELETED:
+                    self._undeleted.append(staged_uri)
 
     # --- failures -----------------------------------------------------------------------------------
 
@@ -688,6 +715,17 @@ class JobExecutor:
             error = InternalError(f"{type(exc).__name__}: {exc}")
         if not self._is_abandoned(held):
             self._fail_quietly(held, error)
+            dependency = self.dependency_of(uri) if uri is not None else None
+            if self.guard is not None and error.transient and self.guard.holds(dependency):
+                # The outage was declared while this failure was being recorded, too late for the guard's own
+                # refund of the failures that revealed it: this job gives its attempt back itself.
+                self._refund(held.job_id, error)
+
+    def _refund(self, job_id: str, error: JobError) -> None:
+        try:
+            self.store.refund_attempts([job_id], error.code)
+        except RedisUnavailable as exc:
+            self._survived(exc)
 
     def _fail_quietly(self, held: Held, error: JobError) -> None:
         """`_fail`, parked while the job store cannot be reached."""

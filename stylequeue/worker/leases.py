@@ -8,10 +8,12 @@ One `LeaseKeeper` thread per worker process. Every `tick_s` seconds it
 - reaps jobs of any worker whose lease ended: back to `queued` with their message due in the same script
   (or failed after the last attempt), so a killed worker's jobs finish elsewhere.
 Every `due_tick_s` (sooner: retries wait one or four seconds) it drains the due sets: it sends the message of
-each job whose message is owed, then removes the entry only if it is still the one it took; and it sends a
-delivery message for each callback that came due. Every `sweep_every_s`, one worker at a time sweeps: jobs
-queued for several visibility periods with no message owed, while their broker queue is empty, are
-scheduled again and counted (in a correct system the count stays zero).
+each job whose message is owed, then moves the entry to `sent` only if it is still the one it took; and it
+sends a delivery message for each callback that came due. Every `watch_every_s`, one worker at a time looks
+at `sent`: a job whose message went out more than `lost_after_s` ago, still unclaimed while its broker queue
+is empty, had its message lost by the broker (a worker killed between taking a message and recording it):
+it is owed again. Every `sweep_every_s`, one worker at a time sweeps: jobs queued for several visibility
+periods on neither `due` nor `sent` are scheduled again and counted (in a correct system the count stays 0).
 """
 
 from __future__ import annotations
@@ -30,6 +32,8 @@ log = logging.getLogger("stylequeue.worker.leases")
 
 DUE_TICK_S = 0.5
 DUE_BATCH = 500
+WATCH_EVERY_S = 2.0
+WATCH_LOCK = "watch:lock"
 SWEEP_EVERY_S = 60.0
 SWEEP_LOCK = "sweep:lock"
 
@@ -57,6 +61,8 @@ class LeaseKeeper:
         queue_depths: messages waiting per broker queue of each priority (for the sweep).
         heartbeat: JSON-able info published with each heartbeat.
         sweep_after_s: how long a job may sit queued with no message owed before the sweep looks at it.
+        lost_after_s: how long after its message went out an unclaimed job's message counts as lost (if its
+            broker queue is empty by then).
         probe: called every round (the outage guard's `probe_due`), so a dependency found down is probed on time.
         clock: monotonic seconds (tests inject a fake one and call the duties directly).
     """
@@ -64,7 +70,8 @@ class LeaseKeeper:
     def __init__(self, *, store: RedisJobStore, executor: Holder | None, worker_id: str, lease_s: float,
                  send_jobs: Callable[[Sequence[str], Priority], None], send_callback: Callable[[str, int], None],
                  queue_depths: Callable[[], dict[Priority, int]], heartbeat: Callable[[], dict[str, Any]],
-                 sweep_after_s: float, tick_s: float | None = None, due_tick_s: float = DUE_TICK_S,
+                 sweep_after_s: float, lost_after_s: float = 60.0, tick_s: float | None = None,
+                 due_tick_s: float = DUE_TICK_S, watch_every_s: float = WATCH_EVERY_S,
                  sweep_every_s: float = SWEEP_EVERY_S, probe: Callable[[], None] | None = None,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.store = store
@@ -80,9 +87,12 @@ class LeaseKeeper:
         self.tick_s = tick_s if tick_s is not None else max(0.2, min(5.0, lease_s / 3))
         self.due_tick_s = min(due_tick_s, self.tick_s)
         self.sweep_every_s = sweep_every_s
+        self.lost_after_s = lost_after_s
+        self.watch_every_s = watch_every_s
         self.probe = probe or (lambda: None)
         self.clock = clock
         self.sweep_found = 0  # jobs this worker's sweeps scheduled (a metric: it should stay 0)
+        self.resent = 0  # jobs whose lost message this worker's watch made owed again
         self.errors = 0  # rounds that failed (Redis away for a moment)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="lease-keeper", daemon=True)
@@ -96,7 +106,7 @@ class LeaseKeeper:
         self._thread.join(10)
 
     def _loop(self) -> None:
-        next_tick = next_sweep = self.clock()
+        next_tick = next_watch = next_sweep = self.clock()
         while not self._stop.wait(self.due_tick_s):
             now = self.clock()
             self._probe()
@@ -107,6 +117,9 @@ class LeaseKeeper:
                     next_tick = now + self.tick_s
                     self.tick()
                 self.drain()
+                if now >= next_watch:
+                    next_watch = now + self.watch_every_s
+                    self.watch()
                 if now >= next_sweep:
                     next_sweep = now + self.sweep_every_s
                     self.sweep()
@@ -152,21 +165,44 @@ class LeaseKeeper:
         taken = self.store.take_due(DUE, limit=DUE_BATCH)
         if taken:
             by_priority: dict[Priority, list[str]] = {}
-            for (job_id, _), (state, priority) in zip(taken, self._states([j for j, _ in taken]), strict=True):
+            sent: list[tuple[str, int]] = []
+            stale: list[tuple[str, int]] = []
+            for item, (state, priority) in zip(taken, self._states([j for j, _ in taken]), strict=True):
                 if state is JobState.QUEUED and priority is not None:
-                    by_priority.setdefault(priority, []).append(job_id)
+                    by_priority.setdefault(priority, []).append(item[0])
+                    sent.append(item)
+                else:
+                    stale.append(item)
             for priority, job_ids in by_priority.items():
                 self.send_jobs(job_ids, priority)
-            self.store.done_due(DUE, taken)
-            sent = sum(map(len, by_priority.values()))
+            self.store.sent_due(sent)
+            self.store.done_due(DUE, stale)
             if sent:
-                log.info("sent %d job messages that were due (retries, give-backs, reaped or unsent jobs)", sent)
+                log.info("sent %d job messages that were due (retries, give-backs, reaped, unsent or lost)",
+                         len(sent))
         for job_id, token in self.store.take_due(CALLBACKS_DUE, limit=DUE_BATCH, hold_s=CALLBACK_LEASE_S):
             self.send_callback(job_id, token)
 
     def _states(self, job_ids: Sequence[str]) -> list[tuple[JobState | None, Priority | None]]:
         jobs = self.store.get_many(job_ids)
         return [(job.state, job.priority) if job is not None else (None, None) for job in jobs]
+
+    def watch(self) -> int:
+        """Owe again the messages the broker lost: jobs sent long ago, unclaimed, with their queue empty."""
+        if not self.store.try_lock(WATCH_LOCK, self.worker_id, self.watch_every_s):
+            return 0
+        candidates = self.store.lost_candidates(older_than_s=self.lost_after_s)
+        if not candidates:
+            return 0
+        depths = self.queue_depths()
+        # A job waiting behind others in its broker queue is not lost; only an empty queue says so.
+        lost = [job_id for job_id, priority in candidates if depths.get(priority, 0) == 0]
+        resent = self.store.resend_lost(lost, older_than_s=self.lost_after_s)
+        if resent:
+            self.resent += resent
+            log.warning("%d jobs' messages were lost by the broker (sent %g s ago, never claimed, their queue "
+                        "empty); they are owed again", resent, self.lost_after_s)
+        return resent
 
     def sweep(self) -> int:
         """Belt and braces: schedule jobs queued long ago with no message owed whose broker queue is empty."""

@@ -45,6 +45,9 @@ class WorkerMetrics:
         self.sweep_found = Counter("stylequeue_sweep_found_total",
                                    "Queued jobs the sweep found with no message owed (should stay 0)",
                                    registry=self.registry)
+        self.messages_resent = Counter("stylequeue_messages_resent_total",
+                                       "Jobs whose message the broker lost, sent again by the watch",
+                                       registry=self.registry)
         self.callbacks_waiting = Gauge("stylequeue_callbacks_waiting",
                                        "Callback deliveries this worker has taken and not finished",
                                        registry=self.registry)

@@ -66,18 +66,22 @@ class OutageGuard:
         record_start: `(dependency, now) -> start`: the outage's start as the first worker to see it recorded it.
         record_end: `(dependency) -> None`: the outage is over.
         on_change: called with (dependency, down) when a dependency goes down or comes back.
+        refund: called with the ids of the jobs whose failures revealed an outage (each spent an attempt
+            before it was known: the guard gives those back).
     """
 
     def __init__(self, *, outage_s: float, probe: Callable[[str], bool], clock: Callable[[], float] = time.time,
                  record_start: Callable[[str, float], float] | None = None,
                  record_end: Callable[[str], None] | None = None,
-                 on_change: Callable[[str, bool], None] | None = None) -> None:
+                 on_change: Callable[[str, bool], None] | None = None,
+                 refund: Callable[[list[str]], None] | None = None) -> None:
         self.outage_s = outage_s
         self.probe = probe
         self.clock = clock
         self.record_start = record_start or (lambda dependency, now: now)
         self.record_end = record_end or (lambda dependency: None)
         self.on_change = on_change or (lambda dependency, down: None)
+        self.refund = refund or (lambda job_ids: None)
         self._states: dict[str, _State] = {}
         self._lock = threading.Lock()
 
@@ -109,7 +113,7 @@ class OutageGuard:
                     return False
                 went_down = True
         if went_down:
-            self._went_down(dependency)
+            self._went_down(dependency, revealed_by=job_id)
         return self.holds(dependency)
 
     def holds(self, dependency: str | None) -> bool:
@@ -160,7 +164,7 @@ class OutageGuard:
                 log.error("%s still down after %.0f s (STYLEQUEUE_OUTAGE_S=%g): jobs needing it now fail "
                           "storage_error", dependency, waited, self.outage_s)
 
-    def _went_down(self, dependency: str) -> None:
+    def _went_down(self, dependency: str, revealed_by: str) -> None:
         now = self.clock()
         try:
             since = self.record_start(dependency, now)
@@ -171,8 +175,13 @@ class OutageGuard:
             state.down_since = since
             state.probe_every = PROBE_FIRST_S
             state.next_probe = now + PROBE_FIRST_S
+            charged = sorted(state.jobs - {revealed_by})  # the job that tipped it is handed back uncharged
         log.warning("%s is down (%d jobs in a row failed on it): jobs needing it are held back without spending "
                     "attempts; probing until it answers", dependency, OUTAGE_FAILURES)
+        try:
+            self.refund(charged)
+        except Exception as exc:  # the job store away too: those jobs keep the attempt they spent
+            log.debug("could not give back the attempts of %s: %s", ", ".join(charged), exc)
         self.on_change(dependency, True)
 
     def _came_up(self, dependency: str) -> None:

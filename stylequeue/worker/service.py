@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 from stylequeue import broker
 from stylequeue.config.settings import Settings
 from stylequeue.config.styles import StyleCatalog
-from stylequeue.errors import ConfigError
+from stylequeue.errors import ConfigError, ErrorCode
 from stylequeue.jobs import Job, JobState, Presence, Priority, RedisJobStore, iso_now
 from stylequeue.worker.backpressure import Backpressure
 
@@ -123,6 +123,7 @@ class WorkerService:
         self._consumer: Any = None
         self._consumed: list[str] = []  # the queues Celery's consumer took at start
         self._sweep_reported = 0
+        self._resent_reported = 0
         self._started_at = time.time()
         self._backlog_due = 0.0
 
@@ -155,6 +156,7 @@ class WorkerService:
             send_callback=lambda job_id, token: broker.send_callback(self.app, job_id, token),
             queue_depths=self._job_queue_depths, heartbeat=self._heartbeat,
             sweep_after_s=SWEEP_AFTER_VISIBILITY_PERIODS * self.settings.visibility_timeout_s,
+            lost_after_s=max(10.0, 2 * self.options.lease_s),
             probe=self.guard.probe_due if self.guard is not None else None,
         ).start()
         return self
@@ -169,7 +171,13 @@ class WorkerService:
             record_start=lambda dependency, now: self.store.outage_begun(dependency, self.worker_id, now,
                                                                          stale_after_s=2 * self.settings.outage_s),
             record_end=self.store.outage_ended,
-            on_change=lambda dependency, down: self._flow(force=True))
+            on_change=lambda dependency, down: self._flow(force=True),
+            refund=self._refund_outage_attempts)
+
+    def _refund_outage_attempts(self, job_ids: list[str]) -> None:
+        refunded = self.store.refund_attempts(job_ids, ErrorCode.STORAGE_ERROR)
+        if refunded:
+            log.info("gave back the attempts of %d jobs whose failures revealed the outage", refunded)
 
     def dependency_of(self, uri: str) -> str | None:
         from stylequeue.worker.outage import dependency_of
@@ -427,6 +435,10 @@ class WorkerService:
                 if found:
                     self.metrics.sweep_found.inc(found)
                     self._sweep_reported = self.keeper.sweep_found
+                resent = self.keeper.resent - self._resent_reported
+                if resent:
+                    self.metrics.messages_resent.inc(resent)
+                    self._resent_reported = self.keeper.resent
             try:
                 for queue, depth in broker.queue_depths(self.app).items():
                     self.metrics.queue_depth.labels(queue).set(depth)

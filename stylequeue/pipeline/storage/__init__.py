@@ -64,6 +64,8 @@ class Backend(Reader, Protocol):
 
     def presign(self, uri: str, ttl_s: int) -> str | None: ...
 
+    def staged_copies(self, uri: str) -> list[str]: ...
+
     def list(self, prefix_uri: str, *, page_size: int = 1000) -> Iterator[str]: ...
 
     def stage(self, uri: str, data: bytes, content_type: str, *, tag: str) -> str: ...
@@ -171,6 +173,10 @@ class Storage:
         returns quietly; when both are gone it raises StorageError(transient=False).
         """
         self._same_scheme(staged_uri, uri).promote(staged_uri, uri)
+
+    def staged_copies(self, uri: str) -> list[str]:
+        """The staged copies of `uri` that exist, of any attempt (a killed attempt's are left behind)."""
+        return self._backend(uri, "list").staged_copies(uri)
 
     def discard(self, staged_uri: str) -> None:
         """Delete a staged object; nothing happens when it is already gone."""

@@ -361,6 +361,27 @@ class FileBackend:
         return StorageError(f"cannot promote {redact_uri(staged_uri)}: it is gone and {redact_uri(uri)} does not "
                             "exist", transient=False)
 
+    def staged_copies(self, uri: str) -> list[str]:
+        """The staged files of `uri` that exist (every attempt's, in its directory)."""
+        try:
+            fd, name = self._output_dir(uri, create=False)
+        except (FileNotFoundError, NotADirectoryError):
+            return []
+        except OSError as exc:
+            raise _os_error(exc, uri) from None
+        try:  # the walk's fd is an O_PATH one, which cannot be read: open the directory itself through it
+            readable = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=fd)
+            try:
+                names = os.listdir(readable)
+            finally:
+                os.close(readable)
+        except OSError as exc:
+            raise _os_error(exc, uri) from None
+        finally:
+            os.close(fd)
+        folder = uri.rpartition("/")[0]
+        return [f"{folder}/{entry}" for entry in names if staged_base(entry) == f".{name}"]
+
     def discard(self, staged_uri: str) -> None:
         """Remove a staged file; nothing happens when it is already gone."""
         if staged_base(os.path.basename(path_of(staged_uri))) is None:

@@ -297,6 +297,21 @@ class S3Backend:
             ExpiresIn=int(ttl_s))
         return {"url": post["url"], "fields": dict(post["fields"])}
 
+    def staged_copies(self, uri: str) -> list[str]:
+        """The staged objects of `uri` that exist (every attempt's: `{key}.{tag}.{random}.sqtmp`)."""
+        bucket, key = parse(uri)
+        request: dict[str, Any] = {"Bucket": bucket, "Prefix": f"{key}."}
+        found: list[str] = []
+        while True:
+            with _s3_errors(uri, reading=True):
+                page = self.client().list_objects_v2(**request)
+            found += [f"s3://{bucket}/{entry['Key']}" for entry in page.get("Contents", [])
+                      if staged_base(entry["Key"]) == key]
+            token = page.get("NextContinuationToken")
+            if not page.get("IsTruncated") or not token:
+                return found
+            request["ContinuationToken"] = token
+
     def list(self, prefix_uri: str, *, page_size: int = 1000) -> Iterator[str]:
         bucket, prefix = parse(prefix_uri, key_required=False)
         request: dict[str, Any] = {"Bucket": bucket, "Prefix": prefix, "MaxKeys": page_size}
