@@ -105,6 +105,9 @@ class Chaos:
     started: float = field(default_factory=time.monotonic)
     log: list[str] = field(default_factory=list)
     killed_held: set[tuple[str, int]] = field(default_factory=set)  # (job, attempt) killed workers held
+    # (job, attempt) each frozen worker held when frozen: taken over while it slept, still in its memory after,
+    # and staged by it before it sees the loss; a kill before it deletes them leaves them (docs/jobs.md)
+    frozen_held: dict[int, set[tuple[str, int]]] = field(default_factory=dict)
     problems: list[str] = field(default_factory=list)
 
     def note(self, text: str) -> None:
@@ -128,6 +131,7 @@ class Chaos:
         self.fleet.kill9(victim)
         held = held_by(self.redis, worker_id(victim))  # its leases outlive it by up to LEASE_S
         self.killed_held.update(held)
+        self.killed_held.update(self.frozen_held.get(victim.process.pid, ()))
         self.note(f"kill -9 pid {victim.process.pid} holding {len(held)} jobs; replacement started")
         self.fleet.start(1, wait=False)
 
@@ -149,6 +153,7 @@ class Chaos:
         frozen_for = 2 * LEASE_S
         self.fleet.freeze(victim)
         held = held_by(self.redis, worker_id(victim))
+        self.frozen_held.setdefault(victim.process.pid, set()).update(held)
         self.note(f"SIGSTOP pid {victim.process.pid} holding {len(held)} jobs, for {frozen_for} s")
         time.sleep(frozen_for)
         self.fleet.thaw(victim)
