@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from stylequeue.config.styles import StyleCatalog, StyleSpec
-from stylequeue.errors import RedisUnavailable, StorageError
+from stylequeue.errors import ErrorCode, RedisUnavailable, StorageError
 from stylequeue.jobs import CALLBACKS_DUE, DUE, Job, JobState, Priority, RedisJobStore, new_job_id
 from stylequeue.worker.batching import GroupFuture
 from stylequeue.worker.execution import GroupQueue, Held, JobExecutor
@@ -87,6 +87,7 @@ class FakeStorage:
         self.hooks: dict[str, list] = {}
         self.fail_promote = 0
         self.fail_discard = 0
+        self.fail_stage_after_write = 0  # stage writes, then raises (the answer lost on a dropped connection)
         self.counter = 0
 
     def _hook(self, name: str, *args: object) -> None:
@@ -102,6 +103,9 @@ class FakeStorage:
         self.counter += 1
         staged = f"{uri}.{tag}.{self.counter}.sqtmp"
         self.objects[staged] = data
+        if self.fail_stage_after_write:
+            self.fail_stage_after_write -= 1
+            raise StorageError("S3 did not answer (EndpointConnectionError)", transient=True)
         return staged
 
     def promote(self, staged_uri: str, uri: str) -> None:
@@ -446,4 +450,24 @@ def test_a_retried_attempt_deletes_what_lost_attempts_staged(store: RedisJobStor
     assert done.state == JobState.SUCCEEDED and done.attempts == 2
     assert storage.objects[job.output_uri] != b"attempt one"
     assert not [uri for uri in storage.objects if uri.endswith(".sqtmp")]
+    executor.stop(timeout=5)
+
+
+def test_a_copy_staged_by_an_attempt_given_back_is_deleted_by_the_one_that_wins(store: RedisJobStore,
+                                                                                spec: StyleSpec) -> None:
+    """The soak's leftover: attempt 1 stages, the store goes away before it answers (the copy exists, the worker
+    never learns its name), the job is retried, and the outage gives that attempt back. The attempt that wins
+    is numbered 1 again, yet it must still look for and delete what the given-back attempt staged."""
+    storage, errors = FakeStorage({"mem://in.png": make_image(32, 32)}), []
+    storage.fail_stage_after_write = 1
+    executor = make_executor(store, storage, FakeModels(spec), errors=errors)
+    job = submit(store)
+    executor.accept([job.id], INTERACTIVE)
+    assert wait_for(lambda: store.get(job.id).state == JobState.QUEUED and store.get(job.id).attempts == 1, 10)
+    assert [uri for uri in storage.objects if uri.endswith(".sqtmp")], "the lost answer left a staged copy"
+    assert store.refund_attempts([job.id], ErrorCode.STORAGE_ERROR) == 1
+    executor.accept([job.id], INTERACTIVE)
+    done = final(store, job.id)
+    assert done.state == JobState.SUCCEEDED and done.attempts == 1 and done.given_back == 1
+    assert not [uri for uri in storage.objects if uri.endswith(".sqtmp")], "the given-back attempt's copy was left"
     executor.stop(timeout=5)

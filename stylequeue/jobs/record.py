@@ -144,6 +144,9 @@ class Job:
     staged_uri: str | None = None  # an output written and fenced but not yet promoted to output_uri
     begun: int | None = None  # the attempt a worker reported it began (an unbegun lost attempt is given back)
     unbegun_losses: int | None = None  # how often a worker was lost before it began this job
+    # attempts given back (unbegun losses, outage refunds, give-backs): attempt numbers were reused, so an
+    # earlier attempt with this job's current number may have staged an output that must be looked for
+    given_back: int | None = None
 
     def __post_init__(self) -> None:
         self.state = JobState(self.state)

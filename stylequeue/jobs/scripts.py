@@ -103,6 +103,7 @@ local function settle_lost(key, attempts)
   local losses = (tonumber(now[2]) or 0) + 1
   if losses >= UNBEGUN_LOSSES then return attempts end
   redis.call('HSET', key, 'unbegun_losses', losses, 'attempts', attempts - 1)
+  redis.call('HINCRBY', key, 'given_back', 1)
   return attempts - 1
 end
 """
@@ -218,7 +219,7 @@ return deleted
 # --- running jobs ------------------------------------------------------------------------------
 
 # What a claim returns of a job besides its id and attempt: what a worker needs to run it and report it.
-CLAIM_FIELDS = ("style", "input_uri", "output_uri", "priority", "callback_url", "created_at", "unbegun_losses")
+CLAIM_FIELDS = ("style", "input_uri", "output_uri", "priority", "callback_url", "created_at", "given_back")
 
 # KEYS: running, queued, due, sent, callbacks:due, then one job key per job
 # ARGV: (finishing ARGV 1-4), worker (JSON), lease (ms), max attempts, lost-worker error (JSON),
@@ -360,7 +361,10 @@ local function transition(key, A, t)
   if #A > 7 then redis.call('HSET', key, unpack(A, 8)) end
   if A[3] == '"queued"' then
     requeue(key, A[1], t, tonumber(A[6]) or 0)
-    if A[7] == '1' then redis.call('HSET', key, 'attempts', math.max(0, (tonumber(now[3]) or 0) - 1)) end
+    if A[7] == '1' and (tonumber(now[3]) or 0) > 0 then
+      redis.call('HSET', key, 'attempts', tonumber(now[3]) - 1)
+      redis.call('HINCRBY', key, 'given_back', 1)
+    end
     return {1, 0}
   end
   redis.call('HSET', key, 'state', A[3])
@@ -436,6 +440,7 @@ for i = 1, #KEYS do
   if now[1] == '"queued"' and attempts > 0 and now[3] and now[3] ~= 'null'
       and cjson.decode(now[3])['code'] == cjson.decode(ARGV[1]) then
     redis.call('HSET', KEYS[i], 'attempts', attempts - 1)
+    redis.call('HINCRBY', KEYS[i], 'given_back', 1)
     refunded = refunded + 1
   end
 end

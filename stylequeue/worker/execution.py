@@ -586,7 +586,7 @@ class JobExecutor:
                          work.held.job_id)
                 self._discard(work.staged_uri)
         for work in promoted:
-            if work.held.attempts > 1 or work.held.job.unbegun_losses:
+            if work.held.attempts > 1 or work.held.job.given_back:
                 self._discard_earlier_attempts(work)
         errors = self._promote([(w.staged_uri, w.held.job.output_uri) for w in promoted])
         done = []
