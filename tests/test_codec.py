@@ -152,6 +152,26 @@ def test_children_exit_when_the_worker_is_killed(tmp_path: Path) -> None:
         parent.stdout.close()
 
 
+def test_a_child_whose_worker_died_stages_nothing_more(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A child busy with a group when its worker is killed finishes that group on its own; any output it staged
+    then would belong to jobs other workers have taken over, and nothing would delete it. Once its parent is
+    not the worker that started it, it writes nothing."""
+    from stylequeue.pipeline.storage import Storage
+    from stylequeue.worker import codec
+
+    outputs = tmp_path / "outputs"
+    outputs.mkdir()
+    monkeypatch.setattr(codec, "_storage", Storage(Settings(storage_url=f"file://{tmp_path}")))
+    item = (f"file://{outputs}/j_1.png", b"png bytes", "image/png", "a1")
+    monkeypatch.setattr(codec, "_parent", os.getppid())  # the worker is alive: the output is staged
+    staged = codec._stage_one(item)
+    assert isinstance(staged, codec.Staged) and len(list(outputs.iterdir())) == 1
+    monkeypatch.setattr(codec, "_parent", os.getppid() + 1)  # the worker is gone (the child was re-parented)
+    refused = codec._stage_one(item)
+    assert isinstance(refused, InternalError) and "gone" in str(refused)
+    assert len(list(outputs.iterdir())) == 1, "a child staged an output after its worker died"
+
+
 def _alive(pid: int) -> bool:
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()

@@ -253,13 +253,22 @@ class CodecPool:
 _storage: Any = None
 _io: ThreadPoolExecutor | None = None
 _gpu_decode: str | None = None  # the CUDA device large JPEGs decode on (pipeline/gpu_decode.py), if any
+# The worker that started this child. A worker killed with `kill -9` leaves its children running: one in the middle
+# of a group would go on staging outputs for jobs that other workers have meanwhile taken over and finished, and
+# nothing would ever delete those copies. So each write first checks that its worker is still the parent.
+_parent: int | None = None
+
+
+def _worker_alive() -> bool:
+    return _parent is None or os.getppid() == _parent
 
 
 def _child_main(conn: Connection, settings: Settings) -> None:
     from stylequeue.pipeline import gpu_decode
     from stylequeue.pipeline.storage import Storage
 
-    global _storage, _io, _gpu_decode
+    global _storage, _io, _gpu_decode, _parent
+    _parent = os.getppid()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group; the parent decides
     _storage = Storage(settings, max_pool_connections=16)
     _io = ThreadPoolExecutor(8, thread_name_prefix="codec-io")
@@ -347,6 +356,8 @@ def _decode_on_gpu(datas: list[bytes | JobError], items: list[LoadItem]) -> tupl
 
 def _stage_one(item: tuple[str, bytes, str, str]) -> Staged | JobError:
     uri, data, content_type, tag = item
+    if not _worker_alive():  # nobody would fence, promote or delete what this writes
+        return InternalError("the worker that asked for this output is gone")
     try:
         return Staged(_storage.stage(uri, data, content_type, tag=tag), len(data))
     except Exception as exc:
