@@ -56,7 +56,7 @@ from tests.workers import WorkerProcess, make_image  # noqa: E402
 SECRET = "whsec_" + "c29hay10ZXN0LXNlY3JldC0zMi1ieXRlcy1sb25nISE="
 SIDES = ((16, 16), (24, 16), (16, 24), (24, 24))  # working sizes already: the null runtime returns them as is
 TERMINAL = (b'"succeeded"', b'"failed"', b'"cancelled"')
-STAGED = re.compile(r"^(?P<name>.+)\.a(?P<attempt>\d+)\.[0-9a-f]+\.sqtmp$")
+STAGED = re.compile(r"^(?P<name>.+)\.a(?P<attempt>\d+)(?:-[A-Za-z0-9_]+)?\.[0-9a-f]+\.sqtmp$")
 CREDENTIALS = {"AWS_ACCESS_KEY_ID": "soak", "AWS_SECRET_ACCESS_KEY": "soak", "AWS_DEFAULT_REGION": "us-east-1"}
 
 

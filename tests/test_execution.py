@@ -441,7 +441,7 @@ def test_a_retried_attempt_deletes_what_lost_attempts_staged(store: RedisJobStor
     job = submit(store)
     store.claim(job.id, "dead", lease_s=30)
     store.renew_leases("dead", [(job.id, 1, True)], lease_s=30)  # it began, staged, and was killed
-    storage.objects[f"{job.output_uri}.a1.deadbeef0000.sqtmp"] = b"attempt one"
+    storage.objects[f"{job.output_uri}.a1-{job.id}.deadbeef0000.sqtmp"] = b"attempt one"
     store.redis.hset(store.job_key(job.id), "lease_until", "1")
     store.redis.zadd(store.keys.running, {job.id: 1})
     store.reap(store.expired_leases())
@@ -470,4 +470,26 @@ def test_a_copy_staged_by_an_attempt_given_back_is_deleted_by_the_one_that_wins(
     done = final(store, job.id)
     assert done.state == JobState.SUCCEEDED and done.attempts == 1 and done.given_back == 1
     assert not [uri for uri in storage.objects if uri.endswith(".sqtmp")], "the given-back attempt's copy was left"
+    executor.stop(timeout=5)
+
+
+def test_copies_another_job_is_staging_for_the_same_output_are_left_alone(store: RedisJobStore,
+                                                                          spec: StyleSpec) -> None:
+    """Two jobs name one explicit output_uri. The winner of a retried job deletes what its own lost attempts
+    staged, never the copy the other job staged a moment ago and is about to fence and promote."""
+    storage = FakeStorage({"mem://in.png": make_image(32, 32)})
+    executor = make_executor(store, storage, FakeModels(spec))
+    job = submit(store)
+    store.claim(job.id, "dead", lease_s=30)
+    store.renew_leases("dead", [(job.id, 1, True)], lease_s=30)  # it began, staged, and was killed
+    ours = f"{job.output_uri}.a1-{job.id}.deadbeef0000.sqtmp"
+    theirs = f"{job.output_uri}.a1-j_another.cafe00000000.sqtmp"
+    storage.objects.update({ours: b"our lost attempt", theirs: b"another job, in flight"})
+    store.redis.hset(store.job_key(job.id), "lease_until", "1")
+    store.redis.zadd(store.keys.running, {job.id: 1})
+    store.reap(store.expired_leases())
+    executor.accept([job.id], INTERACTIVE)
+    assert final(store, job.id).state == JobState.SUCCEEDED
+    assert ours not in storage.objects, "the job's own lost attempt's copy was left"
+    assert storage.objects.get(theirs) == b"another job, in flight", "another job's staged copy was deleted"
     executor.stop(timeout=5)

@@ -183,7 +183,7 @@ def test_sigkill_mid_run_loses_nothing_and_its_messages_come_back_at_once(kill_s
         assert second.stop() == 0, second.output()[-3000:]
     assert all(j.state == JobState.SUCCEEDED for j in finished), [j.error for j in finished if j.error]
     # One output per job. A SIGKILL between staging an output and fencing it leaves that attempt's staged file
-    # (`.{name}.a1.{random}.sqtmp`, which listings skip) beside the output the next attempt wrote.
+    # (`.{name}.a1-{job id}.{random}.sqtmp`, which listings skip) beside the output the next attempt wrote.
     outputs = [p.name for p in kill_setup["out"].iterdir() if not p.name.endswith(TEMP_SUFFIX)]
     assert sorted(outputs) == sorted(f"{j.id}.png" for j in finished)
     # Taken over from the dead worker: claimed again after the kill (an attempt it never began is not charged).

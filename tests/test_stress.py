@@ -48,8 +48,8 @@ CHAOS_S = 20.0  # how long jobs are submitted and faults injected
 LEASE_S = 3  # tests/workers.py's worker_env
 # Working sizes already (multiples of 4, at most the style's 64 px): the null runtime returns them unchanged.
 SIDES = ((16, 16), (24, 16), (16, 32), (32, 24))
-# Staged copies are `.{name}.a{attempt}.{random}.sqtmp` (pipeline/storage/uris.py `staged_tail`).
-STAGED = re.compile(r"^\.(?P<name>.+)\.a(?P<attempt>\d+)\.[0-9a-f]+\.sqtmp$")
+# Staged copies are `.{name}.a{attempt}-{job id}.{random}.sqtmp` (worker/execution.py `stage_tag`).
+STAGED = re.compile(r"^\.(?P<name>.+)\.a(?P<attempt>\d+)(?:-[A-Za-z0-9_]+)?\.[0-9a-f]+\.sqtmp$")
 
 
 @dataclass

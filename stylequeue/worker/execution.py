@@ -160,6 +160,12 @@ class GroupQueue:
             self._reserved.notify_all()
 
 
+def stage_tag(held: Held) -> str:
+    """`a{attempt}-{job id}`: a staged copy names its attempt and its job, so that cleaning up after lost attempts
+    never touches a copy another job (one with the same explicit output_uri) is staging."""
+    return f"a{held.attempts}-{held.job_id}"
+
+
 @dataclass
 class _Work:
     """One job between its fetch and its final state, inside a group."""
@@ -481,7 +487,7 @@ class JobExecutor:
                 work.timings["infer"] = self._record("infer", seconds)
                 inferred.append((work, outcome))
         outputs = [(work, output) for work, output in inferred if not self._is_abandoned(work.held)]
-        stored = self.codec.stage([StageItem(w.held.job.output_uri, output, w.spec, f"a{w.held.attempts}")
+        stored = self.codec.stage([StageItem(w.held.job.output_uri, output, w.spec, stage_tag(w.held))
                                    for w, output in outputs])
         staged = []
         for (work, _), done in zip(outputs, stored, strict=True):
@@ -551,7 +557,7 @@ class JobExecutor:
             encoded = render(output, spec)
             try:
                 work.staged_uri = self.storage.stage(held.job.output_uri, encoded, spec.content_type,
-                                                     tag=f"a{held.attempts}")
+                                                     tag=stage_tag(held))
             except JobError as exc:
                 self._attempt_failed(held, exc, held.job.output_uri)
                 return False
@@ -651,8 +657,10 @@ class JobExecutor:
     def _discard_earlier_attempts(self, work: _Work) -> None:
         """Delete what lost attempts staged for this output (a worker killed between staging and fencing left
         it). Only after this attempt's fence: no other attempt can promote any more, so none of it is needed."""
-        try:
-            earlier = [uri for uri in self.storage.staged_copies(work.held.job.output_uri) if uri != work.staged_uri]
+        mine = f"-{work.held.job_id}."  # in every copy this job's attempts staged (stage_tag)
+        try:  # another job writing the same output_uri (an explicit one) may be staging now: leave its copies
+            earlier = [uri for uri in self.storage.staged_copies(work.held.job.output_uri)
+                       if uri != work.staged_uri and mine in uri]
         except StyleQueueError as exc:
             log.info("job %s: could not look for earlier attempts' staged outputs: %s", work.held.job_id, exc)
             return
