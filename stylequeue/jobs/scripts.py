@@ -108,8 +108,20 @@ local function settle_lost(key, attempts)
 end
 """
 
+# KEYS[1] due, KEYS[2] sent. A job's message went out: its `due` entry moves to `sent` (at time t), but only if
+# its score is still `token`, the one whoever sent the message saw (an entry rescheduled meanwhile stays owed).
+# Returns 1 if it moved, else 0.
+_TO_SENT = """
+local function to_sent(id, token, t)
+  if tonumber(redis.call('ZSCORE', KEYS[1], id)) ~= tonumber(token) then return 0 end
+  redis.call('ZREM', KEYS[1], id)
+  redis.call('ZADD', KEYS[2], t, id)
+  return 1
+end
+"""
+
 _HELPERS = {"now": _NOW, "iso": _ISO, "finishing": _FINISHING, "finish": _FINISH, "requeue": _REQUEUE,
-            "settle_lost": _SETTLE_LOST}
+            "settle_lost": _SETTLE_LOST, "to_sent": _TO_SENT}
 
 
 @dataclass(frozen=True)
@@ -184,15 +196,9 @@ return {created, token}
 DISPATCHED = _script("dispatched", """
 local t = now_ms()
 local moved = 0
-for i = 2, #ARGV do
-  if tonumber(redis.call('ZSCORE', KEYS[1], ARGV[i])) == tonumber(ARGV[1]) then
-    redis.call('ZREM', KEYS[1], ARGV[i])
-    redis.call('ZADD', KEYS[2], t, ARGV[i])
-    moved = moved + 1
-  end
-end
+for i = 2, #ARGV do moved = moved + to_sent(ARGV[i], ARGV[1], t) end
 return moved
-""", uses=("now",))
+""", uses=("now", "to_sent"))
 
 # KEYS: queued, due, sent, tenant index or '', then per job: job key, idempotency key or ''
 # ARGV: job ids...
@@ -484,15 +490,9 @@ return removed
 SENT_DUE = _script("sent_due", """
 local t = now_ms()
 local moved = 0
-for i = 1, #ARGV, 2 do
-  if tonumber(redis.call('ZSCORE', KEYS[1], ARGV[i])) == tonumber(ARGV[i + 1]) then
-    redis.call('ZREM', KEYS[1], ARGV[i])
-    redis.call('ZADD', KEYS[2], t, ARGV[i])
-    moved = moved + 1
-  end
-end
+for i = 1, #ARGV, 2 do moved = moved + to_sent(ARGV[i], ARGV[i + 1], t) end
 return moved
-""", uses=("now",))
+""", uses=("now", "to_sent"))
 
 # KEYS: sent.  ARGV: age (ms), limit.
 # Jobs whose message was sent more than `age` ago and that are still on `sent` (not claimed, not finished):

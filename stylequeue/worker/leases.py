@@ -187,6 +187,11 @@ class LeaseKeeper:
         jobs = self.store.get_many(job_ids)
         return [(job.state, job.priority) if job is not None else (None, None) for job in jobs]
 
+    def _behind_empty_queues(self, candidates: Sequence[tuple[str, Priority]]) -> list[str]:
+        """The candidates whose broker queue is empty: a job waiting behind others in its queue is not lost."""
+        depths = self.queue_depths()
+        return [job_id for job_id, priority in candidates if depths.get(priority, 0) == 0]
+
     def watch(self) -> int:
         """Owe again the messages the broker lost: jobs sent long ago, unclaimed, with their queue empty."""
         if not self.store.try_lock(WATCH_LOCK, self.worker_id, self.watch_every_s):
@@ -194,9 +199,7 @@ class LeaseKeeper:
         candidates = self.store.lost_candidates(older_than_s=self.lost_after_s)
         if not candidates:
             return 0
-        depths = self.queue_depths()
-        # A job waiting behind others in its broker queue is not lost; only an empty queue says so.
-        lost = [job_id for job_id, priority in candidates if depths.get(priority, 0) == 0]
+        lost = self._behind_empty_queues(candidates)
         resent = self.store.resend_lost(lost, older_than_s=self.lost_after_s)
         if resent:
             self.resent += resent
@@ -211,10 +214,7 @@ class LeaseKeeper:
         candidates = self.store.sweep_candidates(older_than_s=self.sweep_after_s)
         if not candidates:
             return 0
-        depths = self.queue_depths()
-        # A job waiting behind others in its broker queue is not lost; only an empty queue says so.
-        lost = [job_id for job_id, priority in candidates if depths.get(priority, 0) == 0]
-        found = self.store.sweep(lost)
+        found = self.store.sweep(self._behind_empty_queues(candidates))
         if found:
             self.sweep_found += found
             log.error("sweep: %d queued jobs had no message and none owed; scheduled them again", found)
