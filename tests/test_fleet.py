@@ -13,7 +13,6 @@ import signal
 import time
 import urllib.request
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
 import pytest
@@ -22,7 +21,7 @@ from stylequeue import Client, JobState
 from stylequeue.embedded import EmbeddedRedis, free_port
 from stylequeue.jobs import Presence, parse_iso
 from tests.conftest import empty_database
-from tests.workers import WorkerProcess, make_image, serve_http, wait_for, worker_env
+from tests.workers import WorkerProcess, make_image, serve_http, slow_image, wait_for, worker_env
 
 pytestmark = pytest.mark.slow
 
@@ -39,19 +38,6 @@ def jobs_done(metrics_port: int) -> float:
 
 @pytest.fixture
 def fleet(redis_server: EmbeddedRedis, tiny_registry: Path, tmp_path: Path) -> Iterator[dict]:
-    image = make_image(32, 32)
-
-    class SlowInput(BaseHTTPRequestHandler):
-        def do_GET(self) -> None:  # noqa: N802 - http.server's naming
-            time.sleep(HOLD_S)
-            self.send_response(200)
-            self.send_header("Content-Length", str(len(image)))
-            self.end_headers()
-            self.wfile.write(image)
-
-        def log_message(self, *args: object) -> None:
-            pass
-
     url = empty_database(redis_server, 15)
     storage = f"file://{tmp_path}/store"
     env = worker_env(url, tiny_registry, storage, runtime="null", lease_s=str(LEASE_S), max_batch="2",
@@ -67,7 +53,7 @@ def fleet(redis_server: EmbeddedRedis, tiny_registry: Path, tmp_path: Path) -> I
         workers.append(worker)
         return worker
 
-    with serve_http(SlowInput) as base:
+    with serve_http(slow_image(make_image(32, 32), HOLD_S)) as base:
         yield {"client": client, "start": start, "input": f"{base}/a.png", "out": tmp_path / "store",
                "newcomer_metrics": free_port()}
         client.close()

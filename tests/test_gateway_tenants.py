@@ -270,18 +270,25 @@ def test_a_succeeded_jobs_file_output_can_be_fetched_by_its_tenant_only(
 # --- long polls ---------------------------------------------------------------------------------
 
 
-def test_a_long_poll_answers_when_the_job_finishes(http: TestClient, client: Client) -> None:
-    job = submit(http, A, input_uri="s3://photos/a/x.jpg").json()
-    watcher = http.app.state.gateway.watcher
+def long_poll(http: TestClient, job_id: str) -> tuple[threading.Thread, dict[str, Any]]:
+    """Start `GET /v1/jobs/{id}?wait=30` as tenant A in a thread; once joined, the dict holds the answered record
+    (`job`) and the seconds it took (`took`)."""
     answer: dict[str, Any] = {}
 
     def wait() -> None:
         started = time.monotonic()
-        answer["job"] = http.get(f"/v1/jobs/{job['id']}", params={"wait": 30}, headers=auth(A)).json()
+        answer["job"] = http.get(f"/v1/jobs/{job_id}", params={"wait": 30}, headers=auth(A)).json()
         answer["took"] = time.monotonic() - started
 
     thread = threading.Thread(target=wait)
     thread.start()
+    return thread, answer
+
+
+def test_a_long_poll_answers_when_the_job_finishes(http: TestClient, client: Client) -> None:
+    job = submit(http, A, input_uri="s3://photos/a/x.jpg").json()
+    watcher = http.app.state.gateway.watcher
+    thread, answer = long_poll(http, job["id"])
     assert wait_for(lambda: watcher.waiting == 1, timeout=20)  # the request is parked, not polling
     client.cancel(job["id"])
     thread.join(30)
@@ -293,15 +300,7 @@ def test_a_finish_announced_while_the_subscriber_was_away_still_wakes_the_wait(h
                                                                                 client: Client) -> None:
     job = submit(http, A, input_uri="s3://photos/a/x.jpg").json()
     watcher = http.app.state.gateway.watcher
-    answer: dict[str, Any] = {}
-
-    def wait() -> None:
-        started = time.monotonic()
-        answer["job"] = http.get(f"/v1/jobs/{job['id']}", params={"wait": 30}, headers=auth(A)).json()
-        answer["took"] = time.monotonic() - started
-
-    thread = threading.Thread(target=wait)
-    thread.start()
+    thread, answer = long_poll(http, job["id"])
     assert wait_for(lambda: watcher.waiting == 1, timeout=20)
     client.store.redis.client_kill_filter(_type="pubsub")  # the subscription drops (a Redis restart, a failover)
     client.cancel(job["id"])  # announced, perhaps to no one

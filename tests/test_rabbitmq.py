@@ -11,7 +11,6 @@ import math
 import signal
 import time
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
 import amqp
@@ -24,7 +23,7 @@ from stylequeue.jobs import parse_iso
 from stylequeue.pipeline.storage.uris import TEMP_SUFFIX
 from tests.brokers import CONSUMER_TIMEOUT_MS, RabbitNode, rabbitmq  # noqa: F401 - rabbitmq is a fixture
 from tests.conftest import write_tiny_style
-from tests.workers import CallbackReceiver, WorkerProcess, make_image, serve_http, wait_for, worker_env
+from tests.workers import CallbackReceiver, WorkerProcess, make_image, serve_http, slow_image, wait_for, worker_env
 
 pytestmark = pytest.mark.slow
 
@@ -100,21 +99,8 @@ def test_a_job_longer_than_consumer_timeout_keeps_the_channel(stack: dict) -> No
     timeout ends well, and the same consumer goes on taking jobs."""
     client, node = stack["client"], stack["node"]
     hold_s = 2 * CONSUMER_TIMEOUT_MS / 1000
-    image = make_image(32, 32)
-
-    class Slow(BaseHTTPRequestHandler):
-        def do_GET(self) -> None:  # noqa: N802 - http.server's naming
-            time.sleep(hold_s)
-            self.send_response(200)
-            self.send_header("Content-Length", str(len(image)))
-            self.end_headers()
-            self.wfile.write(image)
-
-        def log_message(self, *args: object) -> None:
-            pass
-
     log_before = len(node.log_text())
-    with serve_http(Slow) as url:
+    with serve_http(slow_image(make_image(32, 32), hold_s)) as url:
         began = time.monotonic()
         slow = client.wait(client.submit(f"{url}/slow.png", style="tiny").id, timeout=120)
     assert slow.state == JobState.SUCCEEDED and slow.attempts == 1

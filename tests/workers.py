@@ -129,6 +129,23 @@ class CallbackReceiver:
         self.server.server_close()
 
 
+def slow_image(image: bytes, hold_s: float) -> type[BaseHTTPRequestHandler]:
+    """An HTTP input that answers every GET with `image`, after `hold_s` seconds (a job that takes that long)."""
+
+    class SlowImage(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+            time.sleep(hold_s)
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(image)))
+            self.end_headers()
+            self.wfile.write(image)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    return SlowImage
+
+
 @contextmanager
 def serve_http(handler: type[BaseHTTPRequestHandler]) -> Iterator[str]:
     """Run `handler` on a threaded HTTP server on a free loopback port; yields its base URL."""
