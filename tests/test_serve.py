@@ -61,7 +61,9 @@ def served(tmp_path: Path, tiny_registry: Path, request: pytest.FixtureRequest) 
     with open(log, "wb") as sink:
         process = subprocess.Popen(argv, env=env, cwd=tmp_path, stdout=sink, stderr=subprocess.STDOUT)
     try:
-        started = wait_for(lambda: (data / "client.env").exists() or process.poll() is not None, timeout=240)
+        # client.env is written just before serve prints how to use it: wait for both
+        started = wait_for(lambda: ((data / "client.env").exists() and "in another shell run" in log.read_text())
+                           or process.poll() is not None, timeout=240)
         assert started and process.poll() is None, log.read_text()[-3000:]
         yield data, log.read_text()
     finally:
