@@ -56,22 +56,35 @@ local K_RUNNING, K_QUEUED, K_DUE, K_SENT, K_CALLBACKS = KEYS[1], KEYS[2], KEYS[3
 local TTL, CALLBACK_LEASE, CHANNEL, PENDING = tonumber(ARGV[1]), tonumber(ARGV[2]), ARGV[3], ARGV[4]
 """
 
-# Everything a final state implies, after the caller wrote the state itself. Returns the callback's
-# delivery token (its score on callbacks:due) when the job owes one, else 0: the finisher sends the
-# delivery message with that token, and if it never does, the entry comes due when the lease ends.
+# Everything a final state implies, written in one HSET: the caller's `fields` (flat field/value pairs, may be
+# empty), then `state` and the fields every final state clears. `was` is the state the job had: a running job
+# is on none of queued, due and sent (CLAIM took it off them), so only `running` needs leaving then. `cb_url`
+# and `cb` are the job's callback_url and callback fields as the caller read them (with `fields` applied).
+# Returns the callback's delivery token (its score on callbacks:due) when the job owes one, else 0: the
+# finisher sends the delivery message with that token, and if it never does, the entry comes due when the
+# lease ends.
 _FINISH = """
-local function finish(key, id, t)
-  redis.call('HSET', key, 'owner', 'null', 'lease_until', 'null', 'staged_uri', 'null', 'finished_at', iso(t))
+local function finish(key, id, t, was, state, fields, cb_url, cb)
+  local writes = {unpack(fields)}
+  for _, item in ipairs({'state', state, 'owner', 'null', 'lease_until', 'null', 'staged_uri', 'null',
+                         'finished_at', iso(t)}) do
+    writes[#writes + 1] = item
+  end
+  local owes = cb_url and cb_url ~= 'null'
+  if owes and ((not cb) or cb == 'null') then
+    writes[#writes + 1] = 'callback'
+    writes[#writes + 1] = PENDING
+  end
+  redis.call('HSET', key, unpack(writes))
   redis.call('ZREM', K_RUNNING, id)
-  redis.call('ZREM', K_QUEUED, id)
-  redis.call('ZREM', K_DUE, id)
-  redis.call('ZREM', K_SENT, id)
+  if was ~= '"running"' then
+    redis.call('ZREM', K_QUEUED, id)
+    redis.call('ZREM', K_DUE, id)
+    redis.call('ZREM', K_SENT, id)
+  end
   redis.call('EXPIRE', key, TTL)
   local token = 0
-  local url = redis.call('HGET', key, 'callback_url')
-  if url and url ~= 'null' then
-    local owed = redis.call('HGET', key, 'callback')
-    if (not owed) or owed == 'null' then redis.call('HSET', key, 'callback', PENDING) end
+  if owes then
     token = t + CALLBACK_LEASE
     redis.call('ZADD', K_CALLBACKS, token, id)
   end
@@ -80,10 +93,15 @@ local function finish(key, id, t)
 end
 """
 
-# Back to `queued`: off `running`, onto `queued` (now) and `due` (now + delay): its message is owed.
+# Back to `queued`, with the caller's `fields` (flat field/value pairs) written in the same HSET: off `running`,
+# onto `queued` (now) and `due` (now + delay): its message is owed.
 _REQUEUE = """
-local function requeue(key, id, t, delay)
-  redis.call('HSET', key, 'state', '"queued"', 'owner', 'null', 'lease_until', 'null')
+local function requeue(key, id, t, delay, fields)
+  local writes = {unpack(fields)}
+  for _, item in ipairs({'state', '"queued"', 'owner', 'null', 'lease_until', 'null'}) do
+    writes[#writes + 1] = item
+  end
+  redis.call('HSET', key, unpack(writes))
   redis.call('ZREM', K_RUNNING, id)
   redis.call('ZADD', K_QUEUED, t, id)
   redis.call('ZREM', K_SENT, id)
@@ -136,11 +154,13 @@ class Script:
         return hashlib.sha1(self.source.encode()).hexdigest()
 
 
-def _script(name: str, body: str, *, uses: tuple[str, ...] = (), lists: dict[str, tuple[str, ...]] | None = None
-            ) -> Script:
-    """The script `name`: Lua tables of constant strings (`lists`), the helpers it uses, then its body."""
+def _script(name: str, body: str, *, uses: tuple[str, ...] = (), lists: dict[str, tuple[str, ...]] | None = None,
+            indexes: dict[str, int] | None = None) -> Script:
+    """The script `name`: Lua tables of constant strings (`lists`) and integer constants (`indexes`, such as a
+    field's 1-based place in a list), the helpers it uses, then its body."""
     constants = "".join(f"local {table} = {{{', '.join(repr(item) for item in items)}}}\n"
                         for table, items in (lists or {}).items())
+    constants += "".join(f"local {name} = {int(value)}\n" for name, value in (indexes or {}).items())
     return Script(name, constants + "".join(_HELPERS[helper] for helper in uses) + body)
 
 
@@ -238,8 +258,12 @@ CLAIM_FIELDS = ("style", "input_uri", "output_uri", "priority", "callback_url", 
 #   {'failed', callback token} (it used every attempt), {'expired', callback token} (its deadline passed)
 CLAIM = _script("claim", """
 local WORKER, LEASE, MAX, LOST, EXPIRED = ARGV[5], tonumber(ARGV[6]), tonumber(ARGV[7]), ARGV[8], ARGV[9]
+-- One read per job: the fields a claim decides on, then CLAIM_FIELDS, then the owed callback.
+local READ = {'state', 'lease_until', 'attempts', 'deadline_ms', 'staged_uri', unpack(CLAIM_FIELDS)}
+READ[#READ + 1] = 'callback'
+local N = #CLAIM_FIELDS
 local function claim(key, id, t)
-  local now = redis.call('HMGET', key, 'state', 'lease_until', 'attempts', 'deadline_ms', 'staged_uri')
+  local now = redis.call('HMGET', key, unpack(READ))
   local state = now[1]
   if not state then return {'missing'} end
   if state == '"running"' then
@@ -249,21 +273,23 @@ local function claim(key, id, t)
   end
   local attempts = tonumber(now[3]) or 0
   local staged = now[5]
+  local values = {unpack(now, 6, 5 + N)}
   local outcome = 'claimed'
   if state == '"running"' and not (staged and staged ~= 'null') then
+    local before = attempts
     attempts = settle_lost(key, attempts)  -- taking over from a lost worker
+    if attempts < before then values[GIVEN_BACK] = redis.call('HGET', key, 'given_back') end
   end
   if staged and staged ~= 'null' then
     outcome = 'promote'  -- the work was done: finishing it is no new attempt
   else
     local deadline = tonumber(now[4])
     if attempts == 0 and deadline and deadline < t then
-      redis.call('HSET', key, 'state', '"cancelled"', 'error', EXPIRED)
-      return {'expired', finish(key, id, t)}
+      return {'expired', finish(key, id, t, state, '"cancelled"', {'error', EXPIRED}, values[CALLBACK_URL],
+                                now[6 + N])}
     end
     if attempts >= MAX then
-      redis.call('HSET', key, 'state', '"failed"', 'error', LOST)
-      return {'failed', finish(key, id, t)}
+      return {'failed', finish(key, id, t, state, '"failed"', {'error', LOST}, values[CALLBACK_URL], now[6 + N])}
     end
     attempts = attempts + 1
   end
@@ -271,20 +297,23 @@ local function claim(key, id, t)
   redis.call('HSET', key, 'state', '"running"', 'owner', WORKER, 'lease_until', lease, 'started_at', started,
              'attempts', attempts, 'error', 'null')
   redis.call('ZADD', K_RUNNING, lease, id)
-  redis.call('ZREM', K_QUEUED, id)
-  redis.call('ZREM', K_DUE, id)
-  redis.call('ZREM', K_SENT, id)
+  if state ~= '"running"' then  -- a queued job is on `queued` and on `due` or `sent`; a running one on none
+    redis.call('ZREM', K_QUEUED, id)
+    redis.call('ZREM', K_DUE, id)
+    redis.call('ZREM', K_SENT, id)
+  end
   local result = {outcome, attempts, lease, started}
-  local values = redis.call('HMGET', key, unpack(CLAIM_FIELDS))
-  for i = 1, #values do result[4 + i] = values[i] end
-  if outcome == 'promote' then result[5 + #values] = staged end
+  for i = 1, N do result[4 + i] = values[i] end
+  if outcome == 'promote' then result[5 + N] = staged end
   return result
 end
 local t = now_ms()
 local results = {}
 for i = 6, #KEYS do results[i - 5] = claim(KEYS[i], ARGV[i + 4], t) end
 return results
-""", uses=("now", "iso", "finishing", "finish", "settle_lost"), lists={"CLAIM_FIELDS": CLAIM_FIELDS})
+""", uses=("now", "iso", "finishing", "finish", "settle_lost"), lists={"CLAIM_FIELDS": CLAIM_FIELDS},
+                indexes={"GIVEN_BACK": CLAIM_FIELDS.index("given_back") + 1,
+                         "CALLBACK_URL": CLAIM_FIELDS.index("callback_url") + 1})
 
 # KEYS: running, then one job key per job
 # ARGV: owner (JSON), lease (ms), then per job: job id, attempt number, begun ('1' once a job thread started it)
@@ -324,17 +353,17 @@ local t = now_ms()
 local results = {}
 for i = 6, #KEYS do
   local key, id = KEYS[i], ARGV[i + 1]
-  local now = redis.call('HMGET', key, 'state', 'lease_until', 'attempts', 'owner', 'staged_uri')
+  local now = redis.call('HMGET', key, 'state', 'lease_until', 'attempts', 'owner', 'staged_uri', 'callback_url',
+                         'callback')
   if now[1] ~= '"running"' then
     redis.call('ZREM', K_RUNNING, id)
     results[i - 5] = {'skip', '', 0}
   elseif (tonumber(now[2]) or 0) > t then
     results[i - 5] = {'skip', '', 0}
   elseif not (now[5] and now[5] ~= 'null') and settle_lost(key, tonumber(now[3]) or 0) >= MAX then
-    redis.call('HSET', key, 'state', '"failed"', 'error', LOST)
-    results[i - 5] = {'failed', now[4] or '', finish(key, id, t)}
+    results[i - 5] = {'failed', now[4] or '', finish(key, id, t, now[1], '"failed"', {'error', LOST}, now[6], now[7])}
   else
-    requeue(key, id, t, 0)
+    requeue(key, id, t, 0, {})
     results[i - 5] = {'requeued', now[4] or '', 0}
   end
 end
@@ -352,7 +381,7 @@ return results
 TRANSITION = _script("transition", """
 local decoded = {}  -- allowed-state lists, decoded once per call
 local function transition(key, A, t)
-  local now = redis.call('HMGET', key, 'state', 'owner', 'attempts')
+  local now = redis.call('HMGET', key, 'state', 'owner', 'attempts', 'callback_url', 'callback')
   local state = now[1]
   if not state then return {-1, 0} end
   local allowed = decoded[A[2]]
@@ -364,19 +393,27 @@ local function transition(key, A, t)
   if not allowed[state] then return {0, 0} end
   if A[4] ~= '' and now[2] ~= A[4] then return {-2, 0} end
   if A[5] ~= '' and now[3] ~= A[5] then return {-2, 0} end
-  if #A > 7 then redis.call('HSET', key, unpack(A, 8)) end
+  local fields = {unpack(A, 8)}
   if A[3] == '"queued"' then
-    requeue(key, A[1], t, tonumber(A[6]) or 0)
     if A[7] == '1' and (tonumber(now[3]) or 0) > 0 then
-      redis.call('HSET', key, 'attempts', tonumber(now[3]) - 1)
+      fields[#fields + 1] = 'attempts'
+      fields[#fields + 1] = tonumber(now[3]) - 1
       redis.call('HINCRBY', key, 'given_back', 1)
     end
+    requeue(key, A[1], t, tonumber(A[6]) or 0, fields)
     return {1, 0}
   end
-  redis.call('HSET', key, 'state', A[3])
   if A[3] == '"succeeded"' or A[3] == '"failed"' or A[3] == '"cancelled"' then
-    return {1, finish(key, A[1], t)}
+    local cb_url, cb = now[4], now[5]
+    for j = 1, #fields - 1, 2 do  -- the written values win over what was read
+      if fields[j] == 'callback_url' then cb_url = fields[j + 1] end
+      if fields[j] == 'callback' then cb = fields[j + 1] end
+    end
+    return {1, finish(key, A[1], t, state, A[3], fields, cb_url, cb)}
   end
+  fields[#fields + 1] = 'state'
+  fields[#fields + 1] = A[3]
+  redis.call('HSET', key, unpack(fields))
   return {1, 0}
 end
 local t = now_ms()
@@ -406,8 +443,7 @@ for i = 2, #KEYS do
   local free = (not now[4]) or now[4] == 'null' or now[4] == A[3]  -- A[3] again: a retry after a lost reply
   if now[1] == '"running"' and now[2] == ARGV[1] and now[3] == A[2] and free then
     local lease = t + tonumber(ARGV[2])
-    redis.call('HSET', KEYS[i], 'staged_uri', A[3], 'lease_until', lease, 'begun', A[2])
-    if n > 3 then redis.call('HSET', KEYS[i], unpack(A, 4)) end
+    redis.call('HSET', KEYS[i], 'staged_uri', A[3], 'lease_until', lease, 'begun', A[2], unpack(A, 4))
     redis.call('ZADD', KEYS[1], lease, A[1])
     results[i - 1] = 1
   else
