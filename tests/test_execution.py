@@ -8,16 +8,20 @@ import threading
 import time
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 
 import fakeredis
 import numpy as np
 import pytest
 
+from stylequeue.config.settings import Settings
 from stylequeue.config.styles import StyleCatalog, StyleSpec
 from stylequeue.errors import ErrorCode, RedisUnavailable, StorageError
 from stylequeue.jobs import CALLBACKS_DUE, DUE, Job, JobState, Priority, RedisJobStore, new_job_id
+from stylequeue.pipeline.storage import Storage, files
 from stylequeue.worker.batching import GroupFuture
+from stylequeue.worker.codec import Done, PromoteItem
 from stylequeue.worker.execution import GroupQueue, Held, JobExecutor
 from tests.workers import make_image, wait_for
 
@@ -126,6 +130,9 @@ class FakeStorage:
 
     def staged_copies(self, uri: str) -> list[str]:
         return [key for key in self.objects if key.startswith(f"{uri}.") and key.endswith(".sqtmp")]
+
+    def batch(self) -> AbstractContextManager[None]:
+        return nullcontext()
 
 
 class FakeModels:
@@ -492,4 +499,41 @@ def test_copies_another_job_is_staging_for_the_same_output_are_left_alone(store:
     assert final(store, job.id).state == JobState.SUCCEEDED
     assert ours not in storage.objects, "the job's own lost attempt's copy was left"
     assert storage.objects.get(theirs) == b"another job, in flight", "another job's staged copy was deleted"
+    executor.stop(timeout=5)
+
+
+class PromotingCodec:
+    """A codec pool that only records the promotions it is asked for (and reports them done)."""
+
+    def __init__(self) -> None:
+        self.calls: list[list[PromoteItem]] = []
+
+    def promote(self, items: Sequence[PromoteItem]) -> list[Done]:
+        self.calls.append(list(items))
+        return [Done(None) for _ in items]
+
+
+def test_file_outputs_are_promoted_in_process_in_one_batch_and_remote_ones_through_the_codec(
+        store: RedisJobStore, spec: StyleSpec, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    storage = Storage(Settings(storage_url=f"file://{tmp_path}/data"))
+    codec = PromotingCodec()
+    executor = JobExecutor(store=store, storage=storage, models=FakeModels(spec), worker_id="w1", lease_s=30,
+                           max_input_pixels=10**8, job_timeout_s=60, threads=1, codec=codec,  # type: ignore[arg-type]
+                           clock=FakeClock())
+    uris = [f"file://{tmp_path}/data/outputs/ink/j_{i}.png" for i in range(3)]
+    staged = [storage.stage(uri, f"output {i}".encode(), "image/png", tag="a1") for i, uri in enumerate(uris)]
+    storage.discard(staged[2])  # its staged copy is gone and its output was never promoted
+    walks: list[tuple[str, ...]] = []
+    walk = files.walk
+    monkeypatch.setattr(files, "walk", lambda root, parts, **options: (walks.append(tuple(parts)),
+                                                                        walk(root, parts, **options))[1])
+    assert executor._promote(list(zip(staged[:2], uris[:2], strict=True))) == [None, None]
+    assert codec.calls == [] and walks == [("ink",)]  # renamed here, the directory walked once for the group
+    assert [storage.read_output(uri) for uri in uris[:2]] == [b"output 0", b"output 1"]
+    errors = executor._promote([(staged[2], uris[2]), (staged[0], uris[0])])  # each item gets its own outcome
+    assert isinstance(errors[0], StorageError) and not errors[0].transient and errors[1] is None
+    assert codec.calls == []
+    remote = [(f"s3://out/j_{i}.png.a1.0123456789ab.sqtmp", f"s3://out/j_{i}.png") for i in range(2)]
+    assert executor._promote(remote) == [None, None]
+    assert [[(item.staged_uri, item.output_uri) for item in call] for call in codec.calls] == [remote]
     executor.stop(timeout=5)

@@ -24,6 +24,7 @@ from stylequeue.pipeline.storage import (
     check_input_uri,
     check_output_prefix,
     check_output_uri,
+    files,
     join_uri,
     netguard,
     redact_uri,
@@ -530,6 +531,175 @@ def test_a_staged_file_is_a_hidden_private_file_beside_its_output(tmp_path: Path
     assert staged.read_bytes() == b"x"
     with pytest.raises(InputForbidden):
         storage.stage(f"file://{tmp_path}/data/j_1.png", b"x", "image/png", tag="a1")
+
+
+# --- batch scopes (a group's stages and promotes share the walk of their directory) ------------------
+
+
+def count_walks(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, ...]]:
+    """Record the components of every walk the file backend makes from now on."""
+    walks: list[tuple[str, ...]] = []
+    real = files.walk
+
+    def counting(root: walk.Root, parts: list[str], **options: bool) -> int:
+        walks.append(tuple(parts))
+        return real(root, parts, **options)
+
+    monkeypatch.setattr(files, "walk", counting)
+    return walks
+
+
+def open_fds() -> set[str]:
+    return set(os.listdir("/proc/self/fd")) - {"0", "1", "2"}
+
+
+def test_a_batch_walks_each_output_directory_once_and_writes_every_output(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    storage = Storage(Settings(storage_url=f"file://{tmp_path}/data"))
+    outputs = tmp_path / "data" / "outputs"
+    uris = [f"file://{outputs}/ink/j_{i}.png" for i in range(6)] + [f"file://{outputs}/ink/sub/j_9.png"]
+    walks = count_walks(monkeypatch)
+    with storage.batch():
+        staged = [storage.stage(uri, f"photo {i}".encode(), "image/png", tag="a1") for i, uri in enumerate(uris)]
+    assert walks == [("ink",), ("ink", "sub")]
+    walks.clear()
+    with storage.batch():
+        for staged_uri, uri in zip(staged, uris, strict=True):
+            storage.promote(staged_uri, uri)
+    assert walks == [("ink",), ("ink", "sub")]
+    assert sorted(os.listdir(outputs / "ink")) == [f"j_{i}.png" for i in range(6)] + ["sub"]
+    assert [storage.read_output(uri) for uri in uris] == [f"photo {i}".encode() for i in range(len(uris))]
+    walks.clear()
+    storage.write(uris[0], b"again", "image/png")  # outside a scope every call walks, as before
+    storage.write(uris[1], b"again", "image/png")
+    assert walks == [("ink",), ("ink",)]
+
+
+def test_a_batch_changes_nothing_a_group_sees(staging: tuple[Storage, str]) -> None:
+    storage, uri = staging  # s3:// ignores the scope; file:// writes the same objects through fewer walks
+    uris = [uri.replace("j_1", f"j_{i}") for i in range(3)]
+    with storage.batch():
+        staged = [storage.stage(u, u.encode(), "image/png", tag="a1") for u in uris]
+        with storage.batch():  # nested: the inner scope ends without closing what the outer one holds
+            storage.promote(staged[0], uris[0])
+        for staged_uri, u in zip(staged[1:], uris[1:], strict=True):
+            storage.promote(staged_uri, u)
+        storage.promote(staged[0], uris[0])  # twice is once, in a scope as outside
+    assert [storage.read(u) for u in uris] == [u.encode() for u in uris]
+    assert list(storage.list(uri.rpartition("/")[0] + "/")) == sorted(uris)
+
+
+def test_a_symlink_at_the_name_is_refused_inside_a_batch_as_outside(roots: tuple[Path, Path]) -> None:
+    inside, outside = roots
+    storage = file_storage(inside)
+    ink = inside.parent / "data" / "outputs" / "ink"
+    with storage.batch():
+        storage.stage(f"file://{ink}/j_1.png", b"x", "image/png", tag="a1")  # the scope now holds `ink`
+        (ink / "j_2.png").symlink_to(outside / "secret.txt")
+        with pytest.raises(InputForbidden, match="symbolic link"):
+            storage.stage(f"file://{ink}/j_2.png", b"x", "image/png", tag="a1")
+        with pytest.raises(InputForbidden, match="symbolic link"):
+            storage.write(f"file://{ink}/j_2.png", b"x", "image/png")
+        staged = storage.stage(f"file://{ink}/j_3.png", b"x", "image/png", tag="a1")
+        (ink / "j_3.png").symlink_to(outside / "secret.txt")  # placed between stage and promote
+        with pytest.raises(InputForbidden, match="symbolic link"):
+            storage.promote(staged, f"file://{ink}/j_3.png")
+        with pytest.raises(InputForbidden, match="names a directory"):
+            storage.write(f"file://{ink}/", b"x", "image/png")
+        with pytest.raises(InputForbidden, match="outside the output directory"):
+            storage.write(f"file://{outside}/x.png", b"x", "image/png")
+        storage.write(f"file://{ink}/j_4.png", b"fine", "image/png")  # the held directory still serves others
+    assert (outside / "secret.txt").read_text() == "secret" and sorted(os.listdir(outside)) == ["secret.txt"]
+    assert (ink / "j_2.png").is_symlink() and (ink / "j_3.png").is_symlink()
+    assert (ink / "j_4.png").read_bytes() == b"fine"
+
+
+def test_a_directory_swapped_for_a_symlink_during_a_batch_keeps_its_writes_in_the_directory_held(
+        roots: tuple[Path, Path]) -> None:
+    inside, outside = roots
+    storage = file_storage(inside)
+    outputs = inside.parent / "data" / "outputs"
+    with storage.batch():
+        storage.write(f"file://{outputs}/ink/j_1.png", b"one", "image/png")
+        (outputs / "ink").rename(outputs / "ink.orig")
+        (outputs / "ink").symlink_to(outside, target_is_directory=True)
+        storage.write(f"file://{outputs}/ink/j_2.png", b"two", "image/png")  # as one walk holding its fd does
+    assert sorted(os.listdir(outputs / "ink.orig")) == ["j_1.png", "j_2.png"]
+    assert sorted(os.listdir(outside)) == ["secret.txt"]
+    with pytest.raises(InputForbidden, match="symbolic link"):  # a new scope walks again and sees the link
+        with storage.batch():
+            storage.write(f"file://{outputs}/ink/j_3.png", b"three", "image/png")
+
+
+def test_directories_removed_between_two_items_of_a_batch_are_walked_and_made_again(tmp_path: Path) -> None:
+    storage = Storage(Settings(storage_url=f"file://{tmp_path}/data"))
+    outputs = tmp_path / "data" / "outputs"
+    first, second = (f"file://{outputs}/ink/sub/{name}" for name in ("j_1.png", "j_2.png"))
+    with storage.batch():
+        old = storage.stage(first, b"one", "image/png", tag="a1")
+        storage.promote(old, first)  # the scope holds ink/sub for create=True and for create=False
+        (outputs / "ink" / "sub" / "j_1.png").rename(tmp_path / "j_1.png")  # a cleanup moves the files away
+        os.rmdir(outputs / "ink" / "sub")
+        os.rmdir(outputs / "ink")
+        staged = storage.stage(second, b"two", "image/png", tag="a1")
+        storage.promote(staged, second)
+        with pytest.raises(StorageError, match="it is gone") as caught:  # walked again, and nothing is there
+            storage.promote(old, first)
+        assert not caught.value.transient
+    assert sorted(os.listdir(outputs / "ink" / "sub")) == ["j_2.png"]
+    assert (outputs / "ink" / "sub" / "j_2.png").read_bytes() == b"two"
+
+
+def test_a_directory_missing_for_one_item_of_a_batch_is_not_missing_for_the_next(tmp_path: Path) -> None:
+    storage = Storage(Settings(storage_url=f"file://{tmp_path}/data"))
+    uri = f"file://{tmp_path}/data/outputs/new/j_1.png"
+    staged = storage.stage(uri, b"x", "image/png", tag="a1")
+    shutil.rmtree(tmp_path / "data" / "outputs" / "new")
+    with storage.batch():
+        with pytest.raises(StorageError, match="it is gone"):  # a walk without create finds no directory
+            storage.promote(staged, uri)
+        assert not storage.exists(uri) and storage.staged_copies(uri) == []
+        staged = storage.stage(uri, b"made", "image/png", tag="a2")  # a walk with create makes it
+        storage.promote(staged, uri)  # and a walk without create now finds it
+    assert storage.read_output(uri) == b"made"
+
+
+def test_a_batch_closes_every_directory_it_held_even_when_it_ends_in_an_exception(tmp_path: Path) -> None:
+    storage = Storage(Settings(storage_url=f"file://{tmp_path}/data"))
+    outputs = tmp_path / "data" / "outputs"
+    before = open_fds()
+    with storage.batch():
+        for folder in range(3):
+            for i in range(3):
+                uri = f"file://{outputs}/d{folder}/j_{i}.png"
+                storage.promote(storage.stage(uri, b"x", "image/png", tag="a1"), uri)
+        assert len(open_fds() - before) == 6  # one per directory, for stage and for promote
+    assert open_fds() == before
+    with pytest.raises(RuntimeError, match="a job failed"):
+        with storage.batch():
+            storage.write(f"file://{outputs}/d0/j_9.png", b"x", "image/png")
+            raise RuntimeError("a job failed")
+    assert open_fds() == before
+    with storage.batch():  # a scope holds at most MAX_BATCH_DIRS directories
+        for folder in range(files.MAX_BATCH_DIRS + 8):
+            storage.write(f"file://{outputs}/many/d{folder}/j.png", b"x", "image/png")
+        assert len(open_fds() - before) == files.MAX_BATCH_DIRS
+    assert open_fds() == before
+    assert len(os.listdir(outputs / "many")) == files.MAX_BATCH_DIRS + 8
+
+
+def test_a_batch_is_its_own_threads_only(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    storage = Storage(Settings(storage_url=f"file://{tmp_path}/data"))
+    uris = [f"file://{tmp_path}/data/outputs/ink/j_{i}.png" for i in range(4)]
+    walks = count_walks(monkeypatch)
+    with storage.batch():
+        storage.write(uris[0], b"x", "image/png")
+        other = threading.Thread(target=lambda: [storage.write(uri, b"x", "image/png") for uri in uris[1:3]])
+        other.start()
+        other.join()
+        storage.write(uris[3], b"x", "image/png")
+    assert len(walks) == 3  # the scope's one walk, and one per write of the thread outside it
+    assert all(storage.exists(uri) for uri in uris)
 
 
 # --- http(s):// ----------------------------------------------------------------------------------

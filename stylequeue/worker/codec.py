@@ -377,7 +377,7 @@ def _child_stage(items: list[StageItem]) -> list[Done]:
     writes = [(item.output_uri, data, item.spec.content_type, item.tag)
               for item, (data, _) in zip(items, encoded, strict=True) if not isinstance(data, JobError)]
     started = time.perf_counter()
-    staged = _overlap(_stage_one, writes, remote=any(_remote(uri) for uri, _, _, _ in writes))
+    staged = _overlap(_stage_one, writes, remote=any(_remote(uri) for uri, _, _, _ in writes), batch=True)
     write_each = (time.perf_counter() - started) / max(1, len(writes))
     results = iter(staged)
     outcomes: list[Done] = []
@@ -399,11 +399,18 @@ def _promote_one(item: PromoteItem) -> JobError | None:
 
 def _child_promote(items: list[PromoteItem]) -> list[Done]:
     return [Done(error) for error in _overlap(_promote_one, items,
-                                              remote=any(_remote(item.output_uri) for item in items))]
+                                              remote=any(_remote(item.output_uri) for item in items), batch=True)]
 
 
-def _overlap(function: Callable[[Any], Any], items: list[Any], *, remote: bool) -> list[Any]:
-    """`function` over `items`: together on the I/O threads when they wait on a network, else in turn."""
+def _overlap(function: Callable[[Any], Any], items: list[Any], *, remote: bool, batch: bool = False) -> list[Any]:
+    """`function` over `items`: together on the I/O threads when they wait on a network, else in turn.
+
+    `batch`: items done in turn run inside one storage batch scope, so a group's files walk their shared
+    directory once (Storage.batch); items on the I/O threads do not need it (their time is the network's).
+    """
     if _io is not None and len(items) > 1 and remote:
         return list(_io.map(function, items))
-    return [function(item) for item in items]
+    if not batch or _storage is None:
+        return [function(item) for item in items]
+    with _storage.batch():
+        return [function(item) for item in items]

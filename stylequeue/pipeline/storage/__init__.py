@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import ssl
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager
 from typing import TYPE_CHECKING, Any, Protocol
 
 from stylequeue.errors import InputForbidden
@@ -132,6 +133,14 @@ class Storage:
     def close(self) -> None:
         """Close the S3 clients' connection pools (a later call makes new ones)."""
         self._s3.close()
+
+    def batch(self) -> AbstractContextManager[None]:
+        """A scope in which this thread's file:// `stage`, `write` and `promote` calls walk each output directory
+        once instead of once per call; every directory fd it held closes when it ends (FileBackend.batch says
+        what it changes). Meant for a group's writes into one directory; other threads and other schemes
+        (s3://) are not affected, so it is harmless around anything.
+        """
+        return self._files.batch()
 
     def _backend(self, uri: str, doing: str) -> Backend:
         scheme, _ = split_uri(uri)

@@ -10,7 +10,9 @@ final file relative to its directory's fd (`walk.py`), so what is checked is wha
 directory for a symlink at any moment cannot move a read or a write outside. Writes refuse a symbolic link
 anywhere below the output root. Reads follow a symbolic link only when its target lies inside the input
 roots, by walking the target the same way. Nothing is cached between calls (a cached resolution or an
-open directory fd would be trust that outlives its check).
+open directory fd would be trust that outlives its check), except inside a batch scope (`FileBackend.batch`):
+there a thread's stages, writes and promotes into one directory share the directory fd its first walk
+opened, for as long as the scope lasts, exactly as one walk holds its fd while it works.
 
 Writes are atomic: a temp file `.{name}.{random}.sqtmp` in the same directory, fsync'd, renamed over the
 name through the directory fd. `stage` leaves an attempt's bytes in `.{name}.{tag}.{random}.sqtmp`
@@ -26,9 +28,10 @@ from __future__ import annotations
 import errno
 import os
 import stat
-from collections.abc import Iterator, Sequence
+import threading
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 from stylequeue.errors import InputForbidden, InputNotFound, InputTooLarge, JobError, StorageError
 from stylequeue.pipeline.storage.uris import TEMP_SUFFIX, redact_uri, staged_base, staged_tail
@@ -53,6 +56,14 @@ OUTPUTS = "outputs"
 # How many symbolic links one read follows inside the roots (Linux's own limit per lookup is 40).
 MAX_SYMLINKS = 8
 _READ_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC  # NONBLOCK: a FIFO cannot stall us
+# Directory fds one thread's batch scope keeps open at most; the oldest is closed to make room. A codec group
+# (up to 128 jobs) mostly writes one directory, so this bounds fds without costing it walks.
+MAX_BATCH_DIRS = 64
+
+_T = TypeVar("_T")
+# A batch's directory: (its root's resolved path, the components below it, whether the walk made missing
+# directories). Strings, not the Root: their hashes are cached, a dataclass's are computed in Python each time.
+_DirKey = tuple[str, tuple[str, ...], bool]
 
 
 def path_of(uri: str) -> str:
@@ -164,8 +175,16 @@ def check_output_prefix(uri: str, settings: Settings) -> None:
 # --- the backend ------------------------------------------------------------------------------------
 
 
+class _Batch(threading.local):
+    """One thread's batch scope: the directory fds it holds by `_DirKey`, or None outside a scope."""
+
+    def __init__(self) -> None:
+        self.dirs: dict[_DirKey, int] | None = None
+
+
 class FileBackend:
-    """Files under the configured roots. Thread-safe: it holds no state but the resolved roots.
+    """Files under the configured roots. Thread-safe: it holds the resolved roots, and per thread the directory
+    fds of that thread's batch scope (`batch`), which no other thread sees.
 
     `upload_roots` are more directories writes may go to: only the HTTP gateway names any (its tenants'
     `file://` upload prefixes, where it stores photos under names it makes); workers never do.
@@ -177,6 +196,35 @@ class FileBackend:
         self._output_root = _output_root(settings)
         self._listed_roots = self._input_roots + ([self._output_root] if self._output_root else [])
         self._write_roots = ([self._output_root] if self._output_root else []) + [Root.of(r) for r in upload_roots]
+        self._batch = _Batch()
+
+    @contextmanager
+    def batch(self) -> Iterator[None]:
+        """A scope in which this thread's `stage`, `write` and `promote` walk each output directory once.
+
+        A group's outputs mostly share one directory, and each walk from the root costs a few syscalls per
+        component. Inside the scope the directory fd the first item's walk opened (per root, directory and
+        `create`) serves the later items of that directory; every fd closes when the scope ends, also on an
+        exception. What the scope changes: a directory swapped for a symlink (or renamed) after the batch
+        walked it keeps being used as the directory the batch holds, as one walk already does while it holds
+        its fd (walk.py); it never leads outside, because what is held was reached without symlinks. What it
+        keeps: confinement to the roots (`locate`), the refusal of a name ending in "/" and of a symlink at
+        the file's own name are checked per item, as outside a scope. A directory removed since the batch
+        walked it (a cleanup between two items) fails a create or rename in it with ENOENT: that entry is
+        dropped and the item walks again, once. Failed walks are not remembered, so a directory missing for
+        one item is made or found by the next. Reads, listings, `exists`, `delete` and `staged_copies` do not
+        use the scope. Scopes nest (the outermost one owns the fds); other threads are not affected.
+        """
+        if self._batch.dirs is not None:
+            yield
+            return
+        self._batch.dirs = {}
+        try:
+            yield
+        finally:
+            dirs, self._batch.dirs = self._batch.dirs, None
+            for fd in dirs.values():
+                os.close(fd)
 
     # --- reads ---------------------------------------------------------------------------------------
 
@@ -275,26 +323,58 @@ class FileBackend:
 
     # --- writes --------------------------------------------------------------------------------------
 
+    def _output_place(self, uri: str) -> tuple[Root, list[str]]:
+        """The write root holding output `uri` and its components below it; InputForbidden where none may."""
+        located = locate(path_of(uri), self._write_roots)
+        if located is None or not located[1]:
+            raise InputForbidden(_outside_outputs_message(uri, self.settings))
+        if uri.endswith("/"):
+            raise InputForbidden(f"{redact_uri(uri)} names a directory, not a file")
+        return located
+
+    def _walk_output(self, uri: str, root: Root, parts: list[str], *, create: bool) -> int:
+        """A new fd of the directory output `uri` goes in; a symlink on the way is InputForbidden."""
+        try:
+            return walk(root, parts[:-1], create=create)
+        except SymlinkFound as link:
+            raise InputForbidden(self._symlink_message(uri, parts, link.index)) from None
+
     def _output_dir(self, uri: str, *, create: bool) -> tuple[int, str]:
         """(fd of the directory an output goes in, its file name); missing directories made when `create`.
 
         Raises InputForbidden (outside the output directory, a symlink on the way or at the name) and
         the OS errors of the walk.
         """
-        located = locate(path_of(uri), self._write_roots)
-        if located is None or not located[1]:
-            raise InputForbidden(_outside_outputs_message(uri, self.settings))
-        if uri.endswith("/"):
-            raise InputForbidden(f"{redact_uri(uri)} names a directory, not a file")
-        root, parts = located
-        try:
-            fd = walk(root, parts[:-1], create=create)
-        except SymlinkFound as link:
-            raise InputForbidden(self._symlink_message(uri, parts, link.index)) from None
+        root, parts = self._output_place(uri)
+        fd = self._walk_output(uri, root, parts, create=create)
         if is_symlink(fd, parts[-1]):
             os.close(fd)
             raise InputForbidden(self._symlink_message(uri, parts, len(parts) - 1))
         return fd, parts[-1]
+
+    def _batch_dir(self, uri: str, *, create: bool, again: bool = False) -> tuple[int, str, bool]:
+        """`_output_dir` that, inside this thread's batch scope, uses the fd the scope holds for the directory.
+
+        Returns (fd, name, held): a held fd belongs to the scope and the caller must not close it; an fd not
+        held (outside a scope) is the caller's to close. `again` drops the scope's fd first and walks anew.
+        """
+        dirs = self._batch.dirs
+        if dirs is None:
+            fd, name = self._output_dir(uri, create=create)
+            return fd, name, False
+        root, parts = self._output_place(uri)
+        key: _DirKey = (root.real, tuple(parts[:-1]), create)
+        if again and key in dirs:
+            os.close(dirs.pop(key))
+        held = dirs.get(key)
+        if held is None:
+            held = self._walk_output(uri, root, parts, create=create)  # a failed walk leaves nothing behind
+            if len(dirs) >= MAX_BATCH_DIRS:
+                os.close(dirs.pop(next(iter(dirs))))
+            dirs[key] = held
+        if is_symlink(held, parts[-1]):  # per item: the directory stays held, the name is refused
+            raise InputForbidden(self._symlink_message(uri, parts, len(parts) - 1))
+        return held, parts[-1], True
 
     @staticmethod
     def _symlink_message(uri: str, parts: Sequence[str], index: int) -> str:
@@ -302,22 +382,35 @@ class FileBackend:
         return (f"{redact_uri(uri)}: {where} is a symbolic link; outputs are written only through real "
                 "directories under the output directory")
 
-    @contextmanager
-    def _writing_in(self, uri: str) -> Iterator[tuple[int, str]]:
-        """(directory fd, file name) for writing `uri`, directories made; OS errors typed, the fd closed after."""
+    def _writing_in(self, uri: str, action: Callable[[int, str], _T]) -> _T:
+        """`action(directory fd, file name)` for writing `uri`, directories made; OS errors typed.
+
+        Outside a batch scope the fd is closed after. Inside one it is the scope's; when the action fails with
+        ENOENT on it (its directory was removed since the scope walked it: nothing can be created in a removed
+        directory), the scope's entry is dropped and the action runs once more after a new walk.
+        """
         try:
-            fd, name = self._output_dir(uri, create=True)
+            fd, name, held = self._batch_dir(uri, create=True)
         except OSError as exc:
             raise _os_error(exc, uri) from None
         try:
-            yield fd, name
+            return action(fd, name)
+        except FileNotFoundError as exc:
+            if not held:
+                raise _os_error(exc, uri) from None
         except OSError as exc:
             raise _os_error(exc, uri) from None
         finally:
-            os.close(fd)
+            if not held:
+                os.close(fd)
+        try:  # the scope's directory is gone: walk (and make it) again
+            fd, name, _ = self._batch_dir(uri, create=True, again=True)
+            return action(fd, name)
+        except OSError as exc:
+            raise _os_error(exc, uri) from None
 
     def write(self, uri: str, data: bytes, content_type: str, *, sweep: bool = False) -> None:
-        with self._writing_in(uri) as (fd, name):
+        def replace(fd: int, name: str) -> None:
             temp = write_temp(fd, lambda: f".{name}.{os.urandom(6).hex()}{TEMP_SUFFIX}", data)
             try:
                 os.replace(temp, name, src_dir_fd=fd, dst_dir_fd=fd)
@@ -327,34 +420,44 @@ class FileBackend:
             if sweep:
                 _sweep_temps(fd, name)
 
+        self._writing_in(uri, replace)
+
     def stage(self, uri: str, data: bytes, content_type: str, *, tag: str) -> str:
         """Write `data` to a new file `.{name}.{tag}.{random}.sqtmp` beside `uri`, fsync'd; returns its URI."""
         staged_tail(tag)  # a bad tag is refused before any I/O
-        with self._writing_in(uri) as (fd, name):
-            temp = write_temp(fd, lambda: f".{name}{staged_tail(tag)}", data)
+        temp = self._writing_in(uri, lambda fd, name: write_temp(fd, lambda: f".{name}{staged_tail(tag)}", data))
         return f"{uri.rpartition('/')[0]}/{temp}"
 
     def promote(self, staged_uri: str, uri: str) -> None:
-        """Rename a staged file onto `uri`; quietly nothing when it is gone and `uri` exists (done before)."""
+        """Rename a staged file onto `uri`; quietly nothing when it is gone and `uri` exists (done before).
+
+        In a batch scope a rename that finds nothing in the scope's directory walks again once before it
+        concludes so: the directory may have been removed (and made again) since the scope walked it.
+        """
         staged_dir, staged_name = os.path.split(path_of(staged_uri))
         directory, name = os.path.split(path_of(uri))
         if staged_dir != directory or staged_base(staged_name) != f".{name}":
             raise ValueError(f"{redact_uri(staged_uri)} is not a staged copy of {redact_uri(uri)}")
-        try:
-            fd, name = self._output_dir(uri, create=False)
-        except (FileNotFoundError, NotADirectoryError):
-            raise self._nothing_to_promote(staged_uri, uri) from None
-        except OSError as exc:
-            raise _os_error(exc, uri) from None
-        try:
-            os.rename(staged_name, name, src_dir_fd=fd, dst_dir_fd=fd)
-        except FileNotFoundError:
-            if not is_regular(fd, name):
+        for again in (False, True):
+            try:
+                fd, name, held = self._batch_dir(uri, create=False, again=again)
+            except (FileNotFoundError, NotADirectoryError):
                 raise self._nothing_to_promote(staged_uri, uri) from None
-        except OSError as exc:
-            raise _os_error(exc, uri) from None
-        finally:
-            os.close(fd)
+            except OSError as exc:
+                raise _os_error(exc, uri) from None
+            try:
+                os.rename(staged_name, name, src_dir_fd=fd, dst_dir_fd=fd)
+                return
+            except FileNotFoundError:
+                if is_regular(fd, name):
+                    return
+                if not held or again:
+                    raise self._nothing_to_promote(staged_uri, uri) from None
+            except OSError as exc:
+                raise _os_error(exc, uri) from None
+            finally:
+                if not held:
+                    os.close(fd)
 
     @staticmethod
     def _nothing_to_promote(staged_uri: str, uri: str) -> StorageError:
