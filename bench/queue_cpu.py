@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 import psutil
+import redis
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -60,11 +61,16 @@ def one_run(work: Path, jobs: int, worker_args: list[str]) -> list[str]:
                 children = [c for c in main.children(recursive=True) if cpu_seconds(c) > 0.05]
                 for index, child in enumerate(children, 1):
                     processes[f"codec process {index}"] = child
+                stats = redis.Redis.from_url(server.url)
+                commands_before = stats.info("commandstats")  # the embedded Redis has no CONFIG RESETSTAT
                 before = {name: cpu_seconds(p) for name, p in processes.items()}
                 started = time.perf_counter()
                 ids = [j.id for j in client.submit_many(uris, style="bench")]
                 elapsed = wait_all(client, ids) - started
                 used = {name: cpu_seconds(p) - before[name] for name, p in processes.items()}
+                commands = {name: {key: value[key] - commands_before.get(name, {}).get(key, 0)
+                                   for key in ("calls", "usec")}
+                            for name, value in stats.info("commandstats").items()}
                 failed = count_failed(client, ids)
             finally:
                 worker.stop()
@@ -76,6 +82,11 @@ def one_run(work: Path, jobs: int, worker_args: list[str]) -> list[str]:
     lines += [f"| {name} | {seconds:.2f} | {1000 * seconds / jobs:.3f} | {100 * seconds / total:.0f}% |"
               for name, seconds in used.items()]
     lines.append(f"| **all** | {total:.2f} | **{1000 * total / jobs:.3f}** | 100% |")
+    # Inside Redis: time per command (a script's own commands count apart too; evalsha's time includes theirs).
+    lines += ["", "| Redis command | calls per job | µs per job |", "|---|---|---|"]
+    ranked = sorted(commands.items(), key=lambda item: -item[1]["usec"])
+    lines += [f"| {name.removeprefix('cmdstat_')} | {value['calls'] / jobs:.3f} | {value['usec'] / jobs:.1f} |"
+              for name, value in ranked[:12]]
     return lines
 
 
