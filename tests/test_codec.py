@@ -20,10 +20,11 @@ from stylequeue.config.settings import Settings
 from stylequeue.config.styles import StyleCatalog
 from stylequeue.embedded import EmbeddedRedis
 from stylequeue.errors import InternalError, InvalidInput, JobTimeout
+from stylequeue.jobs import Job, RedisJobStore
 from stylequeue.pipeline.images import working_size
 from stylequeue.pipeline.process import Prepared
 from stylequeue.producer.client import Client
-from stylequeue.worker.codec import CodecPool, Done, LoadItem, PromoteItem, StageItem
+from stylequeue.worker.codec import CodecPool, Done, Fence, LoadItem, PromoteItem, StageItem
 from tests.conftest import empty_database
 from tests.workers import WorkerProcess, make_image, worker_env
 
@@ -227,3 +228,65 @@ def test_codec_processes_by_default_only_where_the_model_leaves_the_cpu_free(
     finally:
         if service.codec is not None:
             service.codec.close()
+
+
+# --- a group staged, fenced and promoted by its codec process ------------------------------------------
+
+
+def _held_jobs(url: str, outputs: Path, holders: list[str]) -> tuple[RedisJobStore, list[str]]:
+    """One running job per holder (claimed by that worker id), each with its own output under `outputs`."""
+    store = RedisJobStore.from_url(url)
+    ids = []
+    for index, holder in enumerate(holders):
+        job = Job(id=f"j_fence{index}", style="tiny", input_uri="file:///in.png",
+                  output_uri=f"file://{outputs}/outputs/fenced/{index}.png", priority="bulk")
+        store.create(job)
+        assert store.claim_many([job.id], holder, lease_s=60)[0].job is not None
+        ids.append(job.id)
+    return store, ids
+
+
+def _fence(job_id: str, owner: str) -> Fence:
+    results = {"width": 8, "height": 8, "model": "tiny@test", "timings_ms": {"fetch": 1.0}, "output_bytes": 0,
+               "error": None}
+    return Fence(job_id, 1, owner, 60, results)
+
+
+def test_a_group_is_fenced_and_promoted_by_the_process_that_staged_it(
+        redis_server: EmbeddedRedis, roots: tuple[Path, Path], spec) -> None:
+    _, outputs = roots
+    url = empty_database(redis_server, 7)
+    store, (mine, taken) = _held_jobs(url, outputs, ["w-me", "w-other"])
+    pool = CodecPool(Settings(redis_url=url, storage_url=f"file://{outputs}"), 1, timeout_s=60)
+    pixels = np.full((8, 8, 3), 200, np.uint8)
+    try:
+        done = pool.stage([StageItem(f"file://{outputs}/outputs/fenced/{i}.png", pixels, spec, f"a1-{job_id}",
+                                     _fence(job_id, "w-me"))
+                           for i, job_id in enumerate((mine, taken))])
+    finally:
+        pool.close()
+    won, lost = (outcome.value for outcome in done)
+    assert (won.fenced, won.promote_error) == (True, None)
+    assert (outputs / "outputs" / "fenced" / "0.png").stat().st_size == won.size  # promoted in place
+    record = store.get(mine)
+    assert record.staged_uri == won.staged_uri and record.output_bytes == won.size  # fenced with its results
+    assert record.model == "tiny@test" and set(record.timings_ms) == {"fetch", "store"}
+    assert lost.fenced is False  # another worker holds that job: nothing promoted, its copy left to the worker
+    assert not (outputs / "outputs" / "fenced" / "1.png").exists()
+    assert Path(lost.staged_uri[len("file://"):]).exists()
+    assert store.get(taken).staged_uri is None
+
+
+def test_a_job_store_the_codec_process_cannot_reach_leaves_the_fence_to_the_worker(
+        roots: tuple[Path, Path], spec) -> None:
+    _, outputs = roots
+    pool = CodecPool(Settings(redis_url="redis://127.0.0.1:1/0", storage_url=f"file://{outputs}"), 1, timeout_s=60)
+    try:
+        pixels = np.zeros((8, 8, 3), np.uint8)
+        [done] = pool.stage([StageItem(f"file://{outputs}/outputs/fenced/unreachable.png", pixels, spec, "a1-j_x",
+                                       _fence("j_x", "w-me"))])
+    finally:
+        pool.close()
+    assert done.error is None and done.value.fenced is None  # not fenced, so not promoted: the worker fences it
+    assert not (outputs / "outputs" / "fenced" / "unreachable.png").exists()
+    assert Path(done.value.staged_uri[len("file://"):]).exists()

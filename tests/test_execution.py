@@ -19,9 +19,10 @@ from stylequeue.config.settings import Settings
 from stylequeue.config.styles import StyleCatalog, StyleSpec
 from stylequeue.errors import ErrorCode, RedisUnavailable, StorageError
 from stylequeue.jobs import CALLBACKS_DUE, DUE, Job, JobState, Priority, RedisJobStore, new_job_id
+from stylequeue.pipeline.process import Prepared
 from stylequeue.pipeline.storage import Storage, files
 from stylequeue.worker.batching import GroupFuture
-from stylequeue.worker.codec import Done, PromoteItem
+from stylequeue.worker.codec import Done, LoadItem, PromoteItem, Staged, StageItem
 from stylequeue.worker.execution import GroupQueue, Held, JobExecutor
 from tests.workers import make_image, wait_for
 
@@ -536,4 +537,77 @@ def test_file_outputs_are_promoted_in_process_in_one_batch_and_remote_ones_throu
     remote = [(f"s3://out/j_{i}.png.a1.0123456789ab.sqtmp", f"s3://out/j_{i}.png") for i in range(2)]
     assert executor._promote(remote) == [None, None]
     assert [[(item.staged_uri, item.output_uri) for item in call] for call in codec.calls] == [remote]
+    executor.stop(timeout=5)
+
+
+class GroupModels(FakeModels):
+    """FakeModels with the group calls a codec pool's bulk path makes (outputs = inputs)."""
+
+    def submit_many(self, style: str, pixels: Sequence[np.ndarray], priority: Priority) -> GroupFuture:
+        return list(pixels)  # type: ignore[return-value]
+
+    def results(self, group: GroupFuture) -> list[np.ndarray | Exception]:
+        return list(group)  # type: ignore[call-overload]
+
+
+class FencingCodec:
+    """A codec pool whose stage call answers for each job as a codec process would: fenced and promoted by the
+    process ('fenced'), left unfenced because it could not reach the job store ('unreachable'), or found lost."""
+
+    def __init__(self, store: RedisJobStore, storage: FakeStorage, answers: dict[str, str]) -> None:
+        self.store, self.storage, self.answers = store, storage, answers
+
+    def load(self, items: Sequence[LoadItem]) -> list[Done]:
+        return [Done(Prepared(np.zeros((8, 8, 3), np.uint8), 8, 8)) for _ in items]
+
+    def stage(self, items: Sequence[StageItem]) -> list[Done]:
+        done = []
+        for item in items:
+            assert item.fence is not None and item.fence.owner == "w1"
+            staged = self.storage.stage(item.output_uri, b"bytes", "image/png", tag=item.tag)
+            answer = self.answers[item.fence.job_id]
+            if answer == "fenced":
+                results = dict(item.fence.results, output_bytes=5)
+                assert self.store.fence_many("w1", [(item.fence.job_id, item.fence.attempt, staged, results)],
+                                             lease_s=30) == [True]
+                self.storage.promote(staged, item.output_uri)
+                done.append(Done(Staged(staged, 5, fenced=True)))
+            else:
+                done.append(Done(Staged(staged, 5, fenced=None if answer == "unreachable" else False)))
+        return done
+
+
+def test_a_bulk_group_the_codec_fenced_is_only_marked_succeeded_and_the_rest_is_finished_here(
+        store: RedisJobStore, spec: StyleSpec, monkeypatch: pytest.MonkeyPatch) -> None:
+    storage = FakeStorage({"mem://in.png": make_image(8, 8)})
+    jobs = []
+    for _ in range(3):
+        job_id = new_job_id()
+        job = Job(id=job_id, style="tiny", input_uri="mem://in.png", output_uri=f"mem://out/{job_id}.png",
+                  priority="bulk")
+        store.dispatched([job.id], store.create(job).token)
+        jobs.append(job)
+    answers = dict(zip((job.id for job in jobs), ("fenced", "unreachable", "lost"), strict=True))
+    fences: list[int] = []
+    fence_many = store.fence_many
+
+    def counted(owner: str, items: list, **options: float) -> list[bool]:
+        fences.append(len(items))
+        return fence_many(owner, items, **options)
+
+    monkeypatch.setattr(store, "fence_many", counted)
+    executor = JobExecutor(store=store, storage=storage, models=GroupModels(spec), worker_id="w1", lease_s=30,
+                           max_input_pixels=10**8, job_timeout_s=60, threads=1,
+                           codec=FencingCodec(store, storage, answers),  # type: ignore[arg-type]
+                           clock=FakeClock())
+    fenced, unreachable, lost = jobs
+    executor.accept([job.id for job in jobs], Priority.BULK)
+    assert final(store, fenced.id).state == JobState.SUCCEEDED
+    assert final(store, unreachable.id).state == JobState.SUCCEEDED
+    assert fences == [1, 1]  # the codec's own fence, then this worker's for the one the codec could not fence
+    assert storage.objects[fenced.output_uri] == storage.objects[unreachable.output_uri] == b"bytes"
+    assert store.get(unreachable.id).timings_ms.keys() >= {"fetch", "infer", "store"}
+    assert wait_for(lambda: executor.inflight() == 0, 5)
+    assert store.get(lost.id).state == JobState.RUNNING  # not this worker's to finish any more
+    assert lost.output_uri not in storage.objects and not storage.staged_copies(lost.output_uri)  # copy deleted
     executor.stop(timeout=5)

@@ -149,8 +149,11 @@ class Job:
     given_back: int | None = None
 
     def __post_init__(self) -> None:
-        self.state = JobState(self.state)
-        self.priority = Priority(self.priority)
+        # A worker builds a Job per claimed job: the enum lookups only where a plain string was given.
+        if type(self.state) is not JobState:
+            self.state = JobState(self.state)
+        if type(self.priority) is not Priority:
+            self.priority = _PRIORITY_OF.get(self.priority) or Priority(self.priority)
 
     @property
     def finished(self) -> bool:
@@ -181,6 +184,7 @@ class Job:
 
 
 JOB_FIELDS = frozenset(f.name for f in fields(Job))
+_PRIORITY_OF: dict[Any, Priority] = {str(priority): priority for priority in Priority}
 
 # The `callback` record a job owes from the moment it reaches a final state with a callback_url.
 CALLBACK_PENDING: dict[str, Any] = {"state": "pending", "attempts": 0, "last_status": None, "next_attempt_at": None}

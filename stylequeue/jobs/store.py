@@ -139,12 +139,12 @@ class RedisJobStore:
 
     @classmethod
     def from_url(cls, url: str, *, key_prefix: str = "sq:", job_ttl_s: int = 604800,
-                 max_connections: int = 64) -> RedisJobStore:
+                 max_connections: int = 64, socket_timeout: float = 30) -> RedisJobStore:
         # Imported here: `stylequeue.config` brings pydantic, and a webhook receiver importing stylequeue must not.
         from stylequeue.config.redis_url import describe_redis_url, redis_client
 
         client = redis_client(url, blocking_pool=True, max_connections=max_connections, timeout=20,
-                              socket_connect_timeout=5, socket_timeout=30, health_check_interval=30)
+                              socket_connect_timeout=5, socket_timeout=socket_timeout, health_check_interval=30)
         store = cls(client, key_prefix=key_prefix, job_ttl_s=job_ttl_s)
         store.description = describe_redis_url(url)
         return store
@@ -557,8 +557,11 @@ class RedisJobStore:
 _PENDING = json.dumps(CALLBACK_PENDING)
 
 
+_OUTCOME_OF = {str(outcome).encode(): outcome for outcome in ClaimOutcome}
+
+
 def _claim_of(job_id: str, worker_id: str, result: list[Any]) -> Claim:
-    outcome = ClaimOutcome(result[0].decode())
+    outcome = _OUTCOME_OF[result[0]]
     if outcome in (ClaimOutcome.CLAIMED, ClaimOutcome.PROMOTE):
         attempts, lease, started = int(result[1]), int(result[2]), decode_value(result[3])
         values = {name: decode_value(raw) for name, raw in zip(scripts.CLAIM_FIELDS, result[4:], strict=False)

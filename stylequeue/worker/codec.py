@@ -4,8 +4,11 @@ The worker's main process runs Celery, the job store, the batcher and the model.
 and encoding an output is Python-level work (Pillow, numpy) that holds the GIL, so in threads it
 queues behind everything else and adds GIL hand-offs to every job. Bulk groups therefore go to
 this pool instead: `load` reads and prepares a group's inputs, `stage` renders its outputs and
-writes each to an attempt-specific temporary object (see worker/execution.py, fenced writes), `promote`
-moves fenced outputs into place; each runs in a child process with its own `Storage`. Interactive jobs stay
+writes each to an attempt-specific temporary object (see worker/execution.py, fenced writes) and, for items
+that carry a `Fence`, fences them in the job store and promotes those this attempt still holds, so a bulk
+group's whole finishing but the final `succeeded` costs the worker one round trip; `promote` moves fenced
+outputs into place. Each runs in a child process with its own `Storage` (and, once it fences, its own
+connection to the job store). Interactive jobs stay
 on the executor's threads: a single image should not wait behind queued bulk groups, nor pay the round trip.
 
 Each child has its own pipe, and the job thread that checked it out talks to it directly: no
@@ -52,13 +55,28 @@ class LoadItem:
 
 
 @dataclass(frozen=True)
+class Fence:
+    """What the owner check of one staged output needs (the job store's FENCE), so that the child which staged
+    it can fence and promote it in the same call: `results` are the record's results as the worker knows them;
+    the child adds `output_bytes` and the `store` timing."""
+
+    job_id: str
+    attempt: int
+    owner: str
+    lease_s: float
+    results: dict[str, Any]
+
+
+@dataclass(frozen=True)
 class StageItem:
-    """Render one output and stage it beside `output_uri` (attempt `tag`)."""
+    """Render one output and stage it beside `output_uri` (attempt `tag`); with `fence`, also fence it and, if
+    this attempt still holds the job, promote it."""
 
     output_uri: str
     pixels: np.ndarray
     spec: StyleSpec
     tag: str
+    fence: Fence | None = None
 
 
 @dataclass(frozen=True)
@@ -71,10 +89,18 @@ class PromoteItem:
 
 @dataclass(frozen=True)
 class Staged:
-    """Where an output was staged and how many bytes it has."""
+    """Where an output was staged and how many bytes it has; for an item staged with a `Fence`, what came of it.
+
+    `fenced`: None when the child did not fence it (not asked, or the job store did not answer: the worker
+    fences it then), True when this attempt holds the job and the output is fenced, False when the attempt
+    lost the job (the staged copy is deleted). `promote_error`: for a fenced output, the error that kept it
+    from being promoted (the job's next claim finishes the promotion), or None once it is in place.
+    """
 
     staged_uri: str
     size: int
+    fenced: bool | None = None
+    promote_error: JobError | None = None
 
 
 @dataclass(frozen=True)
@@ -251,6 +277,8 @@ class CodecPool:
 # --- the children -------------------------------------------------------------------------------
 
 _storage: Any = None
+_settings: Settings | None = None
+_store: Any = None  # this child's RedisJobStore, made at its first fence
 _io: ThreadPoolExecutor | None = None
 _gpu_decode: str | None = None  # the CUDA device large JPEGs decode on (pipeline/gpu_decode.py), if any
 # The worker that started this child. A worker killed with `kill -9` leaves its children running: one in the middle
@@ -267,8 +295,9 @@ def _child_main(conn: Connection, settings: Settings) -> None:
     from stylequeue.pipeline import gpu_decode
     from stylequeue.pipeline.storage import Storage
 
-    global _storage, _io, _gpu_decode, _parent
+    global _storage, _settings, _io, _gpu_decode, _parent
     _parent = os.getppid()
+    _settings = settings
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group; the parent decides
     _storage = Storage(settings, max_pool_connections=16)
     _io = ThreadPoolExecutor(8, thread_name_prefix="codec-io")
@@ -386,7 +415,62 @@ def _child_stage(items: list[StageItem]) -> list[Done]:
             outcomes.append(Done(data, seconds))
         else:
             outcomes.append(Done(next(results), seconds + write_each))
-    return outcomes
+    return _fence_and_promote(items, outcomes)
+
+
+# Seconds a child waits for the job store to answer a fence. Short: a store that does not answer (restarting,
+# paused, failing over) is the worker's to wait for, which parks the step without holding a codec process.
+FENCE_TIMEOUT_S = 5.0
+
+
+def _job_store() -> Any:
+    global _store
+    if _store is None:
+        from stylequeue.jobs import RedisJobStore
+
+        assert _settings is not None
+        _store = RedisJobStore.from_url(_settings.redis_url, key_prefix=_settings.key_prefix,
+                                        job_ttl_s=_settings.job_ttl_s, max_connections=4,
+                                        socket_timeout=FENCE_TIMEOUT_S)
+    return _store
+
+
+def _fence_and_promote(items: list[StageItem], outcomes: list[Done]) -> list[Done]:
+    """Fence the staged outputs of the items that carry a `Fence` and promote those this attempt still holds,
+    as the worker's finishing step would (worker/execution.py), without a round trip back to the worker
+    between the stage, the fence and the promotion. A job store that does not answer leaves them unfenced
+    (`fenced` None): the worker fences them itself then."""
+    asked = [(index, item.fence) for index, item in enumerate(items)
+             if item.fence is not None and isinstance(outcomes[index].value, Staged)]
+    if not asked or not _worker_alive():
+        return outcomes
+    owner, lease_s = asked[0][1].owner, asked[0][1].lease_s
+    requests = []
+    for index, fence in asked:
+        staged: Staged = outcomes[index].value
+        results = dict(fence.results, output_bytes=staged.size)
+        results["timings_ms"] = dict(results.get("timings_ms") or {}, store=round(outcomes[index].seconds * 1000, 1))
+        requests.append((fence.job_id, fence.attempt, staged.staged_uri, results))
+    try:
+        fenced = _job_store().fence_many(owner, requests, lease_s=lease_s)
+    except Exception as exc:  # unreachable, timed out, failing over: the worker fences these itself
+        log.debug("a codec process could not fence %d outputs (%s); its worker will", len(asked), exc)
+        return outcomes
+    done = list(outcomes)
+    promoting: list[tuple[int, PromoteItem]] = []
+    for (index, _), ok in zip(asked, fenced, strict=True):
+        staged = outcomes[index].value
+        if ok:
+            promoting.append((index, PromoteItem(staged.staged_uri, items[index].output_uri)))
+        else:  # the worker deletes the copy (and tries again later if the store refuses now)
+            done[index] = Done(Staged(staged.staged_uri, staged.size, fenced=False), outcomes[index].seconds)
+    errors = _overlap(_promote_one, [item for _, item in promoting],
+                      remote=any(_remote(item.output_uri) for _, item in promoting), batch=True)
+    for (index, _), error in zip(promoting, errors, strict=True):
+        staged = outcomes[index].value
+        done[index] = Done(Staged(staged.staged_uri, staged.size, fenced=True, promote_error=error),
+                           outcomes[index].seconds)
+    return done
 
 
 def _promote_one(item: PromoteItem) -> JobError | None:

@@ -12,6 +12,8 @@ An output is written so that a stale attempt can neither replace the winner's by
 4. mark the job `succeeded`.
 An attempt that lost the job before step 2 deletes only its own staged object. One that dies between 2 and 4
 leaves the job fenced: whoever claims it next finishes the promotion (claim outcome `promote`).
+For a bulk group, steps 1-3 run in the codec process that encodes it (worker/codec.py), in one call; what
+that process could not fence (the job store did not answer it) the job thread fences and promotes itself.
 
 Faults of the infrastructure are not the job's: a dependency the outage guard (worker/outage.py) finds down
 gets the jobs that need it handed back to `queued` without spending an attempt; a job store that cannot be
@@ -37,7 +39,7 @@ from stylequeue.errors import InternalError, JobError, JobTimeout, RedisUnavaila
 from stylequeue.jobs import MAX_ATTEMPTS, Change, ClaimOutcome, Job, JobState, Priority, RedisJobStore, parse_iso
 from stylequeue.pipeline.process import Prepared, prepare, render
 from stylequeue.worker.batching import GroupFuture
-from stylequeue.worker.codec import Done, LoadItem, PromoteItem, Staged, StageItem
+from stylequeue.worker.codec import Done, Fence, LoadItem, PromoteItem, Staged, StageItem
 from stylequeue.worker.outage import OutageGuard
 
 log = logging.getLogger("stylequeue.worker")
@@ -490,9 +492,13 @@ class JobExecutor:
                 work.timings["infer"] = self._record("infer", seconds)
                 inferred.append((work, outcome))
         outputs = [(work, output) for work, output in inferred if not self._is_abandoned(work.held)]
-        stored = self.codec.stage([StageItem(w.held.job.output_uri, output, w.spec, stage_tag(w.held))
-                                   for w, output in outputs])
-        staged = []
+        # The codec process that stages the group also fences and promotes it (one round trip, none of that work
+        # in this process); what it could not fence (the job store did not answer it) is finished here.
+        stored = self.codec.stage([
+            StageItem(w.held.job.output_uri, output, w.spec, stage_tag(w.held),
+                      Fence(w.held.job_id, w.held.attempts, self.worker_id, self.lease_s, w.results()))
+            for w, output in outputs])
+        staged, finished = [], []
         for (work, _), done in zip(outputs, stored, strict=True):
             if done.error is not None:
                 self._attempt_failed(work.held, done.error, work.held.job.output_uri)
@@ -501,7 +507,15 @@ class JobExecutor:
             result: Staged = done.value
             work.staged_uri, work.output_bytes = result.staged_uri, result.size
             work.timings["store"] = self._record("store", done.seconds)
-            staged.append(work)
+            if result.fenced is None:
+                staged.append(work)
+            elif result.fenced:
+                finished.append((work, result.promote_error))
+            else:
+                log.info("job %s: no longer held by this attempt (cancelled or taken over); its output is dropped",
+                         work.held.job_id)
+                self._discard(work.staged_uri)
+        self._promoted(finished)
         self._complete(staged)
 
     def _begin(self, held: Held, styles: dict[str, tuple[StyleSpec, str]]) -> _Work | None:
@@ -594,12 +608,16 @@ class JobExecutor:
                 log.info("job %s: no longer held by this attempt (cancelled or taken over); its output is dropped",
                          work.held.job_id)
                 self._discard(work.staged_uri)
-        for work in promoted:
+        errors = self._promote([(w.staged_uri, w.held.job.output_uri) for w in promoted])
+        self._promoted(list(zip(promoted, errors, strict=True)))
+
+    def _promoted(self, finished: list[tuple[_Work, JobError | None]]) -> None:
+        """After fenced outputs were promoted (here or by a codec process): delete what lost attempts of these
+        jobs staged, and mark succeeded those whose promotion worked."""
+        done = []
+        for work, error in finished:
             if work.held.attempts > 1 or work.held.job.given_back:
                 self._discard_earlier_attempts(work)
-        errors = self._promote([(w.staged_uri, w.held.job.output_uri) for w in promoted])
-        done = []
-        for work, error in zip(promoted, errors, strict=True):
             if error is None:
                 done.append(work.held)
             else:  # fenced: the next claim of this job finishes the promotion
