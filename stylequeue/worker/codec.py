@@ -31,7 +31,7 @@ import struct
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from multiprocessing.connection import Connection
 from typing import Any
 
@@ -406,7 +406,7 @@ def _child_stage(items: list[StageItem]) -> list[Done]:
     writes = [(item.output_uri, data, item.spec.content_type, item.tag)
               for item, (data, _) in zip(items, encoded, strict=True) if not isinstance(data, JobError)]
     started = time.perf_counter()
-    staged = _overlap(_stage_one, writes, remote=any(_remote(uri) for uri, _, _, _ in writes), batch=True)
+    staged = _overlap(_stage_one, writes, remote=any(_remote(uri) for uri, _, _, _ in writes))
     write_each = (time.perf_counter() - started) / max(1, len(writes))
     results = iter(staged)
     outcomes: list[Done] = []
@@ -463,13 +463,11 @@ def _fence_and_promote(items: list[StageItem], outcomes: list[Done]) -> list[Don
         if ok:
             promoting.append((index, PromoteItem(staged.staged_uri, items[index].output_uri)))
         else:  # the worker deletes the copy (and tries again later if the store refuses now)
-            done[index] = Done(Staged(staged.staged_uri, staged.size, fenced=False), outcomes[index].seconds)
+            done[index] = Done(replace(staged, fenced=False), outcomes[index].seconds)
     errors = _overlap(_promote_one, [item for _, item in promoting],
-                      remote=any(_remote(item.output_uri) for _, item in promoting), batch=True)
+                      remote=any(_remote(item.output_uri) for _, item in promoting))
     for (index, _), error in zip(promoting, errors, strict=True):
-        staged = outcomes[index].value
-        done[index] = Done(Staged(staged.staged_uri, staged.size, fenced=True, promote_error=error),
-                           outcomes[index].seconds)
+        done[index] = Done(replace(outcomes[index].value, fenced=True, promote_error=error), outcomes[index].seconds)
     return done
 
 
@@ -483,18 +481,14 @@ def _promote_one(item: PromoteItem) -> JobError | None:
 
 def _child_promote(items: list[PromoteItem]) -> list[Done]:
     return [Done(error) for error in _overlap(_promote_one, items,
-                                              remote=any(_remote(item.output_uri) for item in items), batch=True)]
+                                              remote=any(_remote(item.output_uri) for item in items))]
 
 
-def _overlap(function: Callable[[Any], Any], items: list[Any], *, remote: bool, batch: bool = False) -> list[Any]:
-    """`function` over `items`: together on the I/O threads when they wait on a network, else in turn.
-
-    `batch`: items done in turn run inside one storage batch scope, so a group's files walk their shared
-    directory once (Storage.batch); items on the I/O threads do not need it (their time is the network's).
-    """
+def _overlap(function: Callable[[Any], Any], items: list[Any], *, remote: bool) -> list[Any]:
+    """`function` over `items`: together on the I/O threads when they wait on a network, else in turn, inside
+    one storage batch scope, so a group's files walk their shared directory once (Storage.batch); items on the
+    I/O threads do not need it (their time is the network's)."""
     if _io is not None and len(items) > 1 and remote:
         return list(_io.map(function, items))
-    if not batch or _storage is None:
-        return [function(item) for item in items]
     with _storage.batch():
         return [function(item) for item in items]

@@ -512,9 +512,7 @@ class JobExecutor:
             elif result.fenced:
                 finished.append((work, result.promote_error))
             else:
-                log.info("job %s: no longer held by this attempt (cancelled or taken over); its output is dropped",
-                         work.held.job_id)
-                self._discard(work.staged_uri)
+                self._drop(work)
         self._promoted(finished)
         self._complete(staged)
 
@@ -605,11 +603,15 @@ class JobExecutor:
             if ok:
                 promoted.append(work)
             else:
-                log.info("job %s: no longer held by this attempt (cancelled or taken over); its output is dropped",
-                         work.held.job_id)
-                self._discard(work.staged_uri)
+                self._drop(work)
         errors = self._promote([(w.staged_uri, w.held.job.output_uri) for w in promoted])
         self._promoted(list(zip(promoted, errors, strict=True)))
+
+    def _drop(self, work: _Work) -> None:
+        """A staged output whose fence failed: this attempt no longer holds the job, so its copy goes."""
+        log.info("job %s: no longer held by this attempt (cancelled or taken over); its output is dropped",
+                 work.held.job_id)
+        self._discard(work.staged_uri)
 
     def _promoted(self, finished: list[tuple[_Work, JobError | None]]) -> None:
         """After fenced outputs were promoted (here or by a codec process): delete what lost attempts of these
