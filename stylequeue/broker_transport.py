@@ -26,11 +26,22 @@ channel is closed while the transport is still attached; and a channel asked for
 transport is gone raises a connection error instead of AttributeError (step 3), which every close and
 acknowledge path in kombu and Celery already treats as "broker lost". Messages that could not be put
 back stay in Redis's unacked set and return after the visibility timeout, as for a killed worker.
+
+A third change is for speed. kombu builds a new redis-py client object for every command it sends outside
+its polling connection (`Channel.conn_or_acquire`): each message taken in (the unacked bookkeeping), each
+acknowledgement, each publish and each task event. The clients all share the channel's connection pool, so
+nothing is gained by a new one, but building one costs more than the command (redis-py fills a table of
+response callbacks per client): about a tenth of a busy worker's CPU. Here the channel keeps one client per
+connection pool and hands out that; a redis-py client with a pool is safe to share between threads (each
+command takes its own connection from the pool), and a pool kombu replaces (after a fork, on a lost
+connection) gets a client of its own.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from kombu.transport import redis as kombu_redis
@@ -51,9 +62,26 @@ def _guarded_connparams(channel: Any, parent: Any, asynchronous: bool) -> dict[s
     return params
 
 
+@contextmanager
+def _shared_client(channel: Any, client: Any) -> Iterator[Any]:
+    """`client` if given, else the channel's one client on its current connection pool."""
+    if client:
+        yield client
+        return
+    pool = channel.pool
+    shared = channel.__dict__.get("_stylequeue_client")
+    if shared is None or shared.connection_pool is not pool:
+        shared = channel._create_client()
+        channel._stylequeue_client = shared
+    yield shared
+
+
 class Channel(kombu_redis.Channel):
     def _connparams(self, asynchronous: bool = False) -> dict[str, Any]:
         return _guarded_connparams(self, kombu_redis.Channel, asynchronous)
+
+    def conn_or_acquire(self, client: Any = None) -> Any:
+        return _shared_client(self, client)
 
 
 class SentinelChannel(kombu_redis.SentinelChannel):
@@ -61,6 +89,9 @@ class SentinelChannel(kombu_redis.SentinelChannel):
 
     def _connparams(self, asynchronous: bool = False) -> dict[str, Any]:
         return _guarded_connparams(self, kombu_redis.SentinelChannel, asynchronous)
+
+    def conn_or_acquire(self, client: Any = None) -> Any:
+        return _shared_client(self, client)
 
 
 class Transport(kombu_redis.Transport):

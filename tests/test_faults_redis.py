@@ -92,6 +92,31 @@ def test_kombus_own_transport_still_crashes_there(redis_restartable: Restartable
         close_as_celery_does(connection)
 
 
+def test_a_channel_shares_one_client_per_pool_across_a_restart(redis_restartable: RestartableRedis) -> None:
+    """Our transport hands out one redis-py client per connection pool (kombu builds one per command); it
+    still publishes after Redis restarts, and a pool kombu replaces gets a client of its own."""
+    options = {"polling_interval": 0.1, "visibility_timeout": 1}
+    queue = Queue("shared")
+    with Connection(redis_restartable.url, transport=TRANSPORT, transport_options=options) as connection:
+        channel = connection.default_channel
+        with channel.conn_or_acquire() as first, channel.conn_or_acquire() as second:
+            assert first is second and first.connection_pool is channel.pool
+        producer = connection.Producer()
+        producer.publish({"n": 1}, routing_key="shared", declare=[queue], retry=True)
+        redis_restartable.stop()
+        redis_restartable.start()
+        producer.publish({"n": 2}, routing_key="shared", declare=[queue], retry=True)
+        channel._disconnect_pools()  # what kombu does after a fork
+        with channel.conn_or_acquire() as third:
+            assert third is not first and third.connection_pool is channel.pool
+        producer.publish({"n": 3}, routing_key="shared", declare=[queue], retry=True)
+    got: list = []
+    with Connection(redis_restartable.url, transport=TRANSPORT, transport_options=options) as fresh:
+        fresh.Consumer([queue], callbacks=[lambda body, message: (got.append(body), message.ack())]).consume()
+        assert drain_until(fresh, lambda: len(got) == 3, timeout=15)
+    assert sorted(body["n"] for body in got) == [1, 2, 3]
+
+
 def drain_until(connection: Connection, predicate: Callable[[], bool], timeout: float) -> bool:
     deadline = time.monotonic() + timeout
     while not predicate() and time.monotonic() < deadline:

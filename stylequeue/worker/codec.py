@@ -40,6 +40,7 @@ import numpy as np
 from stylequeue.config.settings import Settings
 from stylequeue.config.styles import StyleSpec
 from stylequeue.errors import InternalError, InvalidInput, JobError, JobTimeout
+from stylequeue.worker import heap
 
 log = logging.getLogger("stylequeue.worker")
 
@@ -303,6 +304,7 @@ def _child_main(conn: Connection, settings: Settings) -> None:
     _io = ThreadPoolExecutor(8, thread_name_prefix="codec-io")
     if settings.device != "cpu" and gpu_decode.available("cuda:0"):
         _gpu_decode = "cuda:0"  # the worker pinned its one GPU (CUDA_VISIBLE_DEVICES): it is cuda:0 here
+    heap.settle()
     while True:
         try:
             request = _recv(conn)

@@ -26,7 +26,9 @@ from stylequeue.config.settings import Settings
 from stylequeue.config.styles import StyleCatalog
 from stylequeue.errors import ConfigError, ErrorCode
 from stylequeue.jobs import Job, JobState, Presence, Priority, RedisJobStore, iso_now
+from stylequeue.worker import heap
 from stylequeue.worker.backpressure import Backpressure
+from stylequeue.worker.outage import dependency_of
 
 if TYPE_CHECKING:
     from celery import Celery
@@ -159,6 +161,7 @@ class WorkerService:
             lost_after_s=max(10.0, 2 * self.options.lease_s),
             probe=self.guard.probe_due if self.guard is not None else None,
         ).start()
+        heap.settle()
         return self
 
     def _start_guard(self) -> None:
@@ -180,8 +183,6 @@ class WorkerService:
             log.info("gave back the attempts of %d jobs whose failures revealed the outage", refunded)
 
     def dependency_of(self, uri: str) -> str | None:
-        from stylequeue.worker.outage import dependency_of
-
         return dependency_of(uri, self.settings.s3_endpoint_url)
 
     def _output_store_down(self) -> bool:
