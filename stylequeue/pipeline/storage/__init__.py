@@ -192,8 +192,8 @@ class Storage:
         self._backend(staged_uri, "delete").discard(staged_uri)
 
     def _same_scheme(self, staged_uri: str, uri: str) -> Backend:
-        backend = self._backend(uri, "write to")
-        if split_uri(staged_uri)[0] != split_uri(uri)[0]:
+        backend = self._backend(uri, "write to")  # `uri` is checked there; the staged one needs its scheme only
+        if staged_uri.partition("://")[0].lower() != uri.partition("://")[0].lower():
             raise ValueError(f"{redact_uri(staged_uri)} and {redact_uri(uri)} are in different stores")
         return backend
 

@@ -66,13 +66,19 @@ _T = TypeVar("_T")
 _DirKey = tuple[str, tuple[str, ...], bool]
 
 
+_file_uri_str: Callable[[str], str] | None = None
+
+
 def path_of(uri: str) -> str:
     """The absolute path a `file://` URI names."""
-    # Imported here: settings pulls in pydantic, and a webhook receiver importing the network guard beside
-    # this module must not pay for it.
-    from stylequeue.config.settings import file_uri_str
+    global _file_uri_str
+    if _file_uri_str is None:
+        # Imported on first use: settings pulls in pydantic, and a webhook receiver importing the network
+        # guard beside this module must not pay for it. Kept after: this runs several times per job.
+        from stylequeue.config.settings import file_uri_str
 
-    return file_uri_str(uri)
+        _file_uri_str = file_uri_str
+    return _file_uri_str(uri)
 
 
 def _sweep_temps(dir_fd: int, name: str) -> None:
@@ -323,9 +329,10 @@ class FileBackend:
 
     # --- writes --------------------------------------------------------------------------------------
 
-    def _output_place(self, uri: str) -> tuple[Root, list[str]]:
-        """The write root holding output `uri` and its components below it; InputForbidden where none may."""
-        located = locate(path_of(uri), self._write_roots)
+    def _output_place(self, uri: str, path: str | None = None) -> tuple[Root, list[str]]:
+        """The write root holding output `uri` (at `path`, when the caller has it already) and its components
+        below it; InputForbidden where none may."""
+        located = locate(path_of(uri) if path is None else path, self._write_roots)
         if located is None or not located[1]:
             raise InputForbidden(_outside_outputs_message(uri, self.settings))
         if uri.endswith("/"):
@@ -352,7 +359,8 @@ class FileBackend:
             raise InputForbidden(self._symlink_message(uri, parts, len(parts) - 1))
         return fd, parts[-1]
 
-    def _batch_dir(self, uri: str, *, create: bool, again: bool = False) -> tuple[int, str, bool]:
+    def _batch_dir(self, uri: str, *, create: bool, again: bool = False,
+                   path: str | None = None) -> tuple[int, str, bool]:
         """`_output_dir` that, inside this thread's batch scope, uses the fd the scope holds for the directory.
 
         Returns (fd, name, held): a held fd belongs to the scope and the caller must not close it; an fd not
@@ -362,7 +370,7 @@ class FileBackend:
         if dirs is None:
             fd, name = self._output_dir(uri, create=create)
             return fd, name, False
-        root, parts = self._output_place(uri)
+        root, parts = self._output_place(uri, path)
         key: _DirKey = (root.real, tuple(parts[:-1]), create)
         if again and key in dirs:
             os.close(dirs.pop(key))
@@ -434,13 +442,14 @@ class FileBackend:
         In a batch scope a rename that finds nothing in the scope's directory walks again once before it
         concludes so: the directory may have been removed (and made again) since the scope walked it.
         """
+        path = path_of(uri)
         staged_dir, staged_name = os.path.split(path_of(staged_uri))
-        directory, name = os.path.split(path_of(uri))
+        directory, name = os.path.split(path)
         if staged_dir != directory or staged_base(staged_name) != f".{name}":
             raise ValueError(f"{redact_uri(staged_uri)} is not a staged copy of {redact_uri(uri)}")
         for again in (False, True):
             try:
-                fd, name, held = self._batch_dir(uri, create=False, again=again)
+                fd, name, held = self._batch_dir(uri, create=False, again=again, path=path)
             except (FileNotFoundError, NotADirectoryError):
                 raise self._nothing_to_promote(staged_uri, uri) from None
             except OSError as exc:
