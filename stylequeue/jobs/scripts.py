@@ -30,8 +30,11 @@ end
 """
 
 # JSON string of a time in ISO 8601 UTC with milliseconds (civil-from-days, valid for any date after 1970).
+# A script calls it with the same time for every job it touches: the last answer is kept.
 _ISO = """
+local iso_ms, iso_text
 local function iso(ms)
+  if ms == iso_ms then return iso_text end
   local s = math.floor(ms / 1000)
   local z = math.floor(s / 86400)
   local secs = s - z * 86400
@@ -45,8 +48,10 @@ local function iso(ms)
   local month = mp < 10 and mp + 3 or mp - 9
   local year = yoe + era * 400
   if month <= 2 then year = year + 1 end
-  return string.format('"%04d-%02d-%02dT%02d:%02d:%02d.%03dZ"', year, month, day,
+  iso_ms = ms
+  iso_text = string.format('"%04d-%02d-%02dT%02d:%02d:%02d.%03dZ"', year, month, day,
     math.floor(secs / 3600), math.floor(secs % 3600 / 60), secs % 60, ms % 1000)
+  return iso_text
 end
 """
 
@@ -57,7 +62,8 @@ local TTL, CALLBACK_LEASE, CHANNEL, PENDING = tonumber(ARGV[1]), tonumber(ARGV[2
 """
 
 # Everything a final state implies, written in one HSET: the caller's `fields` (flat field/value pairs, may be
-# empty), then `state` and the fields every final state clears. `was` is the state the job had: a running job
+# empty; the table is appended to, so pass one made for the call), then `state` and the fields every final
+# state clears. `was` is the state the job had: a running job
 # is on none of queued, due and sent (CLAIM took it off them), so only `running` needs leaving then. `cb_url`
 # and `cb` are the job's callback_url and callback fields as the caller read them (with `fields` applied).
 # Returns the callback's delivery token (its score on callbacks:due) when the job owes one, else 0: the
@@ -65,17 +71,16 @@ local TTL, CALLBACK_LEASE, CHANNEL, PENDING = tonumber(ARGV[1]), tonumber(ARGV[2
 # lease ends.
 _FINISH = """
 local function finish(key, id, t, was, state, fields, cb_url, cb)
-  local writes = {unpack(fields)}
-  for _, item in ipairs({'state', state, 'owner', 'null', 'lease_until', 'null', 'staged_uri', 'null',
-                         'finished_at', iso(t)}) do
-    writes[#writes + 1] = item
-  end
   local owes = cb_url and cb_url ~= 'null'
+  local n = #fields
+  fields[n + 1], fields[n + 2], fields[n + 3], fields[n + 4], fields[n + 5] = 'state', state, 'owner', 'null',
+    'lease_until'
+  fields[n + 6], fields[n + 7], fields[n + 8], fields[n + 9], fields[n + 10] = 'null', 'staged_uri', 'null',
+    'finished_at', iso(t)
   if owes and ((not cb) or cb == 'null') then
-    writes[#writes + 1] = 'callback'
-    writes[#writes + 1] = PENDING
+    fields[n + 11], fields[n + 12] = 'callback', PENDING
   end
-  redis.call('HSET', key, unpack(writes))
+  redis.call('HSET', key, unpack(fields))
   redis.call('ZREM', K_RUNNING, id)
   if was ~= '"running"' then
     redis.call('ZREM', K_QUEUED, id)
@@ -93,15 +98,15 @@ local function finish(key, id, t, was, state, fields, cb_url, cb)
 end
 """
 
-# Back to `queued`, with the caller's `fields` (flat field/value pairs) written in the same HSET: off `running`,
+# Back to `queued`, with the caller's `fields` (flat field/value pairs; appended to, as in `finish`) written in
+# the same HSET: off `running`,
 # onto `queued` (now) and `due` (now + delay): its message is owed.
 _REQUEUE = """
 local function requeue(key, id, t, delay, fields)
-  local writes = {unpack(fields)}
-  for _, item in ipairs({'state', '"queued"', 'owner', 'null', 'lease_until', 'null'}) do
-    writes[#writes + 1] = item
-  end
-  redis.call('HSET', key, unpack(writes))
+  local n = #fields
+  fields[n + 1], fields[n + 2], fields[n + 3], fields[n + 4], fields[n + 5], fields[n + 6] =
+    'state', '"queued"', 'owner', 'null', 'lease_until', 'null'
+  redis.call('HSET', key, unpack(fields))
   redis.call('ZREM', K_RUNNING, id)
   redis.call('ZADD', K_QUEUED, t, id)
   redis.call('ZREM', K_SENT, id)
@@ -380,39 +385,41 @@ return results
 # -1 no such job, -2 another owner or attempt.
 TRANSITION = _script("transition", """
 local decoded = {}  -- allowed-state lists, decoded once per call
-local function transition(key, A, t)
+-- One job's n items start at ARGV[at + 1].
+local function transition(key, at, n, t)
+  local id, sources, target, owner, attempt, delay, give_back = unpack(ARGV, at + 1, at + 7)
   local now = redis.call('HMGET', key, 'state', 'owner', 'attempts', 'callback_url', 'callback')
   local state = now[1]
   if not state then return {-1, 0} end
-  local allowed = decoded[A[2]]
+  local allowed = decoded[sources]
   if not allowed then
     allowed = {}
-    for _, s in ipairs(cjson.decode(A[2])) do allowed[s] = true end
-    decoded[A[2]] = allowed
+    for _, s in ipairs(cjson.decode(sources)) do allowed[s] = true end
+    decoded[sources] = allowed
   end
   if not allowed[state] then return {0, 0} end
-  if A[4] ~= '' and now[2] ~= A[4] then return {-2, 0} end
-  if A[5] ~= '' and now[3] ~= A[5] then return {-2, 0} end
-  local fields = {unpack(A, 8)}
-  if A[3] == '"queued"' then
-    if A[7] == '1' and (tonumber(now[3]) or 0) > 0 then
+  if owner ~= '' and now[2] ~= owner then return {-2, 0} end
+  if attempt ~= '' and now[3] ~= attempt then return {-2, 0} end
+  local fields = {unpack(ARGV, at + 8, at + n)}
+  if target == '"queued"' then
+    if give_back == '1' and (tonumber(now[3]) or 0) > 0 then
       fields[#fields + 1] = 'attempts'
       fields[#fields + 1] = tonumber(now[3]) - 1
       redis.call('HINCRBY', key, 'given_back', 1)
     end
-    requeue(key, A[1], t, tonumber(A[6]) or 0, fields)
+    requeue(key, id, t, tonumber(delay) or 0, fields)
     return {1, 0}
   end
-  if A[3] == '"succeeded"' or A[3] == '"failed"' or A[3] == '"cancelled"' then
+  if target == '"succeeded"' or target == '"failed"' or target == '"cancelled"' then
     local cb_url, cb = now[4], now[5]
     for j = 1, #fields - 1, 2 do  -- the written values win over what was read
       if fields[j] == 'callback_url' then cb_url = fields[j + 1] end
       if fields[j] == 'callback' then cb = fields[j + 1] end
     end
-    return {1, finish(key, A[1], t, state, A[3], fields, cb_url, cb)}
+    return {1, finish(key, id, t, state, target, fields, cb_url, cb)}
   end
   fields[#fields + 1] = 'state'
-  fields[#fields + 1] = A[3]
+  fields[#fields + 1] = target
   redis.call('HSET', key, unpack(fields))
   return {1, 0}
 end
@@ -420,7 +427,7 @@ local t = now_ms()
 local results, at = {}, 5
 for i = 6, #KEYS do
   local n = tonumber(ARGV[at])
-  results[i - 5] = transition(KEYS[i], {unpack(ARGV, at + 1, at + n)}, t)
+  results[i - 5] = transition(KEYS[i], at, n, t)
   at = at + n + 1
 end
 return results
@@ -438,13 +445,14 @@ local t = now_ms()
 local results, at = {}, 3
 for i = 2, #KEYS do
   local n = tonumber(ARGV[at])
-  local A = {unpack(ARGV, at + 1, at + n)}
+  local id, attempt, staged = ARGV[at + 1], ARGV[at + 2], ARGV[at + 3]
   local now = redis.call('HMGET', KEYS[i], 'state', 'owner', 'attempts', 'staged_uri')
-  local free = (not now[4]) or now[4] == 'null' or now[4] == A[3]  -- A[3] again: a retry after a lost reply
-  if now[1] == '"running"' and now[2] == ARGV[1] and now[3] == A[2] and free then
+  local free = (not now[4]) or now[4] == 'null' or now[4] == staged  -- the same again: a retry after a lost reply
+  if now[1] == '"running"' and now[2] == ARGV[1] and now[3] == attempt and free then
     local lease = t + tonumber(ARGV[2])
-    redis.call('HSET', KEYS[i], 'staged_uri', A[3], 'lease_until', lease, 'begun', A[2], unpack(A, 4))
-    redis.call('ZADD', KEYS[1], lease, A[1])
+    redis.call('HSET', KEYS[i], 'staged_uri', staged, 'lease_until', lease, 'begun', attempt,
+               unpack(ARGV, at + 4, at + n))
+    redis.call('ZADD', KEYS[1], lease, id)
     results[i - 1] = 1
   else
     results[i - 1] = 0
