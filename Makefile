@@ -39,6 +39,7 @@ bench: $(STAMP)
 	$(PY) bench/e2e.py
 	$(PY) bench/queue_cpu.py
 	$(PY) bench/redis_ops.py
+	$(PY) bench/store_steps.py
 
 # PyTorch for the `torch` runtime and its tests, only where its CPU wheel lies on this disk: the lookup is
 # --no-index (find-links only), so no multi-GB CUDA build is ever fetched; elsewhere torch is left to the
