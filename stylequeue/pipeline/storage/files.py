@@ -346,13 +346,14 @@ class FileBackend:
         except SymlinkFound as link:
             raise InputForbidden(self._symlink_message(uri, parts, link.index)) from None
 
-    def _output_dir(self, uri: str, *, create: bool) -> tuple[int, str]:
+    def _output_dir(self, uri: str, *, create: bool, path: str | None = None) -> tuple[int, str]:
         """(fd of the directory an output goes in, its file name); missing directories made when `create`.
+        `path`: the path `uri` names, when the caller has it already.
 
         Raises InputForbidden (outside the output directory, a symlink on the way or at the name) and
         the OS errors of the walk.
         """
-        root, parts = self._output_place(uri)
+        root, parts = self._output_place(uri, path)
         fd = self._walk_output(uri, root, parts, create=create)
         if is_symlink(fd, parts[-1]):
             os.close(fd)
@@ -368,7 +369,7 @@ class FileBackend:
         """
         dirs = self._batch.dirs
         if dirs is None:
-            fd, name = self._output_dir(uri, create=create)
+            fd, name = self._output_dir(uri, create=create, path=path)
             return fd, name, False
         root, parts = self._output_place(uri, path)
         key: _DirKey = (root.real, tuple(parts[:-1]), create)
