@@ -63,9 +63,9 @@ local TTL, CALLBACK_LEASE, CHANNEL, PENDING = tonumber(ARGV[1]), tonumber(ARGV[2
 
 # Everything a final state implies, written in one HSET: the caller's `fields` (flat field/value pairs, may be
 # empty; the table is appended to, so pass one made for the call), then `state` and the fields every final
-# state clears. `was` is the state the job had: a running job
-# is on none of queued, due and sent (CLAIM took it off them), so only `running` needs leaving then. `cb_url`
-# and `cb` are the job's callback_url and callback fields as the caller read them (with `fields` applied).
+# state clears. `was` is the state the job had: a running job is on none of queued, due and sent (CLAIM took
+# it off them), so only `running` needs leaving then. `cb_url` and `cb` are the job's callback_url and
+# callback fields as the caller read them (with `fields` applied).
 # Returns the callback's delivery token (its score on callbacks:due) when the job owes one, else 0: the
 # finisher sends the delivery message with that token, and if it never does, the entry comes due when the
 # lease ends.
