@@ -522,6 +522,21 @@ def test_staging_refuses_bad_tags_and_names_that_are_not_staged(staging: tuple[S
     assert storage.read(uri) == b"result"
 
 
+def test_promote_compares_directories_not_spellings(tmp_path: Path) -> None:
+    """file:// promote takes the staged copy's directory from the output URI when their prefixes match (what
+    stage returns); another spelling of the same directory still works, another directory is still refused."""
+    storage = Storage(Settings(storage_url=f"file://{tmp_path}/data"))
+    directory = f"file://{tmp_path}/data/outputs/ink"
+    uri = f"{directory}/j_1.png"
+    respelled = storage.stage(uri, b"new", "image/png", tag="a1").replace(directory, f"{directory}/.", 1)
+    storage.promote(respelled, uri)
+    assert storage.read(uri) == b"new"
+    elsewhere = storage.stage(f"{directory}/sub/j_1.png", b"x", "image/png", tag="a2")
+    with pytest.raises(ValueError):
+        storage.promote(elsewhere.replace("/sub/", "/sub/../sub/"), uri)  # the right name in another directory
+    assert storage.read(uri) == b"new"
+
+
 def test_a_staged_file_is_a_hidden_private_file_beside_its_output(tmp_path: Path) -> None:
     storage = Storage(Settings(storage_url=f"file://{tmp_path}/data"))
     uri = f"file://{tmp_path}/data/outputs/ink/j_1.png"

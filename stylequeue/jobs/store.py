@@ -334,9 +334,9 @@ class RedisJobStore:
         if not items:
             return []
         args: list[str] = [json.dumps(owner), _ms(lease_s)]
-        for job_id, attempt, staged_uri, results in items:
-            item = [job_id, str(attempt), json.dumps(staged_uri), *_encode_fields(results)]
-            args += [str(len(item)), *item]
+        for job_id, attempt, staged_uri, results in items:  # up to 128 per call: kept lean
+            fields = _encode_fields(results)
+            args += (str(3 + len(fields)), job_id, str(attempt), encode_value(staged_uri), *fields)
         keys = [self.keys.running, *(self.job_key(job_id) for job_id, *_ in items)]
         return [bool(result) for result in self._run(scripts.FENCE, keys, args)]
 

@@ -186,10 +186,11 @@ class _Work:
     output_bytes: int = 0
 
     def results(self) -> dict[str, Any]:
-        """What the record says of a succeeded job, written with the fence."""
+        """What the record says of a succeeded job, written with the fence. Its `error` is null already: every
+        claim clears it, and nothing writes it while the job runs."""
         assert self.prepared is not None
         return {"width": self.prepared.width, "height": self.prepared.height, "model": self.model,
-                "timings_ms": self.timings, "output_bytes": self.output_bytes, "error": None}
+                "timings_ms": self.timings, "output_bytes": self.output_bytes}
 
 
 class JobExecutor:

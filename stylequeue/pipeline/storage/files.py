@@ -444,8 +444,12 @@ class FileBackend:
         concludes so: the directory may have been removed (and made again) since the scope walked it.
         """
         path = path_of(uri)
-        staged_dir, staged_name = os.path.split(path_of(staged_uri))
         directory, name = os.path.split(path)
+        prefix, _, staged_name = staged_uri.rpartition("/")
+        if prefix != uri.rpartition("/")[0]:  # what `stage` returns shares the URI's prefix: no second resolve then
+            staged_dir, staged_name = os.path.split(path_of(staged_uri))
+        else:
+            staged_dir = directory
         if staged_dir != directory or staged_base(staged_name) != f".{name}":
             raise ValueError(f"{redact_uri(staged_uri)} is not a staged copy of {redact_uri(uri)}")
         for again in (False, True):
