@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,6 +25,7 @@ from stylequeue.jobs import Job, RedisJobStore
 from stylequeue.pipeline.images import working_size
 from stylequeue.pipeline.process import Prepared
 from stylequeue.producer.client import Client
+from stylequeue.worker import codec
 from stylequeue.worker.codec import CodecPool, Done, Fence, LoadItem, PromoteItem, StageItem
 from tests.conftest import empty_database
 from tests.workers import WorkerProcess, make_image, worker_env
@@ -290,3 +292,30 @@ def test_a_job_store_the_codec_process_cannot_reach_leaves_the_fence_to_the_work
     assert done.error is None and done.value.fenced is None  # not fenced, so not promoted: the worker fences it
     assert not (outputs / "outputs" / "fenced" / "unreachable.png").exists()
     assert Path(done.value.staged_uri[len("file://"):]).exists()
+
+
+def test_the_pipe_framing_carries_large_and_many_arrays_and_reports_a_peer_gone_mid_message() -> None:
+    """_send/_recv over a real pipe: arrays far larger than the pipe's buffer (the writer blocks part way),
+    more arrays than one writev takes, empty ones, and a writer that dies half way through a message."""
+    import multiprocessing
+
+    ours, theirs = multiprocessing.Pipe()
+    rng = np.random.default_rng(3)
+    big = [rng.integers(0, 255, (700, 900, 3), np.uint8) for _ in range(3)]  # ~5.7 MB
+    many = [np.full((2,), i, np.int32) for i in range(codec._IOV_MAX + 50)] + [np.zeros((0,), np.uint8)]
+    received: list[object] = []
+    reader = threading.Thread(target=lambda: received.extend([codec._recv(theirs), codec._recv(theirs)]))
+    reader.start()
+    codec._send(ours, ("big", big))
+    codec._send(ours, {"many": many, "text": "ok"})
+    reader.join(30)
+    (name, got_big), got_many = received
+    assert name == "big" and all(np.array_equal(a, b) for a, b in zip(big, got_big, strict=True))
+    assert got_many["text"] == "ok" and len(got_many["many"]) == len(many)
+    assert all(np.array_equal(a, b) for a, b in zip(many, got_many["many"], strict=True))
+    # A peer that dies mid-message: the frame promises more bytes than ever come.
+    os.write(ours.fileno(), (1 << 20).to_bytes(8, "little") + b"partial")
+    ours.close()
+    with pytest.raises(EOFError):
+        codec._recv(theirs)
+    theirs.close()

@@ -119,25 +119,44 @@ class Done:
 
 # spawn, not fork: the worker already runs threads (Celery, Redis, the batcher).
 _CONTEXT = multiprocessing.get_context("spawn")
+# Buffers one writev may take (the usual IOV_MAX); a message has two more than it has arrays.
+_IOV_MAX = os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") and "SC_IOV_MAX" in os.sysconf_names else 1024
 
 
 def _send(conn: Connection, message: Any) -> None:
     """Send a message whose pixel arrays travel as raw bytes beside the pickle, not inside it.
 
-    Pickle protocol 5 hands numpy's buffers out of band; they follow the pickle in the same message.
-    For a group of 64 small images this costs a fifth of what `Connection.send` does (which copies
-    each array into the pickle stream).
+    Pickle protocol 5 hands numpy's buffers out of band; they follow the pickle, written straight from the
+    arrays' memory with one `writev` (no joined copy). Framing: the byte count of the rest, then the pickle's
+    size, the buffer count and each buffer's size (unsigned 64-bit, little-endian), the pickle, the buffers.
+    A group of 128 images is about 1.5 MB each way: `Connection.send_bytes`/`recv_bytes` copied it three
+    more times between them, and the copies held the GIL.
     """
     buffers: list[pickle.PickleBuffer] = []
     body = pickle.dumps(message, protocol=5, buffer_callback=buffers.append)
     raws = [buffer.raw() for buffer in buffers]
-    head = struct.pack(f"<{2 + len(raws)}Q", len(body), len(raws), *(raw.nbytes for raw in raws))
-    conn.send_bytes(b"".join([head, body, *raws]))
+    sizes = [raw.nbytes for raw in raws]
+    rest = 8 * (2 + len(raws)) + len(body) + sum(sizes)
+    head = struct.pack(f"<{3 + len(raws)}Q", rest, len(body), len(raws), *sizes)
+    _write_all(conn.fileno(), [memoryview(head), memoryview(body), *raws])
+
+
+def _write_all(fd: int, views: list[memoryview]) -> None:
+    """Write every byte of `views` in order (a blocking descriptor may still take only part of a writev)."""
+    pending = [view for view in views if view.nbytes]
+    while pending:
+        written = os.writev(fd, pending[:_IOV_MAX])
+        while pending and written >= pending[0].nbytes:
+            written -= pending.pop(0).nbytes
+        if written:
+            pending[0] = pending[0][written:]
 
 
 def _recv(conn: Connection) -> Any:
-    """What `_send` sent; its arrays are read-only views of the received bytes (no copy)."""
-    data = memoryview(conn.recv_bytes())
+    """What `_send` sent, read into one buffer; its arrays are views of that buffer (no further copy)."""
+    fd = conn.fileno()
+    (rest,) = struct.unpack("<Q", _read_exactly(fd, 8))
+    data = memoryview(_read_exactly(fd, rest))
     body_size, count = struct.unpack_from("<2Q", data)
     sizes = struct.unpack_from(f"<{count}Q", data, 16)
     position = 16 + 8 * count
@@ -148,6 +167,19 @@ def _recv(conn: Connection) -> Any:
         buffers.append(data[position:position + size])
         position += size
     return pickle.loads(body, buffers=buffers)
+
+
+def _read_exactly(fd: int, size: int) -> bytearray:
+    """`size` bytes from `fd`; EOFError when the other end closes first (it died)."""
+    data = bytearray(size)
+    view = memoryview(data)
+    got = 0
+    while got < size:
+        count = os.readv(fd, [view[got:]])
+        if count == 0:
+            raise EOFError("the other end of the codec pipe closed")
+        got += count
+    return data
 
 
 def default_processes() -> int:
