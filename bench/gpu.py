@@ -144,6 +144,8 @@ def worker_section(args: argparse.Namespace, work: Path, shm: Path, server: Embe
     rate, failed, busy = _worker_rate(env, client, uris, work / "worker-256.log", args,
                                       "--codec-procs", str(args.codec_procs))
     client.close()
+    print(f"worker {args.side}x{args.side}: {rate:,.0f} img/s, {rate / raw_best:.2f} of the best raw, model busy "
+          f"{100 * busy:.1f}%, {failed} failed", file=sys.stderr, flush=True)
     return [f"### `stylequeue worker` end to end: {args.side}x{args.side} JPEGs, Redis + `file://` on tmpfs, "
             f"{args.images} jobs, max batch {args.worker_batch}, {args.codec_procs} codec processes\n",
             "| path | img/s | vs best raw | model busy | failed |", "|---|---|---|---|---|",
@@ -239,18 +241,18 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(tempfile.mkdtemp(prefix="sq-gpu-"))
     shm = Path(tempfile.mkdtemp(prefix="sq-gpu-", dir="/dev/shm" if Path("/dev/shm").is_dir() else None))
     cache = work / "cache"
-    lines = [_header(args)]
+    # Each section's table is printed as soon as it is measured: a run cut short keeps what it finished.
+    print(_header(args), flush=True)
     try:
         registry = write_style(work, ngf=args.ngf, n_blocks=args.n_blocks, max_side=args.side)
         raw, best = raw_section(args, registry, cache)
-        lines += raw + [""]
+        print("\n".join(raw) + "\n", flush=True)
         with EmbeddedRedis(persist=False) as server:
-            lines += worker_section(args, work, shm, server, registry, cache, best) + [""]
-            lines += large_section(args, work, shm, server, registry, cache)
+            print("\n".join(worker_section(args, work, shm, server, registry, cache, best)) + "\n", flush=True)
+            print("\n".join(large_section(args, work, shm, server, registry, cache)) + "\n", flush=True)
     finally:
         shutil.rmtree(shm, ignore_errors=True)
-    lines += ["", f"({time.monotonic() - started:.0f} s in all; worker logs in {work})"]
-    print("\n".join(lines))
+    print(f"({time.monotonic() - started:.0f} s in all; worker logs in {work})", flush=True)
     return 0
 
 
