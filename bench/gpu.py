@@ -35,6 +35,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import psutil
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))  # bench/e2e.py's worker and polling helpers
@@ -112,19 +113,29 @@ def raw_section(args: argparse.Namespace, registry: Path, cache: Path) -> tuple[
     return header + rows, best
 
 
+def _cpu_s(process: psutil.Process) -> float:
+    times = process.cpu_times()
+    return times.user + times.system
+
+
 def _worker_rate(env: dict[str, str], client: Client, uris: list[str], log: Path, args: argparse.Namespace,
-                 *extra: str) -> tuple[float, int, float]:
-    """(img/s, failed, model-busy share) of one `stylequeue worker` over `uris`, after a warm-up group."""
+                 *extra: str) -> tuple[float, int, float, float]:
+    """(img/s, failed, model-busy share, cores the worker's main process used) of one `stylequeue worker`
+    over `uris`, after a warm-up group. The last tells a worker held back by its own process (one core's
+    worth: claims, batching, the codec pipes, all under one GIL) from one held back by its codec processes."""
     port = free_port()
     worker = Worker(env, log, "--max-batch", str(args.worker_batch), "--metrics-port", str(port), *extra)
     try:
         wait_all(client, [j.id for j in client.submit_many(uris[:args.worker_batch], style="bench")])
+        main = psutil.Process(worker.process.pid)
         busy_before, _ = model_seconds(port)
+        cpu_before = _cpu_s(main)
         started = time.perf_counter()
         ids = [j.id for j in client.submit_many(uris, style="bench")]
         wall = wait_all(client, ids) - started
         busy = model_seconds(port)[0] - busy_before
-        return len(ids) / wall, count_failed(client, ids), busy / wall
+        cores = (_cpu_s(main) - cpu_before) / wall
+        return len(ids) / wall, count_failed(client, ids), busy / wall, cores
     finally:
         worker.stop()
 
@@ -141,16 +152,17 @@ def worker_section(args: argparse.Namespace, work: Path, shm: Path, server: Embe
     env = _env(args, server, registry, storage, cache, inputs)
     client = Client(redis_url=server.url, styles=registry, storage_url=storage, input_roots=str(inputs),
                     key_prefix=env["STYLEQUEUE_KEY_PREFIX"])
-    rate, failed, busy = _worker_rate(env, client, uris, work / "worker-256.log", args,
-                                      "--codec-procs", str(args.codec_procs))
+    rate, failed, busy, cores = _worker_rate(env, client, uris, work / "worker-256.log", args,
+                                             "--codec-procs", str(args.codec_procs))
     client.close()
     print(f"worker {args.side}x{args.side}: {rate:,.0f} img/s, {rate / raw_best:.2f} of the best raw, model busy "
-          f"{100 * busy:.1f}%, {failed} failed", file=sys.stderr, flush=True)
+          f"{100 * busy:.1f}%, main process {cores:.2f} cores, {failed} failed", file=sys.stderr, flush=True)
     return [f"### `stylequeue worker` end to end: {args.side}x{args.side} JPEGs, Redis + `file://` on tmpfs, "
             f"{args.images} jobs, max batch {args.worker_batch}, {args.codec_procs} codec processes\n",
-            "| path | img/s | vs best raw | model busy | failed |", "|---|---|---|---|---|",
-            f"| best raw runtime above | {raw_best:,.0f} | 1.00 | - | - |",
-            f"| worker | {rate:,.0f} | {rate / raw_best:.2f} | {100 * busy:.1f}% | {failed} |"]
+            "| path | img/s | vs best raw | model busy | worker main process, cores | failed |",
+            "|---|---|---|---|---|---|",
+            f"| best raw runtime above | {raw_best:,.0f} | 1.00 | - | - | - |",
+            f"| worker | {rate:,.0f} | {rate / raw_best:.2f} | {100 * busy:.1f}% | {cores:.2f} | {failed} |"]
 
 
 def _env(args: argparse.Namespace, server: EmbeddedRedis, registry: Path, storage: str, cache: Path,
@@ -176,7 +188,7 @@ def large_section(args: argparse.Namespace, work: Path, shm: Path, server: Embed
     runs = [("GPU (nvJPEG in the codec processes)", None), ("CPU (simplejpeg DCT scaling / Pillow draft)", blocker)]
     for name, block in runs:
         if block is None and not (args.device != "cpu" and gpu_decode.available("cuda:0")):
-            rows.append(f"| {name} | not available here | - | - |")
+            rows.append(f"| {name} | not available here | - | - | - |")
             continue
         storage = f"file://{shm}/store-large-{len(rows)}"
         env = _env(args, server, registry, storage, cache, inputs)
@@ -184,14 +196,14 @@ def large_section(args: argparse.Namespace, work: Path, shm: Path, server: Embed
             env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(block), env.get("PYTHONPATH")]))
         client = Client(redis_url=server.url, styles=registry, storage_url=storage, input_roots=str(inputs),
                         key_prefix=env["STYLEQUEUE_KEY_PREFIX"])
-        rate, failed, busy = _worker_rate(env, client, uris, work / f"worker-large-{len(rows)}.log", args,
-                                          "--codec-procs", str(args.codec_procs))
+        rate, failed, busy, cores = _worker_rate(env, client, uris, work / f"worker-large-{len(rows)}.log", args,
+                                                 "--codec-procs", str(args.codec_procs))
         client.close()
-        rows.append(f"| {name} | {rate:,.0f} | {100 * busy:.1f}% | {failed} |")
+        rows.append(f"| {name} | {rate:,.0f} | {100 * busy:.1f}% | {cores:.2f} | {failed} |")
         print(f"large JPEGs, {name}: {rate:,.0f} img/s", file=sys.stderr, flush=True)
     return [f"### Bulk path, {width}x{height} JPEGs ({width * height / 1e6:.0f} MP) to {args.side} px: "
             f"{args.large_jobs} jobs, {args.codec_procs} codec processes\n",
-            "| decoding | img/s | model busy | failed |", "|---|---|---|---|", *rows]
+            "| decoding | img/s | model busy | worker main process, cores | failed |", "|---|---|---|---|---|", *rows]
 
 
 def _large_photo(width: int, height: int, seed: int) -> bytes:

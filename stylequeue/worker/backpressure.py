@@ -13,7 +13,10 @@ import time
 from collections.abc import Callable
 
 HOLD_S = 2.0
-MAX_HELD = 1024
+# The cap on HOLD_S of work. At 1,024 an H200 worker (about 2,000-3,000 img/s at 256 px) held a third of a
+# second: it paused and resumed the bulk queue three times a second and its card idled a third of the time
+# while each resume took effect (bench/gpu.py, docs/performance.md).
+MAX_HELD = 8192
 # The finish rate is re-measured over every RATE_WINDOW_S of busy time (time holding jobs), or over a
 # fifth of it once the worker finished min_water jobs in that time.
 RATE_WINDOW_S = 0.5
