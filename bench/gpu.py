@@ -231,7 +231,12 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--compile-mode", default=None, help="torch.compile mode (default: the runtime's)")
     parser.add_argument("--compile-budget-s", type=float, default=150.0,
                         help="stop compiling further batch sizes after this long")
+    parser.add_argument("--sections", default="raw,worker,large",
+                        help="which to run, of raw,worker,large (worker needs raw: its ratio is to the best raw)")
     args = parser.parse_args(argv)
+    args.sections = set(args.sections.split(","))
+    if not args.sections <= {"raw", "worker", "large"} or ("worker" in args.sections and "raw" not in args.sections):
+        parser.error("--sections: a comma list of raw, worker, large; worker needs raw")
     from stylequeue.models.torch_runtime import COMPILE_MODE
 
     args.compile_mode = args.compile_mode or COMPILE_MODE
@@ -257,11 +262,15 @@ def main(argv: list[str] | None = None) -> int:
     print(_header(args), flush=True)
     try:
         registry = write_style(work, ngf=args.ngf, n_blocks=args.n_blocks, max_side=args.side)
-        raw, best = raw_section(args, registry, cache)
-        print("\n".join(raw) + "\n", flush=True)
+        best = 0.0
+        if "raw" in args.sections:
+            raw, best = raw_section(args, registry, cache)
+            print("\n".join(raw) + "\n", flush=True)
         with EmbeddedRedis(persist=False) as server:
-            print("\n".join(worker_section(args, work, shm, server, registry, cache, best)) + "\n", flush=True)
-            print("\n".join(large_section(args, work, shm, server, registry, cache)) + "\n", flush=True)
+            if "worker" in args.sections:
+                print("\n".join(worker_section(args, work, shm, server, registry, cache, best)) + "\n", flush=True)
+            if "large" in args.sections:
+                print("\n".join(large_section(args, work, shm, server, registry, cache)) + "\n", flush=True)
     finally:
         shutil.rmtree(shm, ignore_errors=True)
     print(f"({time.monotonic() - started:.0f} s in all; worker logs in {work})", flush=True)

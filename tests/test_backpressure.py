@@ -144,3 +144,15 @@ def test_pause_then_resume_ends_consuming_whatever_order_the_loop_runs_them(reve
     assert "stylequeue.bulk" not in consumer.consuming and worker.backpressure.paused
     assert "stylequeue.interactive" in consumer.consuming  # interactive jobs are never paused
 
+
+
+def test_a_raised_floor_holds_a_group_for_every_codec_process() -> None:
+    """A worker whose floor held two messages while one codec process took each group measured its own
+    starvation as its rate (12 MP JPEGs on an H200: 14 codec processes, 2-3 of them busy)."""
+    bp, clock = make(min_water=256)
+    bp.raise_floor(14 * 64 + 128)
+    assert bp.high_water == bp.min_water == 1024 and bp.low_water == 768
+    busy(bp, clock, 100, 1.0)  # slow photos: the rate alone would say 200
+    assert bp.high_water == 1024
+    bp.raise_floor(100)  # a lower floor changes nothing
+    assert bp.min_water == 1024

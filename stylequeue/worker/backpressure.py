@@ -42,6 +42,14 @@ class Backpressure:
         self._last: tuple[float, bool] = (clock(), False)  # last look: when, and busy then
         self._lock = threading.Lock()
 
+    def raise_floor(self, min_water: int) -> None:
+        """Hold at least `min_water` jobs from now on (the marks move up with it; never down)."""
+        with self._lock:
+            self.min_water = max(self.min_water, min_water)
+            if self.high_water < self.min_water:
+                self.high_water = self.min_water
+                self.low_water = self.high_water * 3 // 4
+
     def finished(self, count: int = 1) -> None:
         with self._lock:
             self._finished += count

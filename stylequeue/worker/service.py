@@ -242,6 +242,9 @@ class WorkerService:
         if processes < 1:
             return None
         self.codec = CodecPool(self.settings, processes, timeout_s=self.settings.job_timeout_s)
+        # A bulk group goes to one codec process: hold enough for a group in each, and a message arriving.
+        # Below that, the mark (which follows the finish rate) measures a worker its own floor starved.
+        self.backpressure.raise_floor(processes * self.settings.max_batch + broker.BULK_CHUNK_SIZE)
 
         codec = self.codec
 
