@@ -32,7 +32,6 @@ class Backpressure:
     def __init__(self, min_water: int, *, clock: Callable[[], float] = time.monotonic) -> None:
         self.min_water = min_water
         self.high_water = min_water
-        self.low_water = min_water * 3 // 4
         self.paused = False
         self.rate = 0.0  # jobs finished per busy second, smoothed
         self._clock = clock
@@ -42,13 +41,15 @@ class Backpressure:
         self._last: tuple[float, bool] = (clock(), False)  # last look: when, and busy then
         self._lock = threading.Lock()
 
+    @property
+    def low_water(self) -> int:
+        return self.high_water * 3 // 4
+
     def raise_floor(self, min_water: int) -> None:
         """Hold at least `min_water` jobs from now on (the marks move up with it; never down)."""
         with self._lock:
             self.min_water = max(self.min_water, min_water)
-            if self.high_water < self.min_water:
-                self.high_water = self.min_water
-                self.low_water = self.high_water * 3 // 4
+            self.high_water = max(self.high_water, self.min_water)
 
     def finished(self, count: int = 1) -> None:
         with self._lock:
@@ -86,4 +87,3 @@ class Backpressure:
         self.rate = rate if self.rate == 0 else (self.rate + rate) / 2
         self._busy_s, self._rate_base = 0.0, self._finished
         self.high_water = int(min(MAX_HELD, max(self.min_water, HOLD_S * self.rate)))
-        self.low_water = self.high_water * 3 // 4
