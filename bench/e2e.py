@@ -30,6 +30,7 @@ import urllib.request
 from pathlib import Path
 
 import numpy as np
+import psutil
 import redis
 from PIL import Image
 
@@ -46,6 +47,12 @@ def cpu_name() -> str:
         if line.startswith("model name"):
             return line.split(":", 1)[1].strip()
     return platform.processor() or "unknown CPU"
+
+
+def cpu_seconds(process: psutil.Process) -> float:
+    """User + system CPU seconds `process` has used so far."""
+    times = process.cpu_times()
+    return times.user + times.system
 
 
 def photo(side: int, seed: int, fmt: str = "JPEG") -> bytes:

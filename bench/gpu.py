@@ -41,7 +41,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))  # bench/e2e.py's worker and polling helpers
 sys.path.insert(1, str(HERE.parent))  # stylequeue from this checkout
 
-from e2e import Worker, base_env, count_failed, model_seconds, photo, wait_all  # noqa: E402
+from e2e import Worker, base_env, count_failed, cpu_seconds, model_seconds, photo, wait_all  # noqa: E402
 
 from stylequeue.embedded import EmbeddedRedis, free_port  # noqa: E402
 from stylequeue.producer.client import Client  # noqa: E402
@@ -113,11 +113,6 @@ def raw_section(args: argparse.Namespace, registry: Path, cache: Path) -> tuple[
     return header + rows, best
 
 
-def _cpu_s(process: psutil.Process) -> float:
-    times = process.cpu_times()
-    return times.user + times.system
-
-
 def _worker_rate(env: dict[str, str], client: Client, uris: list[str], log: Path, args: argparse.Namespace,
                  *extra: str) -> tuple[float, int, float, float]:
     """(img/s, failed, model-busy share, cores the worker's main process used) of one `stylequeue worker`
@@ -129,12 +124,12 @@ def _worker_rate(env: dict[str, str], client: Client, uris: list[str], log: Path
         wait_all(client, [j.id for j in client.submit_many(uris[:args.worker_batch], style="bench")])
         main = psutil.Process(worker.process.pid)
         busy_before, _ = model_seconds(port)
-        cpu_before = _cpu_s(main)
+        cpu_before = cpu_seconds(main)
         started = time.perf_counter()
         ids = [j.id for j in client.submit_many(uris, style="bench")]
         wall = wait_all(client, ids) - started
         busy = model_seconds(port)[0] - busy_before
-        cores = (_cpu_s(main) - cpu_before) / wall
+        cores = (cpu_seconds(main) - cpu_before) / wall
         return len(ids) / wall, count_failed(client, ids), busy / wall, cores
     finally:
         worker.stop()

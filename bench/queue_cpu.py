@@ -26,15 +26,10 @@ import redis
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from e2e import Worker, base_env, count_failed, cpu_name, photo, wait_all, write_style  # noqa: E402
+from e2e import Worker, base_env, count_failed, cpu_name, cpu_seconds, photo, wait_all, write_style  # noqa: E402
 
 from stylequeue.embedded import EmbeddedRedis  # noqa: E402
 from stylequeue.producer.client import Client  # noqa: E402
-
-
-def cpu_seconds(process: psutil.Process) -> float:
-    times = process.cpu_times()
-    return times.user + times.system
 
 
 def one_run(work: Path, jobs: int, worker_args: list[str]) -> list[str]:
