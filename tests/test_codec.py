@@ -232,6 +232,27 @@ def test_codec_processes_by_default_only_where_the_model_leaves_the_cpu_free(
             service.codec.close()
 
 
+def test_a_worker_holds_a_group_for_each_of_its_codec_processes(tmp_path: Path) -> None:
+    """Backpressure's floor rises with the codec pool: each process takes a whole group, so holding fewer jobs
+    than a group apiece (and a message arriving) would leave processes idle on slow photos."""
+    from stylequeue.broker import BULK_CHUNK_SIZE
+    from stylequeue.worker.service import WorkerOptions, WorkerService
+
+    settings = Settings(redis_url="redis://127.0.0.1:1/0", storage_url=f"file://{tmp_path}", runtime="null",
+                        max_batch=64)
+    service = WorkerService(settings, WorkerOptions(codec_processes=6), app=None)  # type: ignore[arg-type]
+    before = service.backpressure.min_water
+    warming = service._start_codec()
+    try:
+        assert before < 6 * 64 + BULK_CHUNK_SIZE
+        assert service.backpressure.min_water == service.backpressure.high_water == 6 * 64 + BULK_CHUNK_SIZE
+    finally:
+        if warming is not None:
+            warming.join()
+        if service.codec is not None:
+            service.codec.close()
+
+
 # --- a group staged, fenced and promoted by its codec process ------------------------------------------
 
 
